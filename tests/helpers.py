@@ -1,0 +1,45 @@
+"""Shared test utilities: fresh random inputs and float64 NumPy oracles."""
+
+from __future__ import annotations
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+
+
+def random_inputs(seed, batch, dim, dtype=jnp.float32, normalise=True):
+  """(img, txt) of shape (batch, dim) in ``dtype``; L2-normalised rows like the towers give."""
+  kx, ky = jax.random.split(jax.random.key(seed))
+  x = jax.random.normal(kx, (batch, dim), jnp.float32)
+  y = jax.random.normal(ky, (batch, dim), jnp.float32)
+  if normalise:
+    x = x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+    y = y / jnp.linalg.norm(y, axis=-1, keepdims=True)
+  return x.astype(dtype), y.astype(dtype)
+
+
+def numpy_loss_and_grads(x, y, log_t, bias, ids=None):
+  """Mean loss and (dx, dy, dlog_t, dbias) in float64 NumPy, from DESIGN.md section 1.
+
+  Inputs are taken at their stored precision (bf16 values upcast exactly to float64).
+  """
+  x = np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+  y = np.asarray(jnp.asarray(y, jnp.float32), np.float64)
+  n = x.shape[0]
+  ids = np.arange(n) if ids is None else np.asarray(ids)
+  t = np.exp(np.float64(log_t))
+  sim = x @ y.T
+  logits = t * sim + np.float64(bias)
+  pos = ids[:, None] == ids[None, :]
+  z = np.where(pos, 1.0, -1.0)
+  u = -z * logits
+  loss = np.sum(np.maximum(u, 0) + np.log1p(np.exp(-np.abs(u)))) / n
+  sig = 0.5 * (1.0 + np.tanh(0.5 * logits))  # sigmoid without overflow
+  g = (sig - pos) / n
+  return loss, (t * g @ y, t * g.T @ x, np.sum(g * (logits - bias)), np.sum(g))
+
+
+def rel_err(a, b):
+  a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+  b = np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))

@@ -1,0 +1,124 @@
+"""The public API: dispatch, jit/grad, the Flax module, and every promised input error."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, PartitionSpec as P
+
+import siglip_fast
+from siglip_fast import SigmoidLoss, sigmoid_loss, sigmoid_loss_sharded
+from tests.helpers import numpy_loss_and_grads, random_inputs, rel_err
+
+LT, B = jnp.float32(math.log(10.0)), jnp.float32(-10.0)
+
+
+def test_xla_under_jit_and_grad():
+  x, y = random_inputs(0, 24, 16)
+  f = jax.jit(jax.value_and_grad(
+      lambda *a: sigmoid_loss(*a, implementation="xla"), argnums=(0, 1, 2, 3)))
+  loss, grads = f(x, y, LT, B)
+  ref_loss, ref_grads = numpy_loss_and_grads(x, y, LT, B)
+  assert loss.dtype == jnp.float32 and loss.shape == ()
+  assert rel_err(loss, ref_loss) < 1e-5
+  for g, r in zip(grads, ref_grads):
+    assert rel_err(g, r) < 1e-5
+
+
+def test_default_implementation_on_cpu_is_xla():
+  assert siglip_fast.default_implementation("cpu") == "xla"
+  x, y = random_inputs(1, 8, 4)
+  np.testing.assert_allclose(float(sigmoid_loss(x, y, LT, B)),
+                             float(sigmoid_loss(x, y, LT, B, implementation="xla")))
+
+
+def test_scalars_of_shape_one_and_python_floats():
+  x, y = random_inputs(2, 8, 4)
+  want = float(sigmoid_loss(x, y, LT, B))
+  np.testing.assert_allclose(float(sigmoid_loss(x, y, LT.reshape(1), B.reshape(1))), want)
+  np.testing.assert_allclose(float(sigmoid_loss(x, y, math.log(10.0), -10.0)), want, rtol=1e-6)
+
+
+def test_flax_module_parameters_and_gradients():
+  x, y = random_inputs(3, 12, 8)
+  module = SigmoidLoss(log_t_init=math.log(5.0), bias_init=-2.71)
+  params = module.init(jax.random.key(0), x, y)
+  assert float(params["params"]["log_t"]) == pytest.approx(math.log(5.0))
+  assert float(params["params"]["bias"]) == pytest.approx(-2.71)
+  loss, grads = jax.value_and_grad(lambda p: module.apply(p, x, y))(params)
+  ref_loss, (_, _, rdlt, rdb) = numpy_loss_and_grads(x, y, math.log(5.0), -2.71)
+  assert rel_err(loss, ref_loss) < 1e-5
+  assert rel_err(grads["params"]["log_t"], rdlt) < 1e-5
+  assert rel_err(grads["params"]["bias"], rdb) < 1e-5
+  default = SigmoidLoss().init(jax.random.key(0), x, y)["params"]
+  assert float(default["log_t"]) == pytest.approx(math.log(10.0))
+  assert float(default["bias"]) == -10.0
+
+
+def test_sharded_wrapper_matches_dense():
+  mesh = Mesh(np.array(jax.devices()[:4]), ("batch",))
+  x, y = random_inputs(4, 16, 8)
+  ids = jnp.array([0, 1, 2, 3] * 4, jnp.int32)
+  loss = sigmoid_loss_sharded(x, y, LT, B, mesh=mesh, axis_name="batch", pair_ids=ids)
+  ref_loss, _ = numpy_loss_and_grads(x, y, LT, B, ids)
+  assert rel_err(loss, ref_loss) < 1e-5
+
+
+# --- errors -------------------------------------------------------------------------------
+
+X, Y = random_inputs(5, 8, 4)
+
+
+@pytest.mark.parametrize("args,kwargs,exc,match", [
+    ((X[0], Y, LT, B), {}, ValueError, "img_emb must have shape \\(batch, dim\\)"),
+    ((X, Y[None], LT, B), {}, ValueError, "txt_emb must have shape \\(batch, dim\\)"),
+    ((X, Y[:7], LT, B), {}, ValueError, "same \\(batch, dim\\) shape"),
+    ((X, Y[:, :3], LT, B), {}, ValueError, "same \\(batch, dim\\) shape"),
+    ((X.astype(jnp.int32), Y, LT, B), {}, TypeError, "img_emb must be float32 or bfloat16"),
+    ((X, np.asarray(Y, np.float64), LT, B), {}, TypeError, "txt_emb must be float32 or bfloat16"),
+    ((X, Y.astype(jnp.bfloat16), LT, B), {}, TypeError, "same dtype"),
+    ((X, [[1.0]], LT, B), {}, TypeError, "txt_emb must be an array"),
+    ((X[:0], Y[:0], LT, B), {}, ValueError, "non-empty"),
+    ((X, Y, jnp.ones((2,)), B), {}, ValueError, "log_t must be a scalar"),
+    ((X, Y, LT, jnp.ones((2, 1))), {}, ValueError, "bias must be a scalar"),
+    ((X, Y, jnp.int32(2), B), {}, TypeError, "log_t must be a floating-point scalar"),
+    ((X, Y, LT, B), {"pair_ids": jnp.arange(7)}, ValueError, "pair_ids must have shape"),
+    ((X, Y, LT, B), {"pair_ids": jnp.arange(8.0)}, TypeError, "pair_ids must be integers"),
+    ((X, Y, LT, B), {"implementation": "cuda"}, ValueError, "implementation must be one of"),
+    ((X, Y, LT, B), {"implementation": "pallas_tpu"}, ValueError, "interpret=True"),
+    ((X, Y, LT, B), {"implementation": "pallas_gpu"}, ValueError, "interpret=True"),
+    ((X, Y, LT, B), {"schedule": "ring"}, ValueError, "schedule must be one of"),
+    ((X, Y, LT, B), {"implementation": "xla", "block_sizes": object()}, ValueError,
+     "block_sizes applies to the Pallas"),
+    ((X, Y, LT, B), {"axis_name": "nope"}, ValueError, "is not a mesh axis in scope"),
+    ((X.at[0, 0].set(jnp.nan), Y, LT, B), {}, ValueError, "img_emb contains non-finite"),
+    ((X, Y, LT, jnp.float32(jnp.inf)), {}, ValueError, "bias contains non-finite"),
+])
+def test_bad_input_raises_naming_the_argument(args, kwargs, exc, match):
+  with pytest.raises(exc, match=match):
+    sigmoid_loss(*args, **kwargs)
+
+
+def test_sharded_batch_not_divisible_by_devices():
+  mesh = Mesh(np.array(jax.devices()[:3]), ("batch",))
+  with pytest.raises(ValueError, match="batch \\(8\\) must be divisible by the number of "
+                                       "devices on axis 'batch' \\(3\\)"):
+    sigmoid_loss_sharded(X, Y, LT, B, mesh=mesh, axis_name="batch")
+  with pytest.raises(ValueError, match="is not an axis of the mesh"):
+    sigmoid_loss_sharded(X, Y, LT, B, mesh=mesh, axis_name="data")
+
+
+def test_errors_are_raised_at_trace_time_under_jit():
+  with pytest.raises(ValueError, match="same \\(batch, dim\\) shape"):
+    jax.jit(sigmoid_loss)(X, Y[:4], LT, B)
+
+
+def test_shard_map_local_pair_ids_shape_checked():
+  mesh = Mesh(np.array(jax.devices()[:2]), ("x",))
+  f = jax.shard_map(lambda x, y: sigmoid_loss(x, y, LT, B, axis_name="x",
+                                              pair_ids=jnp.arange(8, dtype=jnp.int32)),
+                    mesh=mesh, in_specs=(P("x"), P("x")), out_specs=P())
+  with pytest.raises(ValueError, match="pair_ids must have shape \\(batch,\\) = \\(4,\\)"):
+    f(X, Y)
