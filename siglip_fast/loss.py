@@ -10,7 +10,9 @@ None picks the fastest for the default backend.
 
 Every implementation is a ``BlockOps`` (the loss of one image-rows x text-rows block, and its
 gradients) plugged into the same ring (``reference.ring``); with ``axis_name=None`` the ring has
-one device and this is the dense loss. Input checks run once, at trace time.
+one device and this is the dense loss. The exception is "pallas_tpu" with ``axis_name``: the
+whole ring runs inside one kernel (``siglip_fast.kernels.tpu_ring``), its remote DMAs of text
+chunks overlapped with the fused blocks. Input checks run once, at trace time.
 """
 
 from __future__ import annotations
@@ -50,16 +52,13 @@ def _kernel_module(name: str):
   return importlib.import_module(f"siglip_fast.kernels.{_KERNELS[name][0]}")
 
 
-def block_ops(implementation: str | None = None, *, interpret: bool = False,
-              block_sizes=None) -> ring_lib.BlockOps:
-  """The ``BlockOps`` of an implementation, after checking it can run here."""
+def _resolve(implementation: str | None, interpret: bool) -> str:
+  """The implementation name to run, after checking it can run here."""
   name = default_implementation() if implementation is None else implementation
   if name not in IMPLEMENTATIONS:
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {name!r}")
   if name == "xla":
-    if block_sizes is not None:
-      raise ValueError("block_sizes applies to the Pallas implementations, not 'xla'")
-    return ring_lib.REFERENCE_OPS
+    return name
   _, backend = _KERNELS[name]
   if not interpret and jax.default_backend() != backend:
     raise ValueError(
@@ -67,10 +66,21 @@ def block_ops(implementation: str | None = None, *, interpret: bool = False,
         f"{jax.default_backend()!r}; pass interpret=True to run it in interpret mode, or use "
         "implementation='xla'")
   try:
-    module = _kernel_module(name)
+    _kernel_module(name)
   except ImportError as e:
     raise ValueError(f"implementation={name!r} is not available in this install: {e}") from e
-  return module.block_ops(interpret=interpret, block_sizes=block_sizes)
+  return name
+
+
+def block_ops(implementation: str | None = None, *, interpret: bool = False,
+              block_sizes=None) -> ring_lib.BlockOps:
+  """The ``BlockOps`` of an implementation, after checking it can run here."""
+  name = _resolve(implementation, interpret)
+  if name == "xla":
+    if block_sizes is not None:
+      raise ValueError("block_sizes applies to the Pallas implementations, not 'xla'")
+    return ring_lib.REFERENCE_OPS
+  return _kernel_module(name).block_ops(interpret=interpret, block_sizes=block_sizes)
 
 
 def _check_embeddings(img_emb, txt_emb):
@@ -145,7 +155,8 @@ def sigmoid_loss(img_emb, txt_emb, log_t, bias, *, pair_ids=None, axis_name=None
   log_t, bias = _as_scalar("log_t", log_t), _as_scalar("bias", bias)
   if schedule not in ring_lib.SCHEDULES:
     raise ValueError(f"schedule must be one of {ring_lib.SCHEDULES}, got {schedule!r}")
-  ops = block_ops(implementation, interpret=interpret, block_sizes=block_sizes)
+  name = _resolve(implementation, interpret)
+  ops = block_ops(name, interpret=interpret, block_sizes=block_sizes)
 
   batch = img_emb.shape[0]
   if axis_name is None:
@@ -161,6 +172,11 @@ def sigmoid_loss(img_emb, txt_emb, log_t, bias, *, pair_ids=None, axis_name=None
   else:
     ids = _check_pair_ids(jnp.asarray(pair_ids), batch)
   _check_finite_if_concrete(img_emb=img_emb, txt_emb=txt_emb, log_t=log_t, bias=bias)
+  if name == "pallas_tpu" and axis_name is not None:
+    # The whole ring in one kernel: remote DMAs of text chunks overlap the fused blocks.
+    from siglip_fast.kernels import tpu_ring  # pylint: disable=import-outside-toplevel
+    return tpu_ring.ring_loss(img_emb, txt_emb, ids, ids, log_t, bias, axis_name=axis_name,
+                              schedule=schedule, interpret=interpret, block_sizes=block_sizes)
   return ring_lib.ring_loss(img_emb, txt_emb, ids, ids, log_t, bias, axis_name=axis_name,
                             schedule=schedule, ops=ops)
 

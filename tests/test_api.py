@@ -122,3 +122,21 @@ def test_shard_map_local_pair_ids_shape_checked():
                     mesh=mesh, in_specs=(P("x"), P("x")), out_specs=P())
   with pytest.raises(ValueError, match="pair_ids must have shape \\(batch,\\) = \\(4,\\)"):
     f(X, Y)
+
+
+def test_pallas_tpu_with_axis_name_runs_the_in_kernel_ring():
+  # The dispatch path: sigmoid_loss(axis_name=..., implementation="pallas_tpu") is the
+  # remote-DMA ring kernel (TPU interpret mode here), held to the float64 oracle.
+  mesh = Mesh(np.array(jax.devices()[:2]), ("x",))
+  x, y = random_inputs(41, 64, 128)
+
+  def local(x, y, lt, b):
+    return sigmoid_loss(x, y, lt, b, axis_name="x", implementation="pallas_tpu",
+                        interpret=True)
+
+  f = jax.shard_map(local, mesh=mesh, in_specs=(P("x"), P("x"), P(), P()), out_specs=P())
+  loss, grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3)))(x, y, LT, B)
+  ref_loss, ref_grads = numpy_loss_and_grads(x, y, LT, B)
+  assert rel_err(loss, ref_loss) < 1e-5
+  for g, r in zip(grads, ref_grads):
+    assert rel_err(g, r) < 1e-5

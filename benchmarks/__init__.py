@@ -1,0 +1,1 @@
+"""Benchmarks and device checks: ``python -m benchmarks.<name>`` from the repo root."""

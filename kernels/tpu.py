@@ -1,0 +1,606 @@
+"""Pallas Mosaic TPU kernels for the SigLIP block loss sum, forward and backward.
+
+One kernel body serves every pass. It owns a tile of rows of ``a`` and streams tiles of rows
+of ``b`` (the grid's last, sequential axis); for each (a tile, b tile) pair it computes the
+logits tile ``t * a @ b.T + bias`` on the MXU in float32, the stable softplus / sigmoid on the
+VPU and EUP, and folds what it needs into output blocks that stay resident in VMEM while the
+``b`` axis runs. No logits tile ever leaves VMEM.
+
+Passes (FLOPs for an n x m block with feature dim D):
+  forward      a = x, b = y: loss partial sums                                 2 n m D
+  fused        a = x, b = y: loss, dX, sum G*S, sum G, and dY = t G^T X       6 n m D
+               accumulated into a float32 (m, D) array resident in VMEM
+  two-kernel   dX pass (a = x, b = y): loss, dX = t G Y, sum G*S, sum G       4 n m D
+               dY pass (a = y, b = x): the tile recomputed, transposed         4 n m D
+The forward pass pays for no gradient work. Value-and-grad is the fused 6 n m D kernel when the
+resident dY fits the chip's VMEM (``BlockSizes.fuse_dy``), else the two-kernel 8 n m D design.
+
+Why dY is the hard part: a Pallas TPU output block survives only *consecutive* grid steps, and
+with row tiles outermost dX_i is consecutive but dY_j is revisited once per row tile. The fused
+kernel therefore keeps all of dY in VMEM (m * D * 4 bytes: 72 MiB at m = 16384, D = 1152, which
+fits v5e/v6e's 128 MiB but not v5p's 64 MiB or v4's 16 MiB; a ring step's block, m = B / devices,
+fits far more often). Its row axis must then run sequentially, so on megacore chips (v4, v5p)
+a leading axis of 2 gives each TensorCore its own dY copy, summed afterwards. The alternatives
+to recomputing the tile when dY does not fit were a read-modify-write of dY tiles in HBM at
+every grid step (``RevisitMode.ANY`` single-buffers it, serialising that DMA with the compute)
+or a hand-written DMA pipeline; the second kernel costs 2 n m D FLOPs instead and keeps both
+grids parallel over row tiles.
+
+Positives are pairs with equal ids (DESIGN.md section 7), so the same kernel serves the diagonal
+block, any ring step, duplicate pairs, and padding (padded rows and columns are masked by
+position, whatever their ids).
+
+Numerics: softplus(u) = max(u, 0) + log1p(e), sigmoid(u) = [1 or e] / (1 + e), with
+e = exp(-|u|) shared, all in float32. bf16 inputs stay bf16 on the MXU (the gradient matmul
+takes G rounded to bf16, as flash attention does with P); float32 inputs use
+precision=HIGHEST, because the TPU's default f32 matmul goes through bf16 passes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from siglip_fast.reference.ring import BlockOps
+
+_LANES = 128
+_SUBLANES = 8
+_MiB = 1 << 20
+
+# Per-TensorCore VMEM (bytes) of the generations with tuned defaults.
+VMEM_CAPACITY = {"v4": 16 * _MiB, "v5e": 128 * _MiB, "v5p": 64 * _MiB, "v6e": 128 * _MiB}
+
+# Candidate (block_rows, block_cols) per generation, best first; the default is the first whose
+# modelled VMEM (``vmem_bytes``, calibrated against Mosaic by benchmarks/tpu_compile.py) fits
+# in _VMEM_BUDGET of the chip. The owned tile (rows) sets the arithmetic intensity: the
+# forward pass reads a (cols, D) tile per 2 * rows * cols * D FLOPs, i.e. `rows` FLOP per byte
+# of bf16, against a ridge (peak / HBM bandwidth) of about 220 (v4), 240 (v5e), 190 (v5p) and
+# 560 (v6e) FLOP/byte; the value-and-grad kernels do twice the FLOPs per byte.
+_CANDIDATE_TILES = {
+    "v4": ((512, 256), (256, 256), (256, 128), (128, 128)),
+    "v5e": ((512, 512), (512, 256), (256, 256), (128, 128)),
+    "v5p": ((512, 512), (512, 256), (256, 256), (128, 128)),
+    "v6e": ((1024, 512), (512, 512), (512, 256), (256, 256), (128, 128)),
+}
+_VMEM_BUDGET = 0.75
+# TensorCores per jax device (megacore): the fused kernel keeps one dY copy per core.
+_TENSORCORES = {"v4": 2, "v5p": 2}
+# Interpret mode (CPU) runs one Python-level step per grid point: fewer, larger tiles.
+_INTERPRET_TILES = (256, 256)
+
+_DEVICE_KINDS = {
+    "TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5e": "v5e", "TPU v5": "v5p", "TPU v5p": "v5p",
+    "TPU v6 lite": "v6e", "TPU v6e": "v6e",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tile sizes of the kernels. They change speed and VMEM use, not the result.
+
+  block_rows, block_cols: rows of x owned per grid step, rows of y streamed, in the forward
+    and dX kernels. block_rows_dy, block_cols_dy: rows of y owned and rows of x streamed in
+    the dY kernel (default: the same two numbers). All multiples of 128; inputs smaller than a
+    tile shrink it (to a multiple of 128).
+  generation: the TPU generation the tiles were chosen for ("v4", "v5e", "v5p", "v6e"), which
+    caps the VMEM limit at its VMEM; None leaves the cap to the compiler.
+  vmem_limit_bytes: overrides the VMEM limit the kernels compile with (default: the modelled
+    use, ``vmem_bytes``, plus headroom).
+  fuse_dy: value-and-grad in one kernel (6 n m D FLOPs) that keeps a float32 (m, D) dY
+    resident in VMEM (one copy per TensorCore on v4/v5p), rather than two kernels
+    (8 n m D). None: fuse when ``generation`` is set and the resident dY fits its VMEM budget.
+  """
+
+  block_rows: int = 512
+  block_cols: int = 512
+  block_rows_dy: int | None = None
+  block_cols_dy: int | None = None
+  generation: str | None = None
+  vmem_limit_bytes: int | None = None
+  fuse_dy: bool | None = None
+
+  def __post_init__(self):
+    for name in ("block_rows", "block_cols", "block_rows_dy", "block_cols_dy"):
+      v = getattr(self, name)
+      if v is None and name.endswith("_dy"):
+        continue
+      if not isinstance(v, int) or v <= 0 or v % _LANES:
+        raise ValueError(f"BlockSizes.{name} must be a positive multiple of {_LANES}, got {v!r}")
+    if self.generation is not None and self.generation not in VMEM_CAPACITY:
+      raise ValueError(f"BlockSizes.generation must be one of {tuple(VMEM_CAPACITY)} or None, "
+                       f"got {self.generation!r}")
+
+  @property
+  def dy_tiles(self) -> tuple[int, int]:
+    return (self.block_rows_dy or self.block_rows, self.block_cols_dy or self.block_cols)
+
+  @classmethod
+  def for_generation(cls, generation: str, dim: int = 1536, dtype=jnp.bfloat16) -> "BlockSizes":
+    """The largest candidate tiles of a TPU generation ("v4", "v5e", "v5p", "v6e") whose
+    kernels fit its VMEM for feature dim ``dim`` and input ``dtype``."""
+    if generation not in _CANDIDATE_TILES:
+      raise ValueError(f"generation must be one of {tuple(_CANDIDATE_TILES)}, got "
+                       f"{generation!r}")
+    budget = _VMEM_BUDGET * VMEM_CAPACITY[generation]
+    for rows, cols in _CANDIDATE_TILES[generation]:
+      need = max(vmem_bytes(rows, cols, dim, dtype, with_grad=g, n_stats=3) for g in (0, 1))
+      if need <= budget:
+        return cls(rows, cols, generation=generation)
+    raise ValueError(f"no tiles fit a {generation} TensorCore's VMEM at dim={dim} "
+                     f"({jnp.dtype(dtype).name}); pass BlockSizes explicitly")
+
+
+def tpu_generation(device=None) -> str | None:
+  """"v4", "v5e", "v5p" or "v6e" for a TPU device (default: jax's first), else None."""
+  device = device if device is not None else jax.devices()[0]
+  if device.platform != "tpu":
+    return None
+  return _DEVICE_KINDS.get(device.device_kind)
+
+
+def default_block_sizes(generation: str | None = None, *, dim: int = 1536,
+                        dtype=jnp.bfloat16, interpret: bool = False) -> BlockSizes:
+  """Tiles for ``generation`` at (dim, dtype); None detects the local TPU. Interpret mode,
+  and TPUs without tuned tiles, get small tiles and no VMEM cap."""
+  if generation is None and not interpret:
+    generation = tpu_generation()
+  if generation is None:
+    return BlockSizes(*(_INTERPRET_TILES if interpret else (256, 256)))
+  return BlockSizes.for_generation(generation, dim, dtype)
+
+
+# ------------------------------------------------------------------------------------------
+# VMEM accounting and cost estimates
+
+
+def vmem_bytes(rows: int, cols: int, dim: int, dtype, *, with_grad: bool,
+               n_stats: int = 1, resident_rows: int = 0) -> int:
+  """Modelled VMEM of one kernel: double-buffered blocks plus float32 tile temporaries.
+
+  rows, cols: the owned and streamed tile heights; dim: the feature dimension (padded to
+  lanes, as VMEM stores it). ``with_grad``: the kernel accumulates a (rows, dim) float32
+  gradient; ``resident_rows``: rows of the float32 dY the fused kernel keeps resident (one
+  buffer) and G's transpose for it. The temporaries (logits, exp, softplus or sigmoid, G and its cast) are what Mosaic
+  keeps live for the elementwise chain; the count is a model, checked against the compiler in
+  benchmarks/tpu_compile.py.
+  """
+  isz = jnp.dtype(dtype).itemsize
+  d = _round_up(dim, _LANES)
+  blocks = 2 * (rows + cols) * d * isz                 # owned and streamed embedding tiles
+  blocks += 2 * rows * _LANES * 4 + 2 * _SUBLANES * cols * 4   # (rows, 1) and (1, cols) ids
+  blocks += 2 * n_stats * _SUBLANES * _LANES * 4       # partial-sum outputs
+  if with_grad:
+    blocks += 2 * rows * d * isz                       # gradient output block
+    blocks += rows * d * 4 if isz != 4 else 0          # its float32 accumulator
+  temps = (6 if with_grad else 4) * rows * cols * 4
+  if resident_rows:
+    blocks += resident_rows * d * 4
+    temps += rows * cols * 4
+  if isz == 4:
+    # precision=HIGHEST splits float32 operands into bf16 parts: more temporaries. Fitted
+    # (conservatively) to Mosaic's figures for D = 768 and 1536.
+    temps += (3.5 if with_grad else 2.5) * (rows + cols) * d * 4
+  return int(blocks + temps)
+
+
+def _vmem_limit(est: int, generation: str | None, override: int | None) -> int:
+  if override is not None:
+    return override
+  # Headroom for Mosaic's internal scratch and layout padding; never below the 16 MiB scoped
+  # default of v4/v5e, never above the chip.
+  limit = _round_up(max(int(est * 1.25) + 4 * _MiB, 16 * _MiB), _MiB)
+  if generation is not None:
+    cap = VMEM_CAPACITY[generation]
+    if est > cap:
+      raise ValueError(f"the kernel tiles need about {est / _MiB:.1f} MiB of VMEM but a "
+                       f"{generation} TensorCore has {cap / _MiB:.0f} MiB; use smaller "
+                       "BlockSizes")
+    limit = min(limit, cap)
+  return limit
+
+
+def _round_up(v: int, m: int) -> int:
+  return -(-v // m) * m
+
+
+# ------------------------------------------------------------------------------------------
+# The kernel
+
+
+def _fold(v, rows, cols):
+  """Sum a (rows, cols) float32 tile down to one (8, 128) vreg, with VPU adds only."""
+  v = v.reshape(rows // _SUBLANES, _SUBLANES, cols).sum(axis=0)
+  out = v[:, :_LANES]
+  for k in range(1, cols // _LANES):
+    out = out + v[:, k * _LANES:(k + 1) * _LANES]
+  return out
+
+
+def _tile_kernel(scal_ref, a_ids_ref, b_ids_ref, a_ref, b_ref, *refs, rows, cols, n_a, n_b,
+                 with_loss, with_scalar_grads, with_grad, with_db, precision):
+  """One grid step: (a tile i, b tile j), or (split c, a tile i, b tile j) with a resident
+  gradient of b, where a's row tile is c * (tiles per split) + i.
+
+  refs: the outputs, as requested: stats (1, k, 8, 128) holding [loss] + [sum G*S, sum G];
+  the (rows, D) gradient of a, in a's dtype; with_db, split c's (1, all of b, D) float32
+  partial gradient of b (without the factor t), resident for the whole grid. Then a float32
+  (rows, D) accumulator for a's gradient when its dtype is not float32 (otherwise the output
+  block accumulates in place).
+  """
+  if with_db:
+    c, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    row_tile = c * pl.num_programs(1) + i
+  else:
+    i, j = pl.program_id(0), pl.program_id(1)
+    row_tile = i
+  last_j = pl.num_programs(2 if with_db else 1) - 1
+  refs = list(refs)
+  stats_ref = refs.pop(0) if (with_loss or with_scalar_grads) else None
+  da_ref = refs.pop(0) if with_grad else None
+  db_ref = refs.pop(0) if with_db else None
+  acc_ref = (refs.pop(0) if refs else da_ref) if with_grad else None
+
+  # Interpret mode fills fresh buffers with NaN; a TPU leaves garbage: zero accumulators.
+  @pl.when(j == 0)
+  def _init():
+    if stats_ref is not None:
+      stats_ref[...] = jnp.zeros_like(stats_ref)
+    if acc_ref is not None:
+      acc_ref[...] = jnp.zeros_like(acc_ref)
+
+  if db_ref is not None:
+    @pl.when((i == 0) & (j == 0))
+    def _init_db():
+      db_ref[...] = jnp.zeros_like(db_ref)
+
+  a, b = a_ref[...], b_ref[...]
+  s = lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=precision,
+                      preferred_element_type=jnp.float32)
+  logits = scal_ref[0] * s + scal_ref[1]
+  pos = a_ids_ref[...] == b_ids_ref[...]            # (rows, 1) == (1, cols)
+  u = jnp.where(pos, -logits, logits)               # the softplus argument, -z * logits
+  e = jnp.exp(-jnp.abs(u))
+
+  valid = None
+  if n_a % rows or n_b % cols or with_db:          # static: only padded shapes pay the mask
+    r = row_tile * rows + lax.broadcasted_iota(jnp.int32, (rows, cols), 0)
+    col = j * cols + lax.broadcasted_iota(jnp.int32, (rows, cols), 1)
+    valid = (r < n_a) & (col < n_b)
+
+  k = 0
+  if with_loss:
+    sp = jnp.maximum(u, 0.0) + jnp.log1p(e)
+    if valid is not None:
+      sp = jnp.where(valid, sp, 0.0)
+    stats_ref[0, k] += _fold(sp, rows, cols)
+    k += 1
+  if with_scalar_grads or with_grad:
+    # d softplus(u) / d logits = -z * sigmoid(u).
+    sig = jnp.where(u >= 0.0, 1.0, e) / (1.0 + e)
+    g = jnp.where(pos, -sig, sig)
+    if valid is not None:
+      g = jnp.where(valid, g, 0.0)
+    if with_scalar_grads:
+      stats_ref[0, k] += _fold(g * s, rows, cols)
+      stats_ref[0, k + 1] += _fold(g, rows, cols)
+    if with_grad:
+      gc = g.astype(b.dtype)
+      acc_ref[...] += lax.dot_general(gc, b, (((1,), (0,)), ((), ())), precision=precision,
+                                      preferred_element_type=jnp.float32)
+      if db_ref is not None:
+        # G^T @ a into this b tile's rows of the resident gradient of b.
+        start = pl.multiple_of(j * cols, cols)
+        db_ref[0, pl.ds(start, cols), :] += lax.dot_general(
+            gc, a, (((0,), (0,)), ((), ())), precision=precision,
+            preferred_element_type=jnp.float32)
+
+      @pl.when(j == last_j)
+      def _finish():
+        # d logits / d a = t * b: apply t once per row tile rather than per tile element.
+        da_ref[...] = (scal_ref[0] * acc_ref[...]).astype(da_ref.dtype)
+
+
+def _tile_pass(a, b, a_ids, b_ids, scal, *, rows, cols, with_loss, with_scalar_grads,
+               with_grad, generation, vmem_limit_bytes, interpret, name, with_db=False,
+               splits=1):
+  """Run the kernel over all (a tile, b tile) pairs of already padded inputs.
+
+  n_a, n_b (the unpadded row counts) are the ids' lengths. ``with_db`` (needs with_grad):
+  also accumulate G^T @ a into a float32 (rows of b, D) array resident in VMEM, ``splits``
+  copies of it (one per TensorCore), each over its share of a's row tiles.
+
+  Returns (stats, da, db): the (k,) float32 sums (or None); the padded (rows of a, D)
+  gradient t * G @ b in a's dtype (or None); the padded float32 G^T @ a (or None).
+  """
+  n_a, n_b = a_ids.shape[0], b_ids.shape[0]
+  na_pad, nb_pad = a.shape[0], b.shape[0]
+  dim = a.shape[1]
+  n_row_tiles = na_pad // rows
+  if n_row_tiles % splits:
+    raise ValueError(f"{n_row_tiles} row tiles do not split {splits} ways")
+  per_split = n_row_tiles // splits
+  if with_db:
+    grid = (splits, per_split, nb_pad // cols)
+    row = lambda c, i, j: c * per_split + i
+  else:
+    # Two axes: megacore splits the leading parallel one.
+    grid = (n_row_tiles, nb_pad // cols)
+    row = lambda i, j: i
+  col = lambda *g: g[-1]
+  n_stats = int(with_loss) + 2 * int(with_scalar_grads)
+
+  a_ids_col = jnp.pad(a_ids, (0, na_pad - n_a), constant_values=-1).reshape(na_pad, 1)
+  b_ids_row = jnp.pad(b_ids, (0, nb_pad - n_b), constant_values=-2).reshape(1, nb_pad)
+  operands, out_struct = _match_varying((scal, a_ids_col, b_ids_row, a, b))
+
+  in_specs = [
+      pl.BlockSpec(memory_space=pltpu.SMEM),                 # [t, bias]
+      pl.BlockSpec((rows, 1), lambda *g: (row(*g), 0)),
+      pl.BlockSpec((1, cols), lambda *g: (0, col(*g))),
+      pl.BlockSpec((rows, dim), lambda *g: (row(*g), 0)),
+      pl.BlockSpec((cols, dim), lambda *g: (col(*g), 0)),
+  ]
+  out_shape, out_specs, scratch = [], [], []
+  if n_stats:
+    out_shape.append(out_struct((n_row_tiles, n_stats, _SUBLANES, _LANES), jnp.float32))
+    out_specs.append(pl.BlockSpec((1, n_stats, _SUBLANES, _LANES),
+                                  lambda *g: (row(*g), 0, 0, 0)))
+  if with_grad:
+    out_shape.append(out_struct((na_pad, dim), a.dtype))
+    out_specs.append(pl.BlockSpec((rows, dim), lambda *g: (row(*g), 0)))
+  if with_db:
+    # Its block index changes only with the split: resident, written back once. One buffer.
+    out_shape.append(out_struct((splits, nb_pad, dim), jnp.float32))
+    out_specs.append(pl.BlockSpec((1, nb_pad, dim), lambda c, i, j: (c, 0, 0),
+                                  pipeline_mode=pl.Buffered(1)))
+  if with_grad and a.dtype != jnp.float32:
+    scratch.append(pltpu.VMEM((rows, dim), jnp.float32))
+
+  isz = a.dtype.itemsize
+  tile_elems = na_pad * nb_pad
+  cost = pl.CostEstimate(
+      flops=int(2 * tile_elems * dim * (1 + int(with_grad) + int(with_db))),
+      # exp and log1p for the loss; exp and the reciprocal for the sigmoid.
+      transcendentals=int(tile_elems * (1 + int(with_loss)
+                                        + int(with_grad or with_scalar_grads))),
+      # a read once, b once per row tile, ids, and the outputs.
+      bytes_accessed=int(na_pad * dim * isz + n_row_tiles * nb_pad * dim * isz
+                         + 4 * (na_pad + n_row_tiles * nb_pad)
+                         + (na_pad * dim * isz if with_grad else 0)
+                         + (splits * nb_pad * dim * 4 if with_db else 0)
+                         + 4 * n_row_tiles * n_stats * _SUBLANES * _LANES))
+  est = vmem_bytes(rows, cols, dim, a.dtype, with_grad=with_grad, n_stats=max(n_stats, 1),
+                   resident_rows=nb_pad if with_db else 0)
+  precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+  kernel = functools.partial(
+      _tile_kernel, rows=rows, cols=cols, n_a=n_a, n_b=n_b, with_loss=with_loss,
+      with_scalar_grads=with_scalar_grads, with_grad=with_grad, with_db=with_db,
+      precision=precision)
+  # Row tiles are independent (megacore may split them) unless they share the resident
+  # gradient of b, which only the split axis may divide; the column axis accumulates.
+  semantics = ("parallel", "arbitrary", "arbitrary") if with_db else ("parallel", "arbitrary")
+  outs = pl.pallas_call(
+      kernel,
+      grid=grid,
+      in_specs=in_specs,
+      out_specs=out_specs,
+      out_shape=out_shape,
+      scratch_shapes=scratch,
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=semantics,
+          vmem_limit_bytes=_vmem_limit(est, generation, vmem_limit_bytes)),
+      cost_estimate=cost,
+      interpret=_interpret_mode() if interpret else False,
+      name=name,
+  )(*operands)
+  outs = list(outs)
+  stats = jnp.sum(outs.pop(0), axis=(0, 2, 3)) if n_stats else None
+  da = outs.pop(0) if with_grad else None
+  db = jnp.sum(outs.pop(0), axis=0) if with_db else None
+  return stats, da, db
+
+
+def _interpret_mode():
+  # TPU interpret mode (simulated VMEM/SMEM, NaN-filled fresh buffers) where this jax has it;
+  # otherwise Pallas' generic interpreter.
+  params = getattr(pltpu, "InterpretParams", None)
+  return params() if params is not None else True
+
+
+def _varying_axes(a) -> frozenset:
+  aval = jax.typeof(a)
+  mat = getattr(aval, "manual_axis_type", None)      # jax 0.10; older jax calls it vma
+  return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
+
+
+def _match_varying(operands):
+  """Under shard_map (check_vma=True) a pallas_call's outputs must say over which manual axes
+  they vary: the union of the operands' axes, to which every operand is cast (the ring's
+  replicated [t, bias] meets the travelling chunk). A no-op outside shard_map."""
+  axes = frozenset().union(*map(_varying_axes, operands))
+  operands = tuple(
+      lax.pcast(o, tuple(sorted(axes - _varying_axes(o))), to="varying")
+      if axes - _varying_axes(o) else o for o in operands)
+  mat_cls = getattr(jax.sharding, "ManualAxisType", None)
+  kw = {"manual_axis_type": mat_cls(varying=axes)} if mat_cls is not None else {"vma": axes}
+  return operands, lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, **kw)
+
+
+def _reduce_like(grad, primal):
+  """Sum a gradient over the manual axes it varies over but its primal does not: under
+  shard_map the gradient of a replicated input (log_t, bias) is the total over devices, as
+  autodiff (the transpose of the implicit broadcast) makes it for the reference."""
+  axes = _varying_axes(grad) - _varying_axes(jnp.asarray(primal))
+  return lax.psum(grad, tuple(sorted(axes))) if axes else grad
+
+
+# ------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def _check_inputs(x, y, x_ids, y_ids, log_t, bias):
+  for arg, v in (("x", x), ("y", y)):
+    if not hasattr(v, "shape") or v.ndim != 2:
+      raise ValueError(f"{arg} must be a 2-D (rows, dim) array, got shape "
+                       f"{getattr(v, 'shape', type(v).__name__)}")
+    if v.dtype not in (jnp.float32, jnp.bfloat16):
+      raise TypeError(f"{arg} must be float32 or bfloat16, got {v.dtype}")
+    if v.shape[0] == 0 or v.shape[1] == 0:
+      raise ValueError(f"{arg} must be non-empty, got shape {v.shape}")
+  if x.shape[1] != y.shape[1]:
+    raise ValueError(f"x and y must have the same feature dim, got {x.shape} and {y.shape}")
+  if x.dtype != y.dtype:
+    raise TypeError(f"x and y must have the same dtype, got {x.dtype} and {y.dtype}")
+  for arg, ids, n in (("x_ids", x_ids, x.shape[0]), ("y_ids", y_ids, y.shape[0])):
+    if not hasattr(ids, "shape") or ids.shape != (n,):
+      raise ValueError(f"{arg} must have shape ({n},), got {getattr(ids, 'shape', None)}")
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+      raise TypeError(f"{arg} must be integers (int32), got {ids.dtype}")
+  for arg, v in (("log_t", log_t), ("bias", bias)):
+    if jnp.size(v) != 1:
+      raise ValueError(f"{arg} must be a scalar, got shape {jnp.shape(v)}")
+
+
+def _tiles(n: int, block: int) -> int:
+  # Small inputs shrink the tile rather than pad up to it.
+  return min(block, _round_up(n, _LANES))
+
+
+def _block_sizes(block_sizes, x, interpret) -> BlockSizes:
+  bs = block_sizes if block_sizes is not None else default_block_sizes(
+      dim=x.shape[1], dtype=x.dtype, interpret=interpret)
+  if not isinstance(bs, BlockSizes):
+    raise TypeError(f"block_sizes must be a siglip_fast.kernels.tpu.BlockSizes or None, got "
+                    f"{type(bs).__name__}")
+  return bs
+
+
+def _pad_rows(a, multiple):
+  n = a.shape[0]
+  return jnp.pad(a, ((0, _round_up(n, multiple) - n), (0, 0)))
+
+
+def _scalars(log_t, bias):
+  t = jnp.exp(jnp.reshape(log_t, ()).astype(jnp.float32))
+  return t, jnp.stack([t, jnp.reshape(bias, ()).astype(jnp.float32)])
+
+
+def _common(bs, interpret):
+  return dict(generation=bs.generation, vmem_limit_bytes=bs.vmem_limit_bytes,
+              interpret=interpret)
+
+
+def loss_sum(x, y, x_ids, y_ids, log_t, bias, *, block_sizes: BlockSizes | None = None,
+             interpret: bool = False) -> jax.Array:
+  """sum_ij softplus(-z_ij * (t <x_i, y_j> + bias)) as a float32 scalar; forward kernel only.
+
+  Not differentiable (use ``block_loss_sum``).
+  """
+  _check_inputs(x, y, x_ids, y_ids, log_t, bias)
+  bs = _block_sizes(block_sizes, x, interpret)
+  rows, cols = _tiles(x.shape[0], bs.block_rows), _tiles(y.shape[0], bs.block_cols)
+  _, scal = _scalars(log_t, bias)
+  stats, _, _ = _tile_pass(_pad_rows(x, rows), _pad_rows(y, cols), x_ids.astype(jnp.int32),
+                           y_ids.astype(jnp.int32), scal, rows=rows, cols=cols,
+                           with_loss=True, with_scalar_grads=False, with_grad=False,
+                           name="siglip_fwd", **_common(bs, interpret))
+  return stats[0]
+
+
+def _fused_plan(bs, n, m, dim, dtype):
+  """(fuse, splits): whether value-and-grad runs as one kernel with a resident dY (6 n m D)
+  rather than two (8 n m D), and over how many TensorCores' copies of dY."""
+  splits = _TENSORCORES.get(bs.generation, 1)
+  if bs.fuse_dy is False or (bs.fuse_dy is None and bs.generation is None):
+    return False, splits
+  rows, cols = _tiles(n, bs.block_rows), _tiles(m, bs.block_cols)
+  need = vmem_bytes(rows, cols, dim, dtype, with_grad=True, n_stats=3,
+                    resident_rows=_round_up(m, cols))
+  if bs.fuse_dy is None:
+    return need <= _VMEM_BUDGET * VMEM_CAPACITY[bs.generation], splits
+  return True, splits
+
+
+def loss_sum_and_grads(x, y, x_ids, y_ids, log_t, bias, *,
+                       block_sizes: BlockSizes | None = None, interpret: bool = False):
+  """(loss sum, (dx, dy, dlog_t, dbias)); dx, dy in the dtypes of x, y, the rest float32.
+
+  One kernel (6 n m D FLOPs) when a float32 dY fits in VMEM, else two (8 n m D); see
+  ``BlockSizes.fuse_dy``. No (n, m) array outside VMEM either way.
+  """
+  _check_inputs(x, y, x_ids, y_ids, log_t, bias)
+  bs = _block_sizes(block_sizes, x, interpret)
+  n, m = x.shape[0], y.shape[0]
+  xi, yi = x_ids.astype(jnp.int32), y_ids.astype(jnp.int32)
+  t, scal = _scalars(log_t, bias)
+  rows, cols = _tiles(n, bs.block_rows), _tiles(m, bs.block_cols)
+  common = _common(bs, interpret)
+  fuse, splits = _fused_plan(bs, n, m, x.shape[1], x.dtype)
+  if fuse:
+    stats, dx, dy = _tile_pass(_pad_rows(x, rows * splits), _pad_rows(y, cols), xi, yi, scal,
+                               rows=rows, cols=cols, with_loss=True, with_scalar_grads=True,
+                               with_grad=True, with_db=True, splits=splits,
+                               name="siglip_fwd_dx_dy", **common)
+    dy = (t * dy[:m]).astype(y.dtype)
+  else:
+    rows_dy, cols_dy = _tiles(m, bs.dy_tiles[0]), _tiles(n, bs.dy_tiles[1])
+    # x is the owned side of one kernel and the streamed side of the other: pad to both.
+    xp, yp = _pad_rows(x, math.lcm(rows, cols_dy)), _pad_rows(y, math.lcm(cols, rows_dy))
+    stats, dx, _ = _tile_pass(xp, yp, xi, yi, scal, rows=rows, cols=cols, with_loss=True,
+                              with_scalar_grads=True, with_grad=True, name="siglip_fwd_dx",
+                              **common)
+    # The same kernel on the transposed block: it owns y tiles and streams x tiles.
+    _, dy, _ = _tile_pass(yp, xp, yi, xi, scal, rows=rows_dy, cols=cols_dy, with_loss=False,
+                          with_scalar_grads=False, with_grad=True, name="siglip_dy", **common)
+    dy = dy[:m]
+  # d/dlog_t of t * s is t * s, so dlog_t = t * sum G * S; d/dbias = sum G.
+  dlt, db = _reduce_like(t * stats[1], log_t), _reduce_like(stats[2], bias)
+  return stats[0], (dx[:n], dy, dlt, db)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _block_loss_sum(x, y, x_ids, y_ids, log_t, bias, block_sizes, interpret):
+  return loss_sum(x, y, x_ids, y_ids, log_t, bias, block_sizes=block_sizes,
+                  interpret=interpret)
+
+
+def _block_loss_sum_fwd(x, y, x_ids, y_ids, log_t, bias, block_sizes, interpret):
+  # The loss is a scalar: the forward pass computes every gradient now, scaled later.
+  loss, grads = loss_sum_and_grads(x, y, x_ids, y_ids, log_t, bias, block_sizes=block_sizes,
+                                   interpret=interpret)
+  return loss, (grads, jnp.asarray(log_t), jnp.asarray(bias))
+
+
+def _block_loss_sum_bwd(block_sizes, interpret, res, ct):
+  del block_sizes, interpret
+  (dx, dy, dlt, db), log_t, bias = res
+  scale = lambda g, like: (g.astype(jnp.float32) * ct).reshape(like.shape).astype(like.dtype)
+  return scale(dx, dx), scale(dy, dy), None, None, scale(dlt, log_t), scale(db, bias)
+
+
+_block_loss_sum.defvjp(_block_loss_sum_fwd, _block_loss_sum_bwd)
+
+
+def block_loss_sum(x, y, x_ids, y_ids, log_t, bias, *, block_sizes: BlockSizes | None = None,
+                   interpret: bool = False) -> jax.Array:
+  """The block loss sum (``reference.dense.block_loss_sum``), differentiable w.r.t. x, y,
+  log_t and bias by a custom VJP whose forward runs the value-and-grad kernels."""
+  _check_inputs(x, y, x_ids, y_ids, log_t, bias)
+  return _block_loss_sum(x, y, x_ids, y_ids, log_t, bias, block_sizes, bool(interpret))
+
+
+def block_ops(*, interpret: bool = False, block_sizes: BlockSizes | None = None) -> BlockOps:
+  """This kernel family as the ring's ``BlockOps``."""
+  if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
+    raise TypeError(f"block_sizes must be a siglip_fast.kernels.tpu.BlockSizes or None, got "
+                    f"{type(block_sizes).__name__}")
+  kw = dict(block_sizes=block_sizes, interpret=bool(interpret))
+  return BlockOps("pallas_tpu",
+                  functools.partial(loss_sum, **kw), functools.partial(loss_sum_and_grads, **kw))

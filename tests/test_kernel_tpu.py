@@ -1,0 +1,403 @@
+"""The Pallas TPU kernels (siglip_fast.kernels.tpu): TPU interpret-mode numerics against the
+float64 oracle and the XLA reference, and real Mosaic compiles on compile-only TPU topologies.
+
+Tolerances (DESIGN.md section 5): interpret-mode matmuls are exact float32 on CPU, so float32
+inputs are held to 1e-5 relative. With bf16 inputs the products are exact in the float32
+accumulator, so the loss and the two scalar gradients (computed in float32 from those) stay
+near float32 accuracy (1e-4), while dx and dy come back in bf16 and the gradient matmul takes
+G in bf16: 1e-2, as for any bf16 result.
+
+dlog_t = t * sum G * S and dbias = sum G are sums of terms of both signs; with random
+(unaligned) pairs they can cancel to a small total, where float32 summation (the XLA
+reference's too) loses digits in proportion to sum |terms| / |total|. Their error is
+therefore measured against sum |terms|, the scale float32 summation error lives on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only libtpu, any process
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import siglip_fast  # noqa: E402
+from siglip_fast.kernels import tpu  # noqa: E402
+from siglip_fast.reference import dense  # noqa: E402
+
+from tests.helpers import numpy_loss_and_grads, random_inputs, rel_err  # noqa: E402
+
+LOG10 = float(np.log(10.0))
+TOL = {jnp.float32: dict(value=1e-5, grad=1e-5), jnp.bfloat16: dict(value=1e-4, grad=1e-2)}
+
+
+def oracle(x, y, x_ids, y_ids, log_t, bias, norm=1.0):
+  """Block loss sum / norm and its (dx, dy, dlog_t, dbias) in float64, rectangular blocks
+  allowed; plus the scales (sum of |terms|) of the two scalar gradients."""
+  x = np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+  y = np.asarray(jnp.asarray(y, jnp.float32), np.float64)
+  t = np.exp(np.float64(log_t))
+  s = x @ y.T
+  logits = t * s + np.float64(bias)
+  pos = np.asarray(x_ids)[:, None] == np.asarray(y_ids)[None, :]
+  u = np.where(pos, -logits, logits)
+  loss = np.sum(np.maximum(u, 0) + np.log1p(np.exp(-np.abs(u))))
+  g = 1.0 / (1.0 + np.exp(-logits)) - pos
+  scales = {"dlog_t": np.sum(np.abs(g * t * s)) / norm, "dbias": np.sum(np.abs(g)) / norm}
+  return ((loss / norm, tuple(v / norm for v in (t * g @ y, t * g.T @ x, np.sum(g * t * s),
+                                                 np.sum(g)))), scales)
+
+
+def inputs(seed, n, m, dim, dtype):
+  x, _ = random_inputs(seed, n, dim, dtype)
+  _, y = random_inputs(seed + 1000, m, dim, dtype)
+  return x, y
+
+
+def check(got, want, dtype, what="", scales=None):
+  """Assert every output is within the dtype's tolerance; returns the errors."""
+  tol = TOL[dtype]
+  loss, (dx, dy, dlt, db) = got
+  wl, (wdx, wdy, wdlt, wdb) = want
+  errs = {"loss": rel_err(loss, wl), "dx": rel_err(dx, wdx), "dy": rel_err(dy, wdy),
+          "dlog_t": rel_err(dlt, wdlt), "dbias": rel_err(db, wdb)}
+  for k, (v, w) in {"dlog_t": (dlt, wdlt), "dbias": (db, wdb)}.items():
+    if scales is not None:
+      errs[k] = abs(float(v) - float(w)) / scales[k]
+  for k, e in errs.items():
+    limit = tol["grad"] if k in ("dx", "dy") else tol["value"]
+    assert e < limit, f"{what} {k}: rel err {e:.3g} >= {limit} (all: {errs})"
+  return errs
+
+
+@pytest.mark.parametrize("dtype,n,m,dim,block_sizes", [
+    # square, one tile each way in the dY kernel, several in the dX kernel
+    (jnp.float32, 256, 256, 128, tpu.BlockSizes(128, 128, 256, 256)),
+    # rectangular and ragged in both directions (masking), tiles clamped to the input
+    (jnp.float32, 200, 328, 96, tpu.BlockSizes(128, 256)),
+    (jnp.bfloat16, 256, 384, 128, tpu.BlockSizes(256, 128, 128, 256)),
+    (jnp.bfloat16, 136, 72, 256, None),
+    # the fused kernel (resident dY, 6 n m D), alone and split over two TensorCores (v5p)
+    (jnp.bfloat16, 256, 200, 128, tpu.BlockSizes(128, 128, fuse_dy=True)),
+    (jnp.float32, 300, 200, 64, tpu.BlockSizes(128, 128, fuse_dy=True, generation="v5p")),
+])
+def test_value_and_grads_match_oracle(dtype, n, m, dim, block_sizes):
+  seed = 11 + n + m + dim
+  x, y = inputs(seed, n, m, dim, dtype)
+  x_ids = jnp.arange(n, dtype=jnp.int32)
+  y_ids = jnp.arange(m, dtype=jnp.int32) + 7      # the positives are off the diagonal
+  log_t, bias = jnp.float32(LOG10), jnp.float32(-10.0)
+  kw = dict(block_sizes=block_sizes, interpret=True)
+
+  want, scales = oracle(x, y, x_ids, y_ids, LOG10, -10.0)
+  got = tpu.loss_sum_and_grads(x, y, x_ids, y_ids, log_t, bias, **kw)
+  assert got[1][0].dtype == dtype and got[1][1].dtype == dtype
+  assert got[1][0].shape == x.shape and got[1][1].shape == y.shape
+  check(got, want, dtype, f"{jnp.dtype(dtype).name} {n}x{m}x{dim}", scales)
+
+  fwd = tpu.loss_sum(x, y, x_ids, y_ids, log_t, bias, **kw)
+  assert rel_err(fwd, want[0]) < TOL[dtype]["value"]
+  # Same kernel, same order of sums: forward-only and fused losses agree to rounding.
+  assert rel_err(fwd, got[0]) < 1e-6
+
+
+def test_square_batch_matches_helpers_oracle_and_reference():
+  n, dim = 256, 64
+  x, y = random_inputs(2024, n, dim, jnp.float32)
+  ids = jnp.arange(n, dtype=jnp.int32)
+  lt, b = jnp.float32(LOG10), jnp.float32(-10.0)
+  got = tpu.loss_sum_and_grads(x, y, ids, ids, lt, b, interpret=True,
+                               block_sizes=tpu.BlockSizes(128, 256))
+  mean, grads = numpy_loss_and_grads(x, y, LOG10, -10.0)
+  _, scales = oracle(x, y, ids, ids, LOG10, -10.0)
+  # helpers' oracle is the mean loss: the block sum is n times it.
+  check(got, (mean * n, tuple(g * n for g in grads)), jnp.float32, "vs helpers", scales)
+  check(got, dense.block_loss_sum_and_grads(x, y, ids, ids, lt, b), jnp.float32, "vs dense",
+        scales)
+
+
+def test_duplicate_pair_ids_ragged():
+  # Several images share a caption id; positives are every equal-id pair, in any tile.
+  n, m, dim = 200, 200, 64
+  x, y = inputs(77, n, m, dim, jnp.float32)
+  rng = np.random.default_rng(77)
+  ids = jnp.asarray(rng.integers(0, 60, size=n), jnp.int32)
+  assert len(np.unique(np.asarray(ids))) < n
+  lt, b = jnp.float32(LOG10), jnp.float32(-10.0)
+  got = tpu.loss_sum_and_grads(x, y, ids, ids, lt, b, interpret=True,
+                               block_sizes=tpu.BlockSizes(128, 128))
+  mean, grads = numpy_loss_and_grads(x, y, LOG10, -10.0, ids=np.asarray(ids))
+  _, scales = oracle(x, y, ids, ids, LOG10, -10.0)
+  check(got, (mean * n, tuple(g * n for g in grads)), jnp.float32, "duplicate ids", scales)
+
+
+@pytest.mark.parametrize("bias", [20.0, -20.0])
+def test_extreme_temperature_and_bias_stay_finite(bias):
+  # t = 100 and |b| = 20: |logits| up to 120, where a naive log(sigmoid) overflows.
+  n, dim = 256, 128
+  x, y = random_inputs(31 + int(bias), n, dim, jnp.float32)
+  y = y.at[:8].set(-x[:8])                    # some positives far on the wrong side too
+  ids = jnp.arange(n, dtype=jnp.int32)
+  log_t = float(np.log(100.0))
+  got = tpu.loss_sum_and_grads(x, y, ids, ids, jnp.float32(log_t), jnp.float32(bias),
+                               interpret=True, block_sizes=tpu.BlockSizes(128, 256))
+  leaves = jax.tree.leaves(got)
+  assert all(bool(jnp.all(jnp.isfinite(v))) for v in leaves)
+  want, scales = oracle(x, y, ids, ids, log_t, bias)
+  check(got, want, jnp.float32, f"bias={bias}", scales)
+
+
+def test_public_api_jit_and_grad():
+  n, dim = 192, 128
+  x, y = random_inputs(5150, n, dim, jnp.float32)
+  lt, b = jnp.float32(LOG10), jnp.float32(-10.0)
+
+  def loss(impl, interpret):
+    return lambda x, y, lt, b: siglip_fast.sigmoid_loss(x, y, lt, b, implementation=impl,
+                                                        interpret=interpret)
+
+  vg = jax.jit(jax.value_and_grad(loss("pallas_tpu", True), argnums=(0, 1, 2, 3)))
+  got_loss, got_grads = vg(x, y, lt, b)
+  mean, grads = numpy_loss_and_grads(x, y, LOG10, -10.0)
+  ids = np.arange(n)
+  _, scales = oracle(x, y, ids, ids, LOG10, -10.0, norm=n)
+  check((got_loss, got_grads), (mean, grads), jnp.float32, "sigmoid_loss grad", scales)
+  # Forward only (no grad): the loss-only path.
+  fwd = jax.jit(loss("pallas_tpu", True))(x, y, lt, b)
+  assert rel_err(fwd, mean) < 1e-5
+  ref = loss("xla", False)(x, y, lt, b)
+  assert rel_err(fwd, ref) < 1e-5
+
+
+def test_standalone_custom_vjp_scales_by_cotangent():
+  n, m, dim = 160, 136, 64
+  x, y = inputs(99, n, m, dim, jnp.bfloat16)
+  x_ids, y_ids = jnp.arange(n, dtype=jnp.int32), jnp.arange(m, dtype=jnp.int32)
+  lt, b = jnp.float32(LOG10), jnp.float32(-10.0)
+  f = lambda x, y, lt, b: -2.5 * tpu.block_loss_sum(x, y, x_ids, y_ids, lt, b, interpret=True)
+  val, grads = jax.value_and_grad(f, argnums=(0, 1, 2, 3))(x, y, lt, b)
+  assert grads[0].dtype == jnp.bfloat16 and grads[2].shape == ()
+  (wl, wg), scales = oracle(x, y, x_ids, y_ids, LOG10, -10.0)
+  check((val, grads), (-2.5 * wl, tuple(-2.5 * g for g in wg)), jnp.bfloat16, "custom_vjp",
+        {k: 2.5 * v for k, v in scales.items()})
+
+
+def test_block_ops_contract():
+  ops = siglip_fast.block_ops("pallas_tpu", interpret=True,
+                              block_sizes=tpu.BlockSizes(128, 128))
+  assert ops.name == "pallas_tpu"
+  with pytest.raises(TypeError, match="block_sizes"):
+    tpu.block_ops(block_sizes=(128, 128))
+
+
+def _pallas_costs(fn, *args):
+  jaxpr = jax.make_jaxpr(fn)(*args)
+  return [e.params["cost_estimate"] for e in jaxpr.eqns if e.primitive.name == "pallas_call"]
+
+
+def test_forward_pays_no_gradient_work_and_costs_are_declared():
+  n, m, dim = 256, 384, 128
+  x, y = inputs(3, n, m, dim, jnp.bfloat16)
+  xi, yi = jnp.arange(n, dtype=jnp.int32), jnp.arange(m, dtype=jnp.int32)
+  args = (x, y, xi, yi, jnp.float32(0.0), jnp.float32(0.0))
+  kw = dict(interpret=True, block_sizes=tpu.BlockSizes(128, 128))
+  fwd = _pallas_costs(lambda *a: tpu.loss_sum(*a, **kw), *args)
+  vg = _pallas_costs(lambda *a: tpu.loss_sum_and_grads(*a, **kw), *args)
+  fused_kw = dict(kw, block_sizes=tpu.BlockSizes(128, 128, fuse_dy=True))
+  fused = _pallas_costs(lambda *a: tpu.loss_sum_and_grads(*a, **fused_kw), *args)
+  assert [c.flops for c in fwd] == [2 * n * m * dim]
+  assert sorted(c.flops for c in vg) == [4 * n * m * dim] * 2       # 8 n m D in all
+  assert [c.flops for c in fused] == [6 * n * m * dim]
+  assert fwd[0].transcendentals == 2 * n * m
+  assert all(c.bytes_accessed >= (n + m) * dim * 2 for c in fwd + vg + fused)
+
+
+@pytest.mark.parametrize("bad,exc,match", [
+    (lambda a: dict(a, x=a["x"][:, :32]), ValueError, "feature dim"),
+    (lambda a: dict(a, x=a["x"].astype(jnp.float16)), TypeError, "x must be float32"),
+    (lambda a: dict(a, y=a["y"].astype(jnp.float32)), TypeError, "same dtype"),
+    (lambda a: dict(a, x_ids=a["x_ids"][:5]), ValueError, "x_ids must have shape"),
+    (lambda a: dict(a, y_ids=a["y_ids"].astype(jnp.float32)), TypeError, "y_ids must be int"),
+    (lambda a: dict(a, log_t=jnp.zeros((2,))), ValueError, "log_t must be a scalar"),
+    (lambda a: dict(a, x=a["x"][0]), ValueError, "x must be a 2-D"),
+])
+def test_bad_inputs_raise_clear_errors(bad, exc, match):
+  x, y = inputs(0, 16, 24, 64, jnp.bfloat16)
+  a = dict(x=x, y=y, x_ids=jnp.arange(16, dtype=jnp.int32),
+           y_ids=jnp.arange(24, dtype=jnp.int32), log_t=0.0, bias=0.0)
+  a = bad(a)
+  with pytest.raises(exc, match=match):
+    tpu.loss_sum(a["x"], a["y"], a["x_ids"], a["y_ids"], a["log_t"], a["bias"],
+                 interpret=True)
+
+
+def test_block_sizes_validation_and_generation_defaults():
+  with pytest.raises(ValueError, match="multiple of 128"):
+    tpu.BlockSizes(100, 128)
+  with pytest.raises(ValueError, match="generation"):
+    tpu.BlockSizes(128, 128, generation="v9")
+  for gen, cap in tpu.VMEM_CAPACITY.items():
+    for dim in (768, 1152, 1536):
+      for dtype in (jnp.bfloat16, jnp.float32):
+        bs = tpu.BlockSizes.for_generation(gen, dim, dtype)
+        assert bs.generation == gen
+        for grad in (False, True):
+          assert tpu.vmem_bytes(bs.block_rows, bs.block_cols, dim, dtype, with_grad=grad,
+                                n_stats=3) <= cap
+  # More VMEM, no smaller tiles.
+  small = tpu.BlockSizes.for_generation("v4", 1536)
+  big = tpu.BlockSizes.for_generation("v6e", 1536)
+  assert big.block_rows * big.block_cols > small.block_rows * small.block_cols
+  # Tiles that cannot fit the chip are refused before compiling.
+  too_big = tpu.BlockSizes(2048, 2048, generation="v4")
+  with pytest.raises(ValueError, match="VMEM"):
+    _eval(tpu.loss_sum, 4096, 1536, too_big)
+
+
+def _eval(fn, batch, dim, block_sizes):
+  """Trace (no compile, no run) fn on (batch, dim) bf16 inputs: checks and kernel plans."""
+  ids = jnp.arange(batch, dtype=jnp.int32)
+  return jax.eval_shape(lambda x: fn(x, x, ids, ids, 0.0, 0.0, block_sizes=block_sizes),
+                        jax.ShapeDtypeStruct((batch, dim), jnp.bfloat16))
+
+
+def test_fused_dy_only_where_it_fits():
+  plan = lambda gen, batch, dim=1152: tpu._fused_plan(
+      tpu.BlockSizes.for_generation(gen, dim), batch, batch, dim, jnp.bfloat16)
+  # A ring step's block fits everywhere but v4; a 16k single-device batch only on v5e.
+  assert plan("v5e", 4096) == (True, 1) and plan("v6e", 4096) == (True, 1)
+  assert plan("v5p", 4096) == (True, 2)                 # one dY copy per TensorCore
+  assert plan("v4", 4096) == (False, 2)
+  assert plan("v5e", 16384) == (True, 1) and plan("v5p", 16384) == (False, 2)
+  assert plan("v5e", 32768) == (False, 1)
+  # Unknown chip (interpret mode): two kernels unless asked.
+  assert tpu._fused_plan(tpu.BlockSizes(), 4096, 4096, 1152, jnp.bfloat16) == (False, 1)
+  # Forcing it where it cannot fit is refused at trace time, not left to the compiler.
+  forced = tpu.BlockSizes(256, 256, generation="v4", fuse_dy=True)
+  with pytest.raises(ValueError, match="VMEM"):
+    _eval(tpu.loss_sum_and_grads, 16384, 1152, forced)
+
+
+# ------------------------------------------------------------------------------------------
+# Real Mosaic compiles for compile-only TPU topologies (libtpu, no TPU needed)
+
+
+def _tpu_sharding(topology_name):
+  topologies = pytest.importorskip("jax.experimental.topologies")
+  try:
+    topo = topologies.get_topology_desc(platform="tpu", topology_name=topology_name)
+  except Exception as e:  # noqa: BLE001 - no libtpu in this install
+    pytest.skip(f"compile-only TPU topology unavailable: {e}")
+  return jax.sharding.SingleDeviceSharding(topo.devices[0])
+
+
+def _compile(fn, batch, dim, dtype, sharding):
+  emb = jax.ShapeDtypeStruct((batch, dim), dtype, sharding=sharding)
+  ids = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=sharding)
+  s = jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding)
+  return jax.jit(fn).lower(emb, emb, ids, ids, s, s).compile()
+
+
+def test_mosaic_compiles_v5e_without_bxb_temporary():
+  batch, dim = 16384, 512
+  sharding = _tpu_sharding("v5e:2x2")
+  bs = tpu.BlockSizes.for_generation("v5e", dim, jnp.bfloat16)
+  assert tpu._fused_plan(bs, batch, batch, dim, jnp.bfloat16) == (True, 1)   # dY fits VMEM
+  two = dataclasses.replace(bs, fuse_dy=False)
+  bxb = 4 * batch * batch
+  for fn, b, flops in ((tpu.loss_sum, bs, 2), (tpu.loss_sum_and_grads, bs, 6),
+                       (tpu.loss_sum_and_grads, two, 8)):
+    compiled = _compile(lambda *a, fn=fn, b=b: fn(*a, block_sizes=b), batch, dim,
+                        jnp.bfloat16, sharding)
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    # At most the float32 (B, D) dY staging of the fused kernel: O(B D), not O(B^2).
+    assert temp <= 4 * batch * dim, f"temp {temp} bytes"
+    assert temp < bxb / 32, f"temp {temp} bytes is not far below a B x B f32 ({bxb})"
+    assert f"[{batch},{batch}]" not in compiled.as_text()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    assert cost["flops"] == pytest.approx(flops * batch * batch * dim, rel=1e-3)
+
+
+def test_mosaic_compiles_ragged_shapes_and_odd_dim():
+  # The masked (ragged) kernel variant and a feature dim that is not a multiple of 128.
+  sharding = _tpu_sharding("v5e:2x2")
+  n, m, dim = 1000, 777, 100
+  bs = tpu.BlockSizes(256, 128, generation="v5e")
+  s = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
+  args = (s((n, dim), jnp.bfloat16), s((m, dim), jnp.bfloat16), s((n,), jnp.int32),
+          s((m,), jnp.int32), s((), jnp.float32), s((), jnp.float32))
+  for fn in (tpu.loss_sum, tpu.loss_sum_and_grads):
+    jax.jit(lambda *a, fn=fn: fn(*a, block_sizes=bs)).lower(*args).compile()
+
+
+def test_mosaic_compiles_v4_widest_dim():
+  # v4 has the least VMEM (16 MiB); D = 1536 must still compile with its defaults.
+  sharding = _tpu_sharding("v4:2x2x1")
+  bs = tpu.BlockSizes.for_generation("v4", 1536, jnp.bfloat16)
+  _compile(lambda *a: tpu.loss_sum_and_grads(*a, block_sizes=bs), 4096, 1536, jnp.bfloat16,
+           sharding)
+
+
+# ------------------------------------------------------------------------------------------
+# Slow: bigger shapes, more tile shapes, and the ring on simulated devices
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("block_sizes", [
+    tpu.BlockSizes(128, 256), tpu.BlockSizes(512, 256), tpu.BlockSizes(256, 512, 128, 384),
+    tpu.BlockSizes(256, 128, fuse_dy=True, generation="v5p")])
+def test_larger_ragged_blocks(dtype, block_sizes):
+  n, m, dim = 1000, 777, 256
+  x, y = inputs(4242, n, m, dim, dtype)
+  rng = np.random.default_rng(4242)
+  x_ids = jnp.asarray(rng.integers(0, 900, size=n), jnp.int32)
+  y_ids = jnp.asarray(rng.integers(0, 900, size=m), jnp.int32)
+  got = tpu.loss_sum_and_grads(x, y, x_ids, y_ids, jnp.float32(LOG10), jnp.float32(-10.0),
+                               interpret=True, block_sizes=block_sizes)
+  want, scales = oracle(x, y, x_ids, y_ids, LOG10, -10.0)
+  check(got, want, dtype, "large", scales)
+
+
+@pytest.mark.parametrize("n_dev,schedule,block_sizes", [
+    (2, "bidirectional", tpu.BlockSizes(128, 128, fuse_dy=True)),
+    pytest.param(4, "bidirectional", None, marks=pytest.mark.slow),
+    pytest.param(3, "unidirectional", None, marks=pytest.mark.slow),
+])
+def test_ring_over_simulated_devices_uses_the_kernel(n_dev, schedule, block_sizes):
+  # The kernel as the ring's local step under shard_map (check_vma=True): outputs declare
+  # how they vary, and the replicated log_t / bias get their gradient summed over devices.
+  from jax.sharding import Mesh
+  mesh = Mesh(np.array(jax.devices()[:n_dev]), ("d",))
+  batch, dim = 128 * n_dev, 64
+  x, y = random_inputs(808 + n_dev, batch, dim, jnp.float32)
+  lt, b = jnp.float32(LOG10), jnp.float32(-10.0)
+  f = lambda x, y, lt, b: siglip_fast.sigmoid_loss_sharded(
+      x, y, lt, b, mesh=mesh, axis_name="d", implementation="pallas_tpu", interpret=True,
+      schedule=schedule, block_sizes=block_sizes)
+  val, grads = jax.value_and_grad(f, argnums=(0, 1, 2, 3))(x, y, lt, b)
+  mean, want = numpy_loss_and_grads(x, y, LOG10, -10.0)
+  ids = np.arange(batch)
+  _, scales = oracle(x, y, ids, ids, LOG10, -10.0, norm=batch)
+  check((val, grads), (mean, want), jnp.float32, f"ring of {n_dev}", scales)
+  fwd = f(x, y, lt, b)
+  assert rel_err(fwd, mean) < 1e-5
+
+
+@pytest.mark.slow
+def test_mosaic_compiles_all_generations():
+  for gen, topo in (("v4", "v4:2x2x1"), ("v5e", "v5e:2x2"), ("v5p", "v5p:2x2x1"),
+                    ("v6e", "v6e:2x2")):
+    sharding = _tpu_sharding(topo)
+    for dim in (768, 1152):
+      bs = tpu.BlockSizes.for_generation(gen, dim, jnp.bfloat16)
+      _compile(lambda *a: tpu.loss_sum(*a, block_sizes=bs), 16384, dim, jnp.bfloat16,
+               sharding)
+      _compile(lambda *a: tpu.loss_sum_and_grads(*a, block_sizes=bs), 16384, dim,
+               jnp.bfloat16, sharding)
