@@ -45,6 +45,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu_triton
 
 from siglip_fast.reference import ring as ring_lib
+from siglip_fast.reference import vma
 
 # Triton tensor-core dots need every dimension >= 16.
 _MIN_TILE = 16
@@ -130,10 +131,11 @@ def default_block_sizes(n: int, m: int, d: int, dtype) -> BlockSizes:
   bf16, chosen without an H100 at hand from a static look at the compiled kernels (the
   Pallas-emitted Triton IR compiled for sm_90a by Triton 3.9 and ptxas: registers, spills,
   shared memory, instruction mix) and L2 traffic: the forward takes 128 x 256 tiles
-  (47 B of operand loads per SM clock at peak, against 64 for 128 x 128; the L2 feeds
-  roughly 40), BK = 64, 8 warps, 3 stages (144 KiB of shared memory, one program per SM);
+  (at the tensor-core peak they pull 47 B of operands from L2 per SM clock, 128 x 128
+  tiles 64 B, more than H100's L2 is thought to sustain), BK = 64, 8 warps, 3 stages
+  (144 KiB of shared memory, one program per SM);
   the value-and-grad takes 128 x 128 (its epilogue spills 2.7 KiB per thread at 128 x 256,
-  ~130 B at 128 x 128). ``python -m benchmarks.bench_loss --tune BxD`` times variants on
+  56 B at 128 x 128). ``python -m benchmarks.bench_loss --tune BxD`` times variants on
   the device. float32 (IEEE dots, no tensor-core fast path): 64 x 64 tiles, BK = 32,
   4 warps. Small blocks shrink the tiles to the next power of two. The G slab is capped
   at 64 MiB, with C between 1024 and 4096 text rows (C >= 1024 keeps the dX += G_c @ Y_c
@@ -161,8 +163,9 @@ def default_block_sizes(n: int, m: int, d: int, dtype) -> BlockSizes:
 # log1p(e) / e on [0, 1]: Chebyshev interpolant of degree 9 in monomial form (float64 fit;
 # Horner in float32 is within 1.6e-7 relative of log1p over [0, 1], mean 3e-8, about what
 # libdevice's log1pf gives). 10 FMAs and no branch, against ~35 instructions and a branch
-# per element for __nv_log1pf, which made the forward's epilogue cost two thirds of its
-# matmul at D = 1152 (SASS of the 128 x 128 tile: ~50 instructions per logit).
+# for __nv_log1pf: the forward's SASS for a 128 x 128 tile went from ~3400 to ~2150
+# instructions per thread (64 logits each), its epilogue from ~2/3 of the tile's matmul
+# time at D = 1152 to under half.
 _LOG1P_UNIT = (0.9999999946562934, -0.49999892648080163, 0.33329710499262943,
                -0.24951616265725854, 0.19663274269437392, -0.15269667104466478,
                0.10543623839523661, -0.05637361320964374, 0.01954252743780671,
@@ -255,41 +258,6 @@ def _tile_kernel(x_ref, y_ref, xid_ref, yid_ref, s_ref, mv_ref, loss_ref, *grad_
     body()
 
 
-def _vma(a) -> frozenset:
-  """The shard_map axes ``a`` varies over (``manual_axis_type.varying`` on jax 0.10,
-  ``vma`` on some other versions); empty outside shard_map."""
-  aval = jax.typeof(a)
-  mat = getattr(aval, "manual_axis_type", None)
-  if mat is not None and hasattr(mat, "varying"):
-    return frozenset(mat.varying)
-  return frozenset(getattr(aval, "vma", None) or ())
-
-
-def _vary(a, axes: frozenset):
-  """``a`` marked as varying over the shard_map ``axes`` (check_vma=True wants every
-  pallas_call operand and output to agree; log_t and bias arrive replicated)."""
-  missing = tuple(sorted(axes - _vma(a)))
-  if not missing:
-    return a
-  if hasattr(lax, "pcast"):
-    return lax.pcast(a, missing, to="varying")
-  return lax.pvary(a, missing)  # older jax
-
-
-def _out_struct(like, shape, dtype):
-  """A ShapeDtypeStruct varying over the same manual axes as ``like`` (the attribute is
-  ``manual_axis_type`` on jax 0.10, ``vma`` on others)."""
-  aval = jax.typeof(like)
-  for name in ("manual_axis_type", "vma"):
-    value = getattr(aval, name, None)
-    if value is not None:
-      try:
-        return jax.ShapeDtypeStruct(shape, dtype, **{name: value})
-      except TypeError:
-        pass
-  return jax.ShapeDtypeStruct(shape, dtype)
-
-
 def _compiler_params(bs: BlockSizes):
   return plgpu_triton.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages)
 
@@ -320,12 +288,11 @@ def _tiles(xp, yp, xid, yid, scal, m_valid, *, bs: BlockSizes, n: int, mask_cols
                      "elements; the kernel indexes with int32 (< 2**31): use a smaller "
                      "grad_chunk or split the batch (e.g. over a ring)")
   operands = (xp, yp, xid, yid, scal, m_valid)
-  axes = functools.reduce(frozenset.union, map(_vma, operands))
-  operands = tuple(_vary(a, axes) for a in operands)
-  part = _out_struct(operands[0], (row_tiles, col_groups * group), jnp.float32)
+  operands, axes = vma.match_varying(operands)
+  part = vma.shape_struct((row_tiles, col_groups * group), jnp.float32, axes)
   out_shape = [part]
   if with_grads:
-    out_shape += [_out_struct(operands[0], (n_pad, m_pad), xp.dtype), part, part]
+    out_shape += [vma.shape_struct((n_pad, m_pad), xp.dtype, axes), part, part]
   kernel = functools.partial(_tile_kernel, bs=bs, n=n, mask_cols=mask_cols, group=group,
                              col_tiles=col_tiles, with_grads=with_grads,
                              fast_math=not interpret)
@@ -455,21 +422,13 @@ def _value_and_grads(x, y, x_ids, y_ids, log_t, bias, bs: BlockSizes, interpret:
   zero = jnp.zeros((), jnp.float32)
   init = (jnp.zeros((n_pad, d_pad), jnp.float32), zero, zero, zero)
   # Under shard_map the carry varies over the mesh axes the operands vary over.
-  axes = functools.reduce(frozenset.union, map(_vma, (x, y, x_ids, y_ids, scal)))
-  init = tuple(_vary(a, axes) for a in init)
+  axes = frozenset().union(*map(vma.varying_axes, (x, y, x_ids, y_ids, scal)))
+  init = tuple(vma.pvary(a, axes) for a in init)
   (dx_acc, loss, dlt, db), dy = lax.scan(
       step, init, (jnp.arange(n_chunks, dtype=jnp.int32), yp, yid))
   dx = (t * dx_acc[:n, :d]).astype(x.dtype)
   dy = dy.reshape(m_pad, d_pad)[:m, :d]
-  return loss, (dx, dy, _sum_to_match(dlt, log_t), _sum_to_match(db, bias))
-
-
-def _sum_to_match(g, param):
-  """Under shard_map, the gradient of a replicated parameter is itself replicated: sum it
-  over the axes it varies over and the parameter does not, as autodiff of the reference
-  does (the transpose of the implicit broadcast is a psum)."""
-  extra = _vma(g) - _vma(param)
-  return lax.psum(g, tuple(sorted(extra))) if extra else g
+  return loss, (dx, dy, vma.sum_to_match(dlt, log_t), vma.sum_to_match(db, bias))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))

@@ -48,6 +48,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from siglip_fast.reference import vma
 from siglip_fast.reference.ring import BlockOps
 
 _LANES = 128
@@ -167,9 +168,9 @@ def vmem_bytes(rows: int, cols: int, dim: int, dtype, *, with_grad: bool,
   rows, cols: the owned and streamed tile heights; dim: the feature dimension (padded to
   lanes, as VMEM stores it). ``with_grad``: the kernel accumulates a (rows, dim) float32
   gradient; ``resident_rows``: rows of the float32 dY the fused kernel keeps resident (one
-  buffer) and G's transpose for it. The temporaries (logits, exp, softplus or sigmoid, G and its cast) are what Mosaic
-  keeps live for the elementwise chain; the count is a model, checked against the compiler in
-  benchmarks/tpu_compile.py.
+  buffer), plus G's transpose for it. The temporaries (logits, exp, softplus or sigmoid, G and
+  its cast) are what Mosaic keeps live for the elementwise chain. A model, conservative against
+  the compiler's own figures (benchmarks/tpu_compile.py records both).
   """
   isz = jnp.dtype(dtype).itemsize
   d = _round_up(dim, _LANES)
@@ -338,7 +339,8 @@ def _tile_pass(a, b, a_ids, b_ids, scal, *, rows, cols, with_loss, with_scalar_g
 
   a_ids_col = jnp.pad(a_ids, (0, na_pad - n_a), constant_values=-1).reshape(na_pad, 1)
   b_ids_row = jnp.pad(b_ids, (0, nb_pad - n_b), constant_values=-2).reshape(1, nb_pad)
-  operands, out_struct = _match_varying((scal, a_ids_col, b_ids_row, a, b))
+  operands, axes = vma.match_varying((scal, a_ids_col, b_ids_row, a, b))
+  out_struct = lambda shape, dtype: vma.shape_struct(shape, dtype, axes)
 
   in_specs = [
       pl.BlockSpec(memory_space=pltpu.SMEM),                 # [t, bias]
@@ -412,33 +414,6 @@ def _interpret_mode():
   # otherwise Pallas' generic interpreter.
   params = getattr(pltpu, "InterpretParams", None)
   return params() if params is not None else True
-
-
-def _varying_axes(a) -> frozenset:
-  aval = jax.typeof(a)
-  mat = getattr(aval, "manual_axis_type", None)      # jax 0.10; older jax calls it vma
-  return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
-
-
-def _match_varying(operands):
-  """Under shard_map (check_vma=True) a pallas_call's outputs must say over which manual axes
-  they vary: the union of the operands' axes, to which every operand is cast (the ring's
-  replicated [t, bias] meets the travelling chunk). A no-op outside shard_map."""
-  axes = frozenset().union(*map(_varying_axes, operands))
-  operands = tuple(
-      lax.pcast(o, tuple(sorted(axes - _varying_axes(o))), to="varying")
-      if axes - _varying_axes(o) else o for o in operands)
-  mat_cls = getattr(jax.sharding, "ManualAxisType", None)
-  kw = {"manual_axis_type": mat_cls(varying=axes)} if mat_cls is not None else {"vma": axes}
-  return operands, lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, **kw)
-
-
-def _reduce_like(grad, primal):
-  """Sum a gradient over the manual axes it varies over but its primal does not: under
-  shard_map the gradient of a replicated input (log_t, bias) is the total over devices, as
-  autodiff (the transpose of the implicit broadcast) makes it for the reference."""
-  axes = _varying_axes(grad) - _varying_axes(jnp.asarray(primal))
-  return lax.psum(grad, tuple(sorted(axes))) if axes else grad
 
 
 # ------------------------------------------------------------------------------------------
@@ -561,7 +536,7 @@ def loss_sum_and_grads(x, y, x_ids, y_ids, log_t, bias, *,
                           with_scalar_grads=False, with_grad=True, name="siglip_dy", **common)
     dy = dy[:m]
   # d/dlog_t of t * s is t * s, so dlog_t = t * sum G * S; d/dbias = sum G.
-  dlt, db = _reduce_like(t * stats[1], log_t), _reduce_like(stats[2], bias)
+  dlt, db = vma.sum_to_match(t * stats[1], log_t), vma.sum_to_match(stats[2], bias)
   return stats[0], (dx[:n], dy, dlt, db)
 
 

@@ -52,6 +52,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from siglip_fast.reference import vma
 from siglip_fast.reference.ring import SCHEDULES
 
 _DTYPES = (jnp.float32, jnp.bfloat16)
@@ -577,18 +578,19 @@ def _trip(x, y, x_ids, y_ids, log_t, bias, axis_name, schedule, interpret, block
   if axis_name is not None:
     me = lax.axis_index(axis_name).astype(jnp.int32).reshape(1)
     # Under shard_map with check_vma the kernel's operands must all vary over the axis.
-    params, me, xid, yid = (_varying(a, axis_name) for a in (params, me, xid, yid))
+    params, me, xid, yid = (vma.pvary(a, {axis_name}) for a in (params, me, xid, yid))
 
   hbm = pl.BlockSpec(memory_space=pl.ANY)
-  sums = _out_struct(x, (8, tn), f32)
+  x_axes = vma.varying_axes(x)
+  sums = vma.shape_struct((8, tn), f32, x_axes)
   out_shape, out_specs = [sums], [pl.BlockSpec(memory_space=pltpu.VMEM)]
-  bd = lambda dt, lead=(): _out_struct(x, lead + (b, dim), dt)
+  bd = lambda dt, lead=(): vma.shape_struct(lead + (b, dim), dt, x_axes)
   if with_grads:
     out_shape += [bd(f32)] + [bd(f32)] * n_streams
   # The travelling slots (none on one device).
   n_buf = n_streams if n_dev > 1 else 0
   out_shape += [bd(x.dtype, (2,))] * n_buf
-  out_shape += [_out_struct(x, (2,) + yid.shape, jnp.int32)] * n_buf
+  out_shape += [vma.shape_struct((2,) + yid.shape, jnp.int32, x_axes)] * n_buf
   if with_grads:
     out_shape += [bd(f32, (2,))] * n_buf
   out_specs += [hbm] * (len(out_shape) - 1)
@@ -641,26 +643,6 @@ def _trip(x, y, x_ids, y_ids, log_t, bias, axis_name, schedule, interpret, block
   dx, homes = outs[1][:b_valid], outs[2:2 + n_streams]
   dy = functools.reduce(jnp.add, homes)[:b_valid]
   return loss, (dx, dy, jnp.sum(sums[1]), jnp.sum(sums[2]))
-
-
-def _out_struct(like, shape, dtype):
-  """An output that varies over shard_map's manual axes as ``like`` does (check_vma=True
-  needs it spelled out for a pallas_call; the attribute's name differs across jax versions)."""
-  aval = jax.typeof(like)
-  for name in ("manual_axis_type", "vma"):
-    value = getattr(aval, name, None)
-    if value is not None:
-      try:
-        return jax.ShapeDtypeStruct(shape, dtype, **{name: value})
-      except TypeError:
-        pass
-  return jax.ShapeDtypeStruct(shape, dtype)
-
-
-def _varying(a, axis_name):
-  if axis_name in getattr(jax.typeof(a), "vma", {axis_name}):
-    return a
-  return lax.pcast(a, axis_name, to="varying")
 
 
 def _psum(v, axis_name):

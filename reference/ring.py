@@ -10,8 +10,9 @@ kernel. The gradient is a custom VJP rather than autodiff through the loop, beca
 through a loop of permutes keeps every step's travelling chunk (and, without remat, its
 logits) for the backward pass; that is the memory growth big_vision and open_clip report. Here
 the forward pass under ``jax.grad`` computes the loss and all gradients in one trip around the
-ring (6 B^2 D FLOPs in total), the text gradient travelling with its chunk and sent home at the
-end, and the backward pass only scales them by the cotangent. A call without ``grad`` runs the
+ring (6 B^2 D FLOPs with the XLA block; 6 or 8 with a kernel block), the text gradient
+travelling with its chunk and sent home at the end, and the backward pass only scales them by
+the cotangent. A call without ``grad`` runs the
 loss-only trip (2 B^2 D FLOPs).
 
 With ``axis_name=None`` the ring has one device and this is the dense loss.
@@ -27,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from siglip_fast.reference import dense
+from siglip_fast.reference import dense, vma
 
 SCHEDULES = ("unidirectional", "bidirectional")
 
@@ -75,6 +76,10 @@ def _trip(x, y, x_ids, y_ids, log_t, bias, axis_name, schedule, ops, with_grads)
   sent home once the chunk has been seen by every device.
   """
   n_dev = _axis_size(axis_name)
+  if axis_name is not None:
+    # Marked varying, the replicated scalars get per-device block gradients, summed once
+    # at the end; left replicated, autodiff in every block would all-reduce them per step.
+    log_t, bias = vma.pvary(log_t, {axis_name}), vma.pvary(bias, {axis_name})
   f32_zeros = lambda a: jnp.zeros(jnp.shape(a), jnp.float32)
   # zeros_like keeps y's varying-over-the-axis type, as the loop carries require.
   no_dy = jnp.zeros_like(y, jnp.float32) if with_grads else None
@@ -153,8 +158,8 @@ def _ring_loss_fwd(x, y, x_ids, y_ids, log_t, bias, axis_name, schedule, ops):
   total, (dx, dy, dlt, db) = _trip(
       x, y, x_ids, y_ids, log_t, bias, axis_name, schedule, ops, True)
   inv_b = 1.0 / (x.shape[0] * _axis_size(axis_name))
-  # dlt and db are this device's share. log_t and bias enter shard_map replicated, so
-  # shard_map's transpose sums their cotangents over the axis (check_vma=True, the default).
+  # log_t and bias are replicated over the ring: their gradient is the sum over devices.
+  dlt, db = _psum(dlt, axis_name), _psum(db, axis_name)
   grads = tuple((g * inv_b).astype(p.dtype)
                 for g, p in zip((dx, dy, dlt, db), (x, y, log_t, bias)))
   return _psum(total, axis_name) * inv_b, grads
