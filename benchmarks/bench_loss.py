@@ -307,7 +307,13 @@ def tune_variants(batch, dim, dtype):
   the tile's shape how many operand bytes each FLOP pulls from L2."""
   from siglip_fast.kernels import gpu  # pylint: disable=g-import-not-at-top
   base = gpu.default_block_sizes(batch, batch, dim, dtype)
-  r = dataclasses.replace
+
+  def r(bs, **kw):  # keep grad_chunk a multiple of the value-and-grad tile's columns
+    cols = kw.get("grad_block_cols") or bs.grad_block_cols or kw.get("block_cols",
+                                                                     bs.block_cols)
+    kw["grad_chunk"] = -(-kw.get("grad_chunk", bs.grad_chunk) // cols) * cols
+    return dataclasses.replace(bs, **kw)
+
   fwd = [base,
          r(base, block_cols=128, fwd_group=32),               # half the tile, no spills
          r(base, block_rows=256, block_cols=128, fwd_group=32),
@@ -316,14 +322,12 @@ def tune_variants(batch, dim, dtype):
          r(base, block_k=32, num_stages=4),
          r(base, block_rows=64),                              # 171 registers, no spills
          r(base, num_warps=16)]
-  g_rows, g_cols = base.grad_tile
   vgs = [base,
          r(base, grad_block_rows=64, grad_block_cols=256),
          r(base, grad_block_rows=64, num_warps=4),           # 2 programs per SM
          r(base, num_warps=16),                               # 128 registers, no spills
          r(base, grad_chunk=2 * base.grad_chunk),             # 2x the G slab, half the steps
          r(base, block_k=128, num_stages=2)]
-  del g_rows, g_cols
   return fwd, vgs
 
 

@@ -7,8 +7,9 @@
 #   run(command="bash benchmarks/run_h100.sh", timeout_s=540)
 #
 # Budget: ~15 min of device time per session in all, start-up (1-2 min) included, so this
-# script stops itself well inside 8 min: h100_check gets at most 180 s, the benchmark stops
-# starting new work once the whole script has run SCRIPT_BUDGET_S (default 440) seconds.
+# script stops itself inside 8 min: h100_check gets at most 180 s; the benchmark starts no
+# new work once the script has run SCRIPT_BUDGET_S - 60 s and is killed at SCRIPT_BUDGET_S
+# (default 440 s). It writes its JSON after every row, so a cut run keeps what it measured.
 # Everything it produces lands in $OUT (the tool copies it back): run.log, the benchmark
 # JSON (also under benchmarks/results/ on the device) and h100_check.log. Commit the JSON
 # under benchmarks/results/. Give the machine back (give_back) unless rerunning at once.
@@ -58,6 +59,8 @@ BENCH_RC=$?
 echo "bench_loss exit code: $BENCH_RC"
 cp benchmarks/results/bench_gpu_*.json "$OUT/" 2>/dev/null || true
 ls -la "$OUT"
+echo "== h100_check summary =="
+tail -n 7 "$OUT/h100_check.log"
 echo "== done in $(elapsed)s: h100_check rc=$CHECK_RC, bench rc=$BENCH_RC =="
 if [ "$CHECK_RC" -ne 0 ]; then exit "$CHECK_RC"; fi
 exit "$BENCH_RC"

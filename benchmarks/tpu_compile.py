@@ -165,10 +165,11 @@ def compile_case(gen, batch, dim, dtype):
     rec["modelled_ms"] = round(1e3 * max(rec["cost_flops"] / peak,
                                          rec["cost_bytes_accessed"] / bw), 3)
     out.append(rec)
-    vm = ", ".join(f"{k} {v['mosaic_scoped_bytes'] / 2**20 if v['mosaic_scoped_bytes'] else -1:.1f}"
-                   f" MiB (model {v['model_bytes'] / 2**20:.1f}, limit "
-                   f"{v['limit_bytes'] / 2**20:.0f})" for k, v in rec["vmem"].items())
-    print(f"{gen} D={dim} {rec['dtype']} {name} [{rec['design']}]: ok in {rec['compile_s']} s; VMEM {vm}; "
+    mib = lambda v: f"{v / 2**20:.1f}" if v else "?"
+    vm = ", ".join(f"{k} {mib(v['mosaic_scoped_bytes'])} MiB (model {mib(v['model_bytes'])}, "
+                   f"limit {mib(v['limit_bytes'])})" for k, v in rec["vmem"].items())
+    print(f"{gen} D={dim} {rec['dtype']} {name} [{rec['design']}]: ok in {rec['compile_s']} s; "
+          f"VMEM {vm}; "
           f"temp {rec['temp_bytes'] / 2**20:.1f} MiB (B x B f32 would be "
           f"{rec['bxb_f32_bytes'] / 2**30:.1f} GiB); FLOPs cost {rec['cost_flops']:.4g} vs "
           f"analytic {analytic:.4g}; modelled {rec['modelled_ms']} ms", flush=True)
@@ -201,8 +202,8 @@ def main(argv=None):
       "note": ("Compile-only (libtpu topologies, JAX_PLATFORMS=cpu). modelled_ms is "
                "max(FLOPs/peak, bytes/HBM bandwidth) from datasheet figures: MODELLED, "
                "not measured. mosaic_scoped_bytes: Mosaic's scoped VMEM allocation of "
-               "the kernel: the smallest VMEM limit it compiles under, found by raising the limit by the "
-               "excess its out-of-VMEM errors report."),
+               "the kernel: the smallest VMEM limit it compiles under, found by raising "
+               "the limit by the excess its out-of-VMEM errors report."),
       "results": results,
   }
   path = pathlib.Path(args.out) if args.out else (

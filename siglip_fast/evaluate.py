@@ -53,51 +53,63 @@ def _recall(sim: np.ndarray, hit: np.ndarray, k: int) -> float:
 def _chance(hit: np.ndarray, k: int) -> float:
   # Expected recall@k of a random ranking: 1 - C(n - m, k) / C(n, k) for m hits among n.
   n = hit.shape[1]
+  if k >= n:
+    return float(np.mean(hit.any(axis=1)))
   return float(np.mean([1 - comb(n - m, k) / comb(n, k) for m in hit.sum(axis=1)]))
 
 
-def retrieval(img_emb, txt_emb, img_keys, txt_keys, ks=(1, 5)) -> dict:
+def retrieval(img_emb, txt_emb, img_keys, txt_keys, ks=(1, 5), unique_texts=True) -> dict:
   """Image-to-text and text-to-image recall@k, and their chance levels.
 
   img_emb (n, D) and txt_emb (m, D); img_keys (n,) and txt_keys (m,): an image and a text
   match when their keys are equal (for paired data, the caption or pair id of each row).
+  With ``unique_texts`` (for caption keys, where equal keys mean identical texts and so
+  identical embeddings) image-to-text ranks each distinct text once; otherwise k copies of
+  one wrong caption would fill the top k and recall@k would say nothing beyond recall@1.
   """
   img_keys, txt_keys = np.asarray(img_keys), np.asarray(txt_keys)
   if len(img_keys) != len(img_emb) or len(txt_keys) != len(txt_emb):
     raise ValueError("need one key per embedding row: got "
                      f"{len(img_keys)} keys for {len(img_emb)} images and {len(txt_keys)} "
                      f"keys for {len(txt_emb)} texts")
-  sim = np.asarray(img_emb) @ np.asarray(txt_emb).T
+  img_emb, txt_emb = np.asarray(img_emb), np.asarray(txt_emb)
+  sim = img_emb @ txt_emb.T
   hit = img_keys[:, None] == txt_keys[None, :]
+  if unique_texts:
+    _, first = np.unique(txt_keys, return_index=True)
+    first = np.sort(first)
+    sim_i2t, hit_i2t = sim[:, first], hit[:, first]
+  else:
+    sim_i2t, hit_i2t = sim, hit
   out = {}
   for k in ks:
-    out[f"i2t_r{k}"] = _recall(sim, hit, k)
+    out[f"i2t_r{k}"] = _recall(sim_i2t, hit_i2t, k)
     out[f"t2i_r{k}"] = _recall(sim.T, hit.T, k)
-    out[f"i2t_r{k}_chance"] = _chance(hit, k)
+    out[f"i2t_r{k}_chance"] = _chance(hit_i2t, k)
     out[f"t2i_r{k}_chance"] = _chance(hit.T, k)
   return out
 
 
 def make_embedders(model, params, tokenizer, batch_size: int):
-  """Jitted (images -> embeddings, list of str -> embeddings) on the first local device.
+  """(images -> embeddings, list of str -> embeddings), jitted on the first local device.
 
   ``params`` are copied to the host first, so this works the same whether the live
-  parameters are replicated over one process's devices or over many processes.
+  parameters are replicated over one process's devices or over many processes. They are
+  passed as arguments, not baked into the program as constants.
   """
   host = jax.tree.map(lambda a: np.asarray(a.addressable_data(0))
                       if isinstance(a, jax.Array) else np.asarray(a), params)
-  dev = jax.local_devices()[0]
-  host = jax.device_put(host, dev)
-  img_fn = jax.jit(lambda x: model.apply({"params": host}, images=x)[0])
-  txt_fn = jax.jit(lambda t: model.apply({"params": host}, tokens=t)[1])
+  host = jax.device_put(host, jax.local_devices()[0])
+  img_fn = jax.jit(lambda p, x: model.apply({"params": p}, images=x)[0])
+  txt_fn = jax.jit(lambda p, t: model.apply({"params": p}, tokens=t)[1])
 
   def embed_images(images):
-    return embed(img_fn, np.asarray(images, np.float32), batch_size)
+    return embed(lambda x: img_fn(host, x), np.asarray(images, np.float32), batch_size)
 
   def embed_texts(texts):
-    return embed(txt_fn, tokenizer.encode_batch(list(texts)), batch_size)
+    return embed(lambda t: txt_fn(host, t), tokenizer.encode_batch(list(texts)), batch_size)
 
-  return embed_images, embed_texts, host
+  return embed_images, embed_texts
 
 
 def evaluate_pairs(embed_images, embed_texts, batch: dict, class_names=None,

@@ -41,14 +41,52 @@ class Block(nn.Module):
     return x + y
 
 
+def sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0):
+  """Fixed 2-D sine-cosine position embeddings, (1, h * w, width). Their unit amplitude
+  makes the towers position-aware from the first step; learned embeddings that start
+  near zero left "top left" versus "bottom right" unlearned in our short runs."""
+  if width % 4:
+    raise ValueError(f"sincos2d position embeddings need width % 4 == 0, got {width}")
+  y, x = jnp.mgrid[:h, :w]
+  omega = 1.0 / temperature ** (jnp.arange(width // 4) / (width // 4 - 1 or 1))
+  y = y.reshape(-1)[:, None] * omega[None]
+  x = x.reshape(-1)[:, None] * omega[None]
+  return jnp.concatenate([jnp.sin(x), jnp.cos(x), jnp.sin(y), jnp.cos(y)], axis=1)[None]
+
+
+class MAPHead(nn.Module):
+  """Multihead attention pooling: one learned query attends over the tokens. Unlike a mean,
+  it can pick out the tokens that matter and keep *where* they are (their values carry the
+  position embedding), which a caption such as "... in the top left" needs."""
+
+  heads: int
+  mlp_ratio: int = 4
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    n, _, width = x.shape
+    probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, width))
+    x = nn.MultiHeadDotProductAttention(num_heads=self.heads, dtype=self.dtype,
+                                        deterministic=True)(
+        jnp.tile(probe, (n, 1, 1)).astype(self.dtype), x)
+    y = nn.LayerNorm(dtype=self.dtype)(x)
+    y = nn.Dense(width * self.mlp_ratio, dtype=self.dtype)(y)
+    x = x + nn.Dense(width, dtype=self.dtype)(nn.gelu(y))
+    return x[:, 0]
+
+
 class ViT(nn.Module):
-  """Patchify, add learned positions, encode, mean-pool, project, normalise."""
+  """Patchify, add positions ("sincos2d" fixed, or "learn"), encode, pool ("map":
+  attention pooling, or "gap": mean), project, normalise."""
 
   embed_dim: int = 64
   patch: int = 4
   width: int = 64
   depth: int = 2
   heads: int = 4
+  pool: str = "map"
+  posemb: str = "sincos2d"
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -60,10 +98,24 @@ class ViT(nn.Module):
                 padding="VALID", dtype=self.dtype, name="embed")(images.astype(self.dtype))
     n, h, w, c = x.shape
     x = x.reshape(n, h * w, c)
-    x = x + self.param("pos", nn.initializers.normal(0.02), (1, h * w, c)).astype(self.dtype)
+    if self.posemb == "sincos2d":
+      pos = sincos_2d(h, w, c)
+    elif self.posemb == "learn":
+      pos = self.param("pos", nn.initializers.normal(0.02), (1, h * w, c))
+    else:
+      raise ValueError(f"posemb must be 'sincos2d' or 'learn', got {self.posemb!r}")
+    x = x + pos.astype(self.dtype)
     for i in range(self.depth):
       x = Block(self.width, self.heads, dtype=self.dtype, name=f"block{i}")(x)
-    x = nn.LayerNorm(dtype=self.dtype, name="norm")(x).mean(axis=1)
+    x = nn.LayerNorm(dtype=self.dtype, name="norm")(x)
+    if self.pool == "map":
+      x = MAPHead(self.heads, dtype=self.dtype, name="map")(x)
+    elif self.pool == "gap":
+      x = x.mean(axis=1)
+    elif self.pool == "flatten":
+      x = x.reshape(x.shape[0], -1)
+    else:
+      raise ValueError(f"pool must be 'map', 'gap' or 'flatten', got {self.pool!r}")
     return l2_normalize(nn.Dense(self.embed_dim, dtype=self.dtype, name="head")(x))
 
 

@@ -11,7 +11,7 @@ import numpy as np  # noqa: E402
 
 def loss_curve(steps, losses, path, title="training loss") -> None:
   fig, ax = plt.subplots(figsize=(6, 3.5))
-  ax.plot(steps, losses, lw=1, alpha=0.35, label="per step")
+  ax.plot(steps, losses, lw=1, alpha=0.35, label="logged steps")
   if len(losses) >= 10:
     w = max(5, len(losses) // 50)
     smooth = np.convolve(losses, np.ones(w) / w, mode="valid")
@@ -19,7 +19,7 @@ def loss_curve(steps, losses, path, title="training loss") -> None:
   ax.set(xlabel="step", ylabel="sigmoid loss", title=title, yscale="log")
   ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  fig.savefig(path, dpi=120, bbox_inches="tight")
   plt.close(fig)
 
 
@@ -42,5 +42,5 @@ def similarity_matrix(img_emb, txt_emb, captions, path, images=None,
   ax.set_title(title, fontsize=9)
   fig.colorbar(im, ax=ax, fraction=0.03)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  fig.savefig(path, dpi=110, bbox_inches="tight")
   plt.close(fig)

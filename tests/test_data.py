@@ -177,10 +177,19 @@ def test_retrieval_recall_and_chance():
   shifted = evaluate.retrieval(z, np.roll(z, 1, axis=0), keys, keys)
   assert shifted["i2t_r1"] == 0.0 and shifted["t2i_r1"] == 0.0
   # With duplicated keys, the neighbour counts when it has the same key.
-  dup = evaluate.retrieval(z, np.roll(z, 1, axis=0), keys // 2, np.roll(keys // 2, 1))
+  dup = evaluate.retrieval(z, np.roll(z, 1, axis=0), keys // 2, np.roll(keys // 2, 1),
+                           unique_texts=False)
   assert dup["i2t_r1"] == 1.0
   # Chance for m hits among n candidates: 1 - C(n-m, k)/C(n, k); here m = 2.
   assert dup["i2t_r1_chance"] == pytest.approx(2 / n)
+  assert dup["i2t_r5_chance"] == pytest.approx(1 - (18 * 17 * 16 * 15 * 14) / (20 * 19 * 18 * 17 * 16))
+  # Identical texts are ranked once: two copies of one wrong caption cannot fill a top 2.
+  t = np.stack([z[0], z[0], z[1]])  # the wrong caption "b" is the closest
+  r = evaluate.retrieval(z[:1], t, np.array(["a"]), np.array(["b", "b", "a"]), ks=(1, 2))
+  assert r["i2t_r1"] == 0.0 and r["i2t_r2"] == 1.0 and r["i2t_r1_chance"] == 0.5
+  r = evaluate.retrieval(z[:1], t, np.array(["a"]), np.array(["b", "b", "a"]), ks=(1, 2),
+                         unique_texts=False)
+  assert r["i2t_r2"] == 0.0
   with pytest.raises(ValueError, match="one key per"):
     evaluate.retrieval(z, z, keys[:-1], keys)
 

@@ -220,6 +220,18 @@ def test_ring_bf16_and_pair_ids(schedule):
     assert rel_err(g, r) < tol
 
 
+def test_log1p_polynomial_matches_log1p_on_unit_interval():
+  # The kernels' branch-free log1p(e) for e = exp(-|l|) in [0, 1], in float32 (normal
+  # floats: XLA:CPU, like the GPU kernels, flushes denormals, where e*poly would be 0).
+  e = np.concatenate([np.linspace(0, 1, 200001), np.geomspace(1e-37, 1, 20001)])
+  got = np.asarray(jax.jit(gpu._log1p_unit)(jnp.asarray(e, F32)), np.float64)
+  e32 = np.asarray(jnp.asarray(e, F32), np.float64)
+  want = np.log1p(e32)
+  nz = want > 0
+  assert np.max(np.abs(got[nz] - want[nz]) / want[nz]) < 3e-7
+  assert np.all(got[~nz] == 0)
+
+
 # --- structure: the Triton lowering, FLOPs, defaults ----------------------------------------
 
 def _lower_cuda(fn, *args):

@@ -46,9 +46,11 @@ def get_config(arg=None):
 
   c.model = ml_collections.ConfigDict()
   c.model.embed_dim = 64
+  # Patches of 8 x 8 pixels (16 tokens) and of 4 bytes: per unit of CPU time these learned
+  # faster than 4 x 4 pixels or 2 bytes in our trials.
   c.model.image = ml_collections.ConfigDict(
-      {"patch": 4, "width": 64, "depth": 2, "heads": 4})
-  c.model.text = ml_collections.ConfigDict({"width": 64, "depth": 2, "heads": 4, "patch": 2})
+      {"patch": 8, "width": 64, "depth": 2, "heads": 4, "pool": "map"})
+  c.model.text = ml_collections.ConfigDict({"width": 64, "depth": 2, "heads": 4, "patch": 4})
   c.model.log_t_init = math.log(10.0)  # the paper's t' = log 10
   c.model.bias_init = -10.0  # the paper's b = -10
   c.model.dtype = "float32"
@@ -72,4 +74,5 @@ def get_config(arg=None):
   c.eval_batch_size = 256
   c.plot_pairs = 12  # held-out pairs in similarity.png
   c.profile_steps = 5  # traced with --profile
+  c.fast_compile = False  # True: XLA -O0, compiles about 2x faster, runs slower (smoke tests)
   return c
