@@ -24,11 +24,12 @@ def checkpoint_dir(path: str) -> str:
   return sub if os.path.isdir(sub) else path
 
 
-def manager(directory: str, *, save_every: int = 1, keep: int = 2,
-            read_only: bool = False) -> ocp.CheckpointManager:
-  opts = ocp.CheckpointManagerOptions(
-      save_interval_steps=max(1, save_every), max_to_keep=keep, create=not read_only,
-      read_only=read_only, enable_async_checkpointing=False)
+def manager(directory: str, *, keep: int | None = 2,
+            create: bool = True) -> ocp.CheckpointManager:
+  """A synchronous manager; ``keep`` most recent steps are kept (None: all). Readers pass
+  ``create=False, keep=None``: nothing is written or deleted unless ``save`` is called."""
+  opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
+                                      enable_async_checkpointing=False)
   return ocp.CheckpointManager(os.path.abspath(directory), options=opts, item_names=ITEMS)
 
 
@@ -60,9 +61,10 @@ def read_meta(path: str, step: int | None = None) -> tuple[int, dict]:
   directory = checkpoint_dir(path)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"no checkpoint directory at {path}")
-  mngr = manager(directory, read_only=True)
+  mngr = manager(directory, keep=None, create=False)
   step = mngr.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"no complete checkpoint under {directory}")
   meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  mngr.close()
   return step, meta

@@ -85,7 +85,7 @@ class ViT(nn.Module):
   width: int = 64
   depth: int = 2
   heads: int = 4
-  pool: str = "map"
+  pool: str = "gap"
   posemb: str = "sincos2d"
   dtype: Any = jnp.float32
 
@@ -112,10 +112,8 @@ class ViT(nn.Module):
       x = MAPHead(self.heads, dtype=self.dtype, name="map")(x)
     elif self.pool == "gap":
       x = x.mean(axis=1)
-    elif self.pool == "flatten":
-      x = x.reshape(x.shape[0], -1)
     else:
-      raise ValueError(f"pool must be 'map', 'gap' or 'flatten', got {self.pool!r}")
+      raise ValueError(f"pool must be 'map' or 'gap', got {self.pool!r}")
     return l2_normalize(nn.Dense(self.embed_dim, dtype=self.dtype, name="head")(x))
 
 

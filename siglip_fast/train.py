@@ -30,7 +30,20 @@ import time
 from absl import app
 from absl import flags
 from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
 from ml_collections import config_flags
+import numpy as np
+import optax
+
+import siglip_fast
+from siglip_fast import checkpoint as ckpt
+from siglip_fast import data as data_lib
+from siglip_fast import evaluate
+from siglip_fast import models
+from siglip_fast import plots
+from siglip_fast.tokenizer import ByteTokenizer
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "clip_shapes.py")
 config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Training configuration file.",
@@ -51,7 +64,6 @@ AXIS = "batch"
 def _fast_compile(enabled=True):
   """XLA options for programs whose compile time matters more than their run time: on the
   CPU backend, no LLVM optimisation (compiles about twice as fast). None elsewhere."""
-  import jax
   return ({"xla_backend_optimization_level": 0}
           if enabled and jax.default_backend() == "cpu" else None)
 
@@ -63,7 +75,6 @@ class NonFiniteLossError(FloatingPointError):
 def setup_distributed(coordinator_address=None, num_processes=1, process_id=0, auto=False,
                       timeout=300):
   """Join JAX's multi-controller runtime before any computation, if asked to."""
-  import jax
   if not auto and num_processes <= 1 and coordinator_address is None:
     return
   # CPU devices talk over gloo (the default in recent jax; explicit for clarity). Harmless
@@ -84,8 +95,6 @@ def setup_distributed(coordinator_address=None, num_processes=1, process_id=0, a
 
 
 def make_mesh(cfg):
-  import jax
-  import numpy as np
   devices = jax.devices()
   if cfg.num_devices:
     if jax.process_count() > 1:
@@ -104,8 +113,7 @@ class Data:
   """Training batches by step (this process's rows only) and the held-out evaluation set."""
 
   def __init__(self, cfg, tokenizer):
-    from siglip_fast import data as data_lib
-    self.cfg, self.lib = cfg, data_lib
+    self.cfg = cfg
     d = cfg.data
     if d.kind == "shapes":
       self.shapes = data_lib.Shapes(data_lib.ShapesSpec(
@@ -113,7 +121,7 @@ class Data:
           n_test=d.n_test), tokenizer)
       self.n_train = d.n_train
       self.class_names = data_lib.class_names()
-      self.templates = data_lib.ZERO_SHOT_TEMPLATES
+      self.templates = data_lib.zero_shot_templates()
     elif d.kind == "manifest":
       if not d.train_manifest or not d.eval_manifest:
         raise ValueError("data.kind='manifest' needs data.train_manifest and "
@@ -127,8 +135,8 @@ class Data:
       raise ValueError(f"data.kind must be 'shapes' or 'manifest', got {d.kind!r}")
 
   def train_batch(self, step: int, process_index: int, process_count: int) -> dict:
-    idx = self.lib.train_indices(step, self.cfg.batch_size, self.n_train, self.cfg.data.seed)
-    idx = self.lib.shard_for_process(idx, process_index, process_count)
+    idx = data_lib.train_indices(step, self.cfg.batch_size, self.n_train, self.cfg.data.seed)
+    idx = data_lib.shard_for_process(idx, process_index, process_count)
     b = (self.shapes.batch("train", idx) if self.cfg.data.kind == "shapes"
          else self.train_set.batch(idx))
     return {k: b[k] for k in ("image", "text", "ids")}
@@ -140,9 +148,6 @@ class Data:
 
 
 def make_optimizer(cfg):
-  import jax
-  import jax.numpy as jnp
-  import optax
   o = cfg.optim
   warmup = min(o.warmup_steps, max(cfg.total_steps - 1, 0))
   schedule = optax.warmup_cosine_decay_schedule(
@@ -167,8 +172,6 @@ def make_loss_fn(model, mesh, cfg):
   """loss(trainable, frozen, batch) on global arrays: each device embeds its rows of the
   batch, and ``sigmoid_loss`` runs as the ring over the mesh axis, so the loss (and its
   gradient) is that of the whole global batch."""
-  import jax
-  import siglip_fast
   P = jax.sharding.PartitionSpec
   if cfg.positives not in ("attributes", "diagonal"):
     raise ValueError(f"config.positives must be 'attributes' or 'diagonal', got "
@@ -194,9 +197,6 @@ def make_loss_fn(model, mesh, cfg):
 def make_train_step(model, tx, mesh, cfg):
   """jit(trainable, frozen, opt, batch) -> (trainable, opt, metrics); ``frozen`` gets no
   gradient and has no optimiser state."""
-  import jax
-  import jax.numpy as jnp
-  import optax
   repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   loss_fn = make_loss_fn(model, mesh, cfg)
 
@@ -330,7 +330,6 @@ def _prefetch(make, steps, depth=2):
 
 def _host(x):
   """A replicated (possibly multi-process) array's value as NumPy."""
-  import numpy as np
   return np.asarray(x.addressable_data(0))
 
 
@@ -341,21 +340,17 @@ def _host(x):
 def _load_image_tower(cfg, mesh, log):
   """The ``img`` params of the latest checkpoint under cfg.image_init, and its model config
   (which this run adopts for the image tower)."""
-  import jax
-  from siglip_fast import checkpoint as ckpt
-  from siglip_fast import models
-  from siglip_fast.tokenizer import ByteTokenizer
   step, meta = ckpt.read_meta(cfg.image_init)
   src = meta["config"]
   src_tok = ByteTokenizer.from_dict(meta["tokenizer"])
   src_model = models.from_config(_cfgdict(src["model"]), src_tok.vocab_size, src_tok.max_len)
   s = src["data"]["image_size"]
   shapes = jax.eval_shape(lambda k: src_model.init(
-      k, jax.numpy.zeros((1, s, s, 3)), jax.numpy.zeros((1, src_tok.max_len), "int32")),
+      k, jnp.zeros((1, s, s, 3)), jnp.zeros((1, src_tok.max_len), "int32")),
                           jax.random.key(0))["params"]
   repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), shapes)
-  mngr = ckpt.manager(ckpt.checkpoint_dir(cfg.image_init), read_only=True)
+  mngr = ckpt.manager(ckpt.checkpoint_dir(cfg.image_init), keep=None, create=False)
   params, _, _ = ckpt.restore(mngr, step, like)
   mngr.close()
   log(f"image tower from {cfg.image_init} (step {step}), locked={cfg.lock_image}")
@@ -363,7 +358,6 @@ def _load_image_tower(cfg, mesh, log):
 
 
 def _cfgdict(d):
-  import ml_collections
   return ml_collections.ConfigDict(d)
 
 
@@ -374,12 +368,6 @@ def train_and_evaluate(cfg, workdir: str, *, profile: bool = False, verbose: boo
   absent when stopped early), ``params`` (the full parameter tree), ``opt`` (the optimiser
   state, of the trainable parameters only), ``train_seconds``.
   """
-  import jax
-  import numpy as np
-  import siglip_fast
-  from siglip_fast import checkpoint as ckpt
-  from siglip_fast import evaluate, models, plots
-  from siglip_fast.tokenizer import ByteTokenizer
 
   is_main = jax.process_index() == 0
 
@@ -422,8 +410,7 @@ def train_and_evaluate(cfg, workdir: str, *, profile: bool = False, verbose: boo
   s = cfg.data.image_size
 
   def init(key):
-    p = model.init(key, jax.numpy.zeros((1, s, s, 3)),
-                   jax.numpy.zeros((1, tok.max_len), "int32"))["params"]
+    p = model.init(key, jnp.zeros((1, s, s, 3)), jnp.zeros((1, tok.max_len), "int32"))["params"]
     return dict(p)
 
   # Initialisation runs once: compile it without LLVM optimisation (about half the time).
@@ -549,7 +536,6 @@ def train_and_evaluate(cfg, workdir: str, *, profile: bool = False, verbose: boo
 
 
 def _evaluate(model, params, tok, data, cfg, split):
-  from siglip_fast import evaluate
   embed_images, embed_texts = evaluate.make_embedders(model, params, tok,
                                                          cfg.eval_batch_size)
   return evaluate.evaluate_pairs(embed_images, embed_texts, data.eval_batch(split),

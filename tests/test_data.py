@@ -204,3 +204,13 @@ def test_zero_shot_accuracy_and_class_embeddings():
   emb = evaluate.class_embeddings(lambda ps: np.array([table[p] for p in ps]), ["x", "y"],
                                   ["a {}", "the {}"])
   np.testing.assert_allclose(emb, [[2**-0.5, 2**-0.5], [1.0, 0.0]])
+  # Scoring a class by its best prompt instead: where the two rules disagree. x's prompts
+  # point two ways, y's both one way; the image is exactly x's first prompt.
+  table = {"a x": [1.0, 0.0], "the x": [0.0, 1.0], "a y": [0.8, 0.6], "the y": [0.8, 0.6]}
+  embed = lambda ps: np.array([table[p] for p in ps])
+  prompts = evaluate.prompt_embeddings(embed, ["x", "y"], ["a {}", "the {}"])
+  assert prompts.shape == (2, 2, 2)
+  img = np.array([[1.0, 0.0]])
+  assert evaluate.zero_shot_accuracy(img, np.array([0]), prompts) == 1.0  # best prompt: x
+  means = evaluate.class_embeddings(embed, ["x", "y"], ["a {}", "the {}"])
+  assert evaluate.zero_shot_accuracy(img, np.array([1]), means) == 1.0  # mean: y
