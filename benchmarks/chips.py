@@ -98,3 +98,15 @@ def chip_for_device_kind(device_kind: str) -> Chip | None:
           and (best is None or len(kind) > len(best[0]))):
         best = (kind, chip)
   return best[1] if best else None
+
+
+def one_device_per_chip(devices):
+  """One device per chip, and the TensorCores per chip: compile-only v4/v5p topologies list
+  each TensorCore as a device, while a ring runs over chips."""
+  seen, out = set(), []
+  for d in devices:
+    key = tuple(getattr(d, "coords", ()) or (d.id,))
+    if key not in seen:
+      seen.add(key)
+      out.append(d)
+  return out, max(1, len(devices) // len(out))

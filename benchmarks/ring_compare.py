@@ -43,16 +43,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 from siglip_fast.kernels import tpu_ring  # noqa: E402
 from siglip_fast.reference import ring as ring_lib  # noqa: E402
 
-try:
-  from benchmarks.chips import CHIPS  # noqa: E402
-except ImportError:  # benchmarks/chips.py is another module's; keep working without it.
-  CHIPS = None
+from benchmarks.chips import CHIPS, one_device_per_chip  # noqa: E402
 
 SCHEDULES = ("unidirectional", "bidirectional")
-# Datasheet figures (bf16 FLOP/s, HBM B/s, one-way ICI B/s to one ring neighbour), used when
-# benchmarks/chips.py is missing; the same numbers it documents with sources.
-_FALLBACK_CHIPS = {"v4": (275e12, 1200e9, 45e9), "v5e": (197e12, 819e9, 50e9),
-                   "v5p": (459e12, 2765e9, 100e9), "v6e": (918e12, 1638e9, 100e9)}
 _OPS = ("collective-permute-start", "collective-permute-done", "custom-call", "fusion",
         "all-reduce-start", "all-reduce-done", "all-reduce", "convolution", "while")
 _OP_RE = re.compile(r" (" + "|".join(map(re.escape, _OPS)) + r")\(([^)]*)")
@@ -62,17 +55,6 @@ _COMP_RE = re.compile(r"^(?:ENTRY )?%(\S+) .*\{$")
 
 # ------------------------------------------------------------------------------------------
 # Compiling the two rings.
-
-def _one_device_per_chip(devices):
-  """Compile-only v4/v5p topologies list each TensorCore; the ring runs over chips."""
-  seen, out = set(), []
-  for d in devices:
-    key = tuple(getattr(d, "coords", ()) or (d.id,))
-    if key not in seen:
-      seen.add(key)
-      out.append(d)
-  return out
-
 
 def _block_ops():
   """The TPU block kernel as the reference ring's BlockOps, if kernels/tpu.py is here."""
@@ -179,10 +161,8 @@ def schedule_summary(text):
 # The model (MODELLED: lower bounds from datasheet peaks, not measurements).
 
 def _chip(name):
-  if CHIPS is not None and name in CHIPS:
-    c = CHIPS[name]
-    return c.bf16_flops, c.hbm_bw, c.link_bw
-  return _FALLBACK_CHIPS[name]
+  c = CHIPS[name]
+  return c.bf16_flops, c.hbm_bw, c.link_bw
 
 
 def _hops(n, schedule):
@@ -246,7 +226,7 @@ def main(argv=None):
 
   compiled_rows = []
   for topo in args.topologies:
-    devices = _one_device_per_chip(
+    devices, _ = one_device_per_chip(
         topologies.get_topology_desc(platform="tpu", topology_name=topo).devices)
     mesh = Mesh(np.array(devices), ("x",))
     for schedule in args.schedules:

@@ -333,17 +333,6 @@ def _error(e: Exception) -> str:
   return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
 
 
-def _one_device_per_chip(devices):
-  """One device per chip (compile-only v4 topologies list each TensorCore), and the count."""
-  seen, out = set(), []
-  for d in devices:
-    key = tuple(getattr(d, "coords", ()) or (d.id,))
-    if key not in seen:
-      seen.add(key)
-      out.append(d)
-  return out, max(1, len(devices) // len(out))
-
-
 # ------------------------------------------------------------------------------------------
 # The two modes
 
@@ -363,7 +352,7 @@ def compile_only_rows(shapes, generations, impls, ring, schedule, check_max, see
       rows.append({"target": f"{gen} (compile-only)", "mode": "compile-only", "impl": "-",
                    "kind": "-", "pass": "-", "error": _error(e)})
       continue
-    devices, per_chip = _one_device_per_chip(topo.devices)
+    devices, per_chip = chips_lib.one_device_per_chip(topo.devices)
     target = f"{gen} (compile-only)"
     for shape in shapes:
       cases = [("block", 1), ("ring", min(ring, len(devices)))] if ring > 1 else [("block", 1)]
@@ -405,7 +394,7 @@ def measured_rows(shapes, impls, ring, schedule, iters, check_max, seed, interpr
   """Compile, time and check every call on the local devices."""
   devices = jax.devices()
   chip = chips_lib.chip_for_device_kind(devices[0].device_kind)
-  _, per_chip = _one_device_per_chip(devices)
+  _, per_chip = chips_lib.one_device_per_chip(devices)
   target = f"{devices[0].device_kind} (measured)"
   rows = []
   for shape in shapes:

@@ -1,6 +1,8 @@
-"""Shared test utilities: fresh random inputs and float64 NumPy oracles."""
+"""Shared test utilities: fresh random inputs, float64 NumPy oracles, a compile cache."""
 
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 import jax
@@ -43,3 +45,21 @@ def rel_err(a, b):
   a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
   b = np.asarray(b, np.float64)
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+@contextlib.contextmanager
+def persistent_compilation_cache(cache_dir):
+  """jax's persistent compilation cache in ``cache_dir`` for the duration: test modules whose
+  runs share programs (the trainer's tiny configs) spend most of their time compiling."""
+  from jax.experimental.compilation_cache import compilation_cache as cc
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+  old = {n: getattr(jax.config, n) for n in names}
+  jax.config.update(names[0], str(cache_dir))
+  jax.config.update(names[1], 0.2)
+  cc.reset_cache()
+  try:
+    yield
+  finally:
+    for n, v in old.items():
+      jax.config.update(n, v)
+    cc.reset_cache()

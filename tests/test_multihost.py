@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from siglip_fast import train
-from tests.helpers import numpy_loss_and_grads, random_inputs, rel_err
+from tests.helpers import (numpy_loss_and_grads, persistent_compilation_cache, random_inputs,
+                           rel_err)
 from siglip_fast.configs import tiny_shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,18 +36,8 @@ def tiny(**top):
 
 @pytest.fixture(scope="module", autouse=True)
 def compilation_cache(tmp_path_factory):
-  """A persistent compilation cache for this module's in-process runs (same as
-  test_train's: XLA's CPU compile time dominates these tiny runs)."""
-  from jax.experimental.compilation_cache import compilation_cache as cc
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-  old = {n: getattr(jax.config, n) for n in names}
-  jax.config.update(names[0], str(tmp_path_factory.getbasetemp() / "jax_cache"))
-  jax.config.update(names[1], 0.2)
-  cc.reset_cache()
-  yield
-  for n, v in old.items():
-    jax.config.update(n, v)
-  cc.reset_cache()
+  with persistent_compilation_cache(tmp_path_factory.getbasetemp() / "jax_cache"):
+    yield
 
 
 def _free_port() -> int:

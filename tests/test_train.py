@@ -17,7 +17,7 @@ from siglip_fast.configs import tiny_shapes
 from siglip_fast.reference import dense
 from siglip_fast.tokenizer import ByteTokenizer
 
-from tests.helpers import rel_err
+from tests.helpers import persistent_compilation_cache, rel_err
 
 
 def tiny(lit=False, **top):
@@ -31,18 +31,8 @@ def tiny(lit=False, **top):
 
 @pytest.fixture(scope="module", autouse=True)
 def compilation_cache(tmp_path_factory):
-  """A persistent compilation cache for this module: the runs below share most programs
-  (same tiny config), and XLA's CPU compile time dominates them."""
-  from jax.experimental.compilation_cache import compilation_cache as cc
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-  old = {n: getattr(jax.config, n) for n in names}
-  jax.config.update(names[0], str(tmp_path_factory.getbasetemp() / "jax_cache"))
-  jax.config.update(names[1], 0.2)
-  cc.reset_cache()
-  yield
-  for n, v in old.items():
-    jax.config.update(n, v)
-  cc.reset_cache()
+  with persistent_compilation_cache(tmp_path_factory.getbasetemp() / "jax_cache"):
+    yield
 
 
 def _rows(workdir, kind="train"):

@@ -209,7 +209,7 @@ def test_chip_table_matches_jax_device_kinds(generation):
   topo = topologies.get_topology_desc(platform="tpu", topology_name=chip.topology)
   kinds = {d.device_kind for d in topo.devices}
   assert {chips.chip_for_device_kind(k).name for k in kinds} == {generation}
-  _, per_chip = utilisation._one_device_per_chip(topo.devices)
+  _, per_chip = chips.one_device_per_chip(topo.devices)
   assert len(topo.devices) // per_chip == 4  # the topology is the 4-chip one the ring uses
 
 
