@@ -107,7 +107,7 @@ class Shapes:
         "jitter": rng.uniform(-1, 1, size=(n, 3)),  # dx, dy, radius
         "tint": rng.uniform(-1, 1, size=(n, 3)),  # shape colour jitter
         "background": rng.uniform(0.05, 0.3, size=(n, 3)),
-        "noise_seed": rng.integers(2**31, size=n),
+        "noise": rng.integers(2**31, size=n),  # which texture of the noise bank
     }
     return a
 
@@ -169,7 +169,7 @@ class Shapes:
     rgb = np.clip(rgb + 0.06 * a["tint"][indices], 0, 1).astype(np.float32)
     bg = a["background"][indices].astype(np.float32)
     img = bg[:, None, None, :] * (1 - m) + rgb[:, None, None, :] * m
-    noise = self._noise[a["noise_seed"][indices] % len(self._noise)]
+    noise = self._noise[a["noise"][indices] % len(self._noise)]
     return np.clip(img * 2 - 1 + noise, -1, 1)
 
 

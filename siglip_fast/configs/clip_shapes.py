@@ -22,7 +22,7 @@ def get_config(arg=None):
   del arg
   c = ml_collections.ConfigDict()
   c.seed = 0  # parameter init
-  c.total_steps = 600
+  c.total_steps = 700
   c.batch_size = 256  # global, split over all devices of all processes
   c.stop_at_step = 0  # > 0: stop there as if pre-empted (resume later with the same command)
   c.num_devices = 0  # 0: every device; n: the first n (single process only)
