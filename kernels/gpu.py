@@ -475,12 +475,14 @@ def block_loss_sum_and_grads(x, y, x_ids, y_ids, log_t, bias, *,
   return _value_and_grads(x, y, x_ids, y_ids, log_t, bias, bs, interpret)
 
 
-def block_ops(*, interpret: bool = False, block_sizes: BlockSizes | None = None
-              ) -> ring_lib.BlockOps:
+def block_ops(*, interpret: bool = False, block_sizes: BlockSizes | None = None,
+              target=None) -> ring_lib.BlockOps:
   """The GPU kernels as a ``BlockOps`` for ``reference.ring`` / ``siglip_fast.sigmoid_loss``.
 
-  block_sizes=None picks ``default_block_sizes`` for each block's shape.
+  block_sizes=None picks ``default_block_sizes`` for each block's shape (the defaults
+  depend on the shape only, not on ``target``, the ``siglip_fast.target.Target``).
   """
+  del target
   if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
     raise TypeError(f"block_sizes must be a siglip_fast.kernels.gpu.BlockSizes or None, got "
                     f"{type(block_sizes).__name__}")

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -48,8 +47,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from siglip_fast import target as target_lib
+from siglip_fast import validate
+from siglip_fast.reference import ring as ring_lib
 from siglip_fast.reference import vma
-from siglip_fast.reference.ring import BlockOps
 
 _LANES = 128
 _SUBLANES = 8
@@ -138,20 +139,19 @@ class BlockSizes:
                      f"({jnp.dtype(dtype).name}); pass BlockSizes explicitly")
 
 
-def tpu_generation(device=None) -> str | None:
-  """"v4", "v5e", "v5p" or "v6e" for a TPU device (default: jax's first), else None."""
-  device = device if device is not None else jax.devices()[0]
-  if device.platform != "tpu":
+def tpu_generation(device_or_target=None) -> str | None:
+  """"v4", "v5e", "v5p" or "v6e" for a TPU device or a ``siglip_fast.target.Target``
+  (default: the devices jax would run on), else None."""
+  d = device_or_target if device_or_target is not None else target_lib.target_of()
+  if d.platform != "tpu":
     return None
-  return _DEVICE_KINDS.get(device.device_kind)
+  return _DEVICE_KINDS.get(d.device_kind)
 
 
 def default_block_sizes(generation: str | None = None, *, dim: int = 1536,
                         dtype=jnp.bfloat16, interpret: bool = False) -> BlockSizes:
-  """Tiles for ``generation`` at (dim, dtype); None detects the local TPU. Interpret mode,
-  and TPUs without tuned tiles, get small tiles and no VMEM cap."""
-  if generation is None and not interpret:
-    generation = tpu_generation()
+  """Tiles for ``generation`` at (dim, dtype). No generation (interpret mode, a TPU without
+  tuned tiles) gives small tiles and no VMEM cap."""
   if generation is None:
     return BlockSizes(*(_INTERPRET_TILES if interpret else (256, 256)))
   return BlockSizes.for_generation(generation, dim, dtype)
@@ -225,7 +225,7 @@ def _fold(v, rows, cols):
 
 
 def _tile_kernel(scal_ref, a_ids_ref, b_ids_ref, a_ref, b_ref, *refs, rows, cols, n_a, n_b,
-                 with_loss, with_scalar_grads, with_grad, with_db, precision):
+                 na_pad, nb_pad, with_loss, with_scalar_grads, with_grad, with_db, precision):
   """One grid step: (a tile i, b tile j), or (split c, a tile i, b tile j) with a resident
   gradient of b, where a's row tile is c * (tiles per split) + i.
 
@@ -270,7 +270,7 @@ def _tile_kernel(scal_ref, a_ids_ref, b_ids_ref, a_ref, b_ref, *refs, rows, cols
   e = jnp.exp(-jnp.abs(u))
 
   valid = None
-  if n_a % rows or n_b % cols or with_db:          # static: only padded shapes pay the mask
+  if na_pad != n_a or nb_pad != n_b:               # static: only padded shapes pay the mask
     r = row_tile * rows + lax.broadcasted_iota(jnp.int32, (rows, cols), 0)
     col = j * cols + lax.broadcasted_iota(jnp.int32, (rows, cols), 1)
     valid = (r < n_a) & (col < n_b)
@@ -382,7 +382,8 @@ def _tile_pass(a, b, a_ids, b_ids, scal, *, rows, cols, with_loss, with_scalar_g
                    resident_rows=nb_pad if with_db else 0)
   precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
   kernel = functools.partial(
-      _tile_kernel, rows=rows, cols=cols, n_a=n_a, n_b=n_b, with_loss=with_loss,
+      _tile_kernel, rows=rows, cols=cols, n_a=n_a, n_b=n_b, na_pad=na_pad, nb_pad=nb_pad,
+      with_loss=with_loss,
       with_scalar_grads=with_scalar_grads, with_grad=with_grad, with_db=with_db,
       precision=precision)
   # Row tiles are independent (megacore may split them) unless they share the resident
@@ -420,41 +421,12 @@ def _interpret_mode():
 # Public entry points
 
 
-def _check_inputs(x, y, x_ids, y_ids, log_t, bias):
-  for arg, v in (("x", x), ("y", y)):
-    if not hasattr(v, "shape") or v.ndim != 2:
-      raise ValueError(f"{arg} must be a 2-D (rows, dim) array, got shape "
-                       f"{getattr(v, 'shape', type(v).__name__)}")
-    if v.dtype not in (jnp.float32, jnp.bfloat16):
-      raise TypeError(f"{arg} must be float32 or bfloat16, got {v.dtype}")
-    if v.shape[0] == 0 or v.shape[1] == 0:
-      raise ValueError(f"{arg} must be non-empty, got shape {v.shape}")
-  if x.shape[1] != y.shape[1]:
-    raise ValueError(f"x and y must have the same feature dim, got {x.shape} and {y.shape}")
-  if x.dtype != y.dtype:
-    raise TypeError(f"x and y must have the same dtype, got {x.dtype} and {y.dtype}")
-  for arg, ids, n in (("x_ids", x_ids, x.shape[0]), ("y_ids", y_ids, y.shape[0])):
-    if not hasattr(ids, "shape") or ids.shape != (n,):
-      raise ValueError(f"{arg} must have shape ({n},), got {getattr(ids, 'shape', None)}")
-    if not jnp.issubdtype(ids.dtype, jnp.integer):
-      raise TypeError(f"{arg} must be integers (int32), got {ids.dtype}")
-  for arg, v in (("log_t", log_t), ("bias", bias)):
-    if jnp.size(v) != 1:
-      raise ValueError(f"{arg} must be a scalar, got shape {jnp.shape(v)}")
-
-
-def _tiles(n: int, block: int) -> int:
-  # Small inputs shrink the tile rather than pad up to it.
-  return min(block, _round_up(n, _LANES))
-
-
-def _block_sizes(block_sizes, x, interpret) -> BlockSizes:
-  bs = block_sizes if block_sizes is not None else default_block_sizes(
-      dim=x.shape[1], dtype=x.dtype, interpret=interpret)
-  if not isinstance(bs, BlockSizes):
-    raise TypeError(f"block_sizes must be a siglip_fast.kernels.tpu.BlockSizes or None, got "
-                    f"{type(bs).__name__}")
-  return bs
+def _tile(n: int, block: int, multiple: int = 1) -> int:
+  """Rows per tile for n rows and tiles of at most ``block``: the fewest tiles that block
+  allows (a multiple of ``multiple``), split evenly and rounded up to lanes, so that padding
+  stays under one tile (896 rows with 512-row tiles: 2 x 512, not 4 x 512)."""
+  k = _round_up(-(-n // block), multiple)
+  return _round_up(-(-n // k), _LANES)
 
 
 def _pad_rows(a, multiple):
@@ -472,20 +444,33 @@ def _common(bs, interpret):
               interpret=interpret)
 
 
+def _generation(target, x) -> str | None:
+  return tpu_generation(target if target is not None else target_lib.target_of(x))
+
+
+def _check_block_sizes(block_sizes):
+  if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
+    raise TypeError(f"block_sizes must be a siglip_fast.kernels.tpu.BlockSizes or None, got "
+                    f"{type(block_sizes).__module__}.{type(block_sizes).__name__}")
+
+
 def loss_sum(x, y, x_ids, y_ids, log_t, bias, *, block_sizes: BlockSizes | None = None,
-             interpret: bool = False) -> jax.Array:
+             interpret: bool = False, target=None) -> jax.Array:
   """sum_ij softplus(-z_ij * (t <x_i, y_j> + bias)) as a float32 scalar; forward kernel only.
 
-  Not differentiable (use ``block_loss_sum``).
+  Not differentiable (use ``block_loss_sum``). ``target``: the ``siglip_fast.target.Target``
+  whose generation picks default tiles (default: that of x).
   """
-  _check_inputs(x, y, x_ids, y_ids, log_t, bias)
-  bs = _block_sizes(block_sizes, x, interpret)
-  rows, cols = _tiles(x.shape[0], bs.block_rows), _tiles(y.shape[0], bs.block_cols)
+  x_ids, y_ids, log_t, bias = validate.check_block_inputs(x, y, x_ids, y_ids, log_t, bias)
+  _check_block_sizes(block_sizes)
+  bs = block_sizes or default_block_sizes(
+      None if interpret else _generation(target, x), dim=x.shape[1], dtype=x.dtype,
+      interpret=interpret)
+  rows, cols = _tile(x.shape[0], bs.block_rows), _tile(y.shape[0], bs.block_cols)
   _, scal = _scalars(log_t, bias)
-  stats, _, _ = _tile_pass(_pad_rows(x, rows), _pad_rows(y, cols), x_ids.astype(jnp.int32),
-                           y_ids.astype(jnp.int32), scal, rows=rows, cols=cols,
-                           with_loss=True, with_scalar_grads=False, with_grad=False,
-                           name="siglip_fwd", **_common(bs, interpret))
+  stats, _, _ = _tile_pass(_pad_rows(x, rows), _pad_rows(y, cols), x_ids, y_ids, scal,
+                           rows=rows, cols=cols, with_loss=True, with_scalar_grads=False,
+                           with_grad=False, name="siglip_fwd", **_common(bs, interpret))
   return stats[0]
 
 
@@ -495,7 +480,7 @@ def _fused_plan(bs, n, m, dim, dtype):
   splits = _TENSORCORES.get(bs.generation, 1)
   if bs.fuse_dy is False or (bs.fuse_dy is None and bs.generation is None):
     return False, splits
-  rows, cols = _tiles(n, bs.block_rows), _tiles(m, bs.block_cols)
+  rows, cols = _tile(n, bs.block_rows, splits), _tile(m, bs.block_cols)
   need = vmem_bytes(rows, cols, dim, dtype, with_grad=True, n_stats=3,
                     resident_rows=_round_up(m, cols))
   if bs.fuse_dy is None:
@@ -503,79 +488,78 @@ def _fused_plan(bs, n, m, dim, dtype):
   return True, splits
 
 
+def grad_block_sizes(generation: str | None, n: int, m: int, dim: int, dtype, *,
+                     interpret: bool = False) -> BlockSizes:
+  """Default value-and-grad tiles: the fused kernel (6 n m D) is chosen before the tiles, so
+  the largest candidate tiles whose fused plan fits VMEM win over larger tiles that would
+  need two kernels (8 n m D); two kernels with ``for_generation``'s tiles otherwise."""
+  base = default_block_sizes(generation, dim=dim, dtype=dtype, interpret=interpret)
+  if generation is None:
+    return base
+  for rows, cols in _CANDIDATE_TILES[generation]:
+    bs = BlockSizes(rows, cols, generation=generation)
+    if _fused_plan(bs, n, m, dim, dtype)[0]:
+      return bs
+  return base
+
+
 def loss_sum_and_grads(x, y, x_ids, y_ids, log_t, bias, *,
-                       block_sizes: BlockSizes | None = None, interpret: bool = False):
+                       block_sizes: BlockSizes | None = None, interpret: bool = False,
+                       target=None):
   """(loss sum, (dx, dy, dlog_t, dbias)); dx, dy in the dtypes of x, y, the rest float32.
 
   One kernel (6 n m D FLOPs) when a float32 dY fits in VMEM, else two (8 n m D); see
   ``BlockSizes.fuse_dy``. No (n, m) array outside VMEM either way.
   """
-  _check_inputs(x, y, x_ids, y_ids, log_t, bias)
-  bs = _block_sizes(block_sizes, x, interpret)
-  n, m = x.shape[0], y.shape[0]
-  xi, yi = x_ids.astype(jnp.int32), y_ids.astype(jnp.int32)
+  x_ids, y_ids, log_t, bias = validate.check_block_inputs(x, y, x_ids, y_ids, log_t, bias)
+  _check_block_sizes(block_sizes)
+  n, m, dim = x.shape[0], y.shape[0], x.shape[1]
+  bs = block_sizes or grad_block_sizes(None if interpret else _generation(target, x), n, m,
+                                       dim, x.dtype, interpret=interpret)
   t, scal = _scalars(log_t, bias)
-  rows, cols = _tiles(n, bs.block_rows), _tiles(m, bs.block_cols)
   common = _common(bs, interpret)
-  fuse, splits = _fused_plan(bs, n, m, x.shape[1], x.dtype)
+  fuse, splits = _fused_plan(bs, n, m, dim, x.dtype)
   if fuse:
-    stats, dx, dy = _tile_pass(_pad_rows(x, rows * splits), _pad_rows(y, cols), xi, yi, scal,
-                               rows=rows, cols=cols, with_loss=True, with_scalar_grads=True,
-                               with_grad=True, with_db=True, splits=splits,
-                               name="siglip_fwd_dx_dy", **common)
+    rows, cols = _tile(n, bs.block_rows, splits), _tile(m, bs.block_cols)
+    stats, dx, dy = _tile_pass(_pad_rows(x, rows * splits), _pad_rows(y, cols), x_ids, y_ids,
+                               scal, rows=rows, cols=cols, with_loss=True,
+                               with_scalar_grads=True, with_grad=True, with_db=True,
+                               splits=splits, name="siglip_fwd_dx_dy", **common)
     dy = (t * dy[:m]).astype(y.dtype)
   else:
-    rows_dy, cols_dy = _tiles(m, bs.dy_tiles[0]), _tiles(n, bs.dy_tiles[1])
-    # x is the owned side of one kernel and the streamed side of the other: pad to both.
-    xp, yp = _pad_rows(x, math.lcm(rows, cols_dy)), _pad_rows(y, math.lcm(cols, rows_dy))
-    stats, dx, _ = _tile_pass(xp, yp, xi, yi, scal, rows=rows, cols=cols, with_loss=True,
-                              with_scalar_grads=True, with_grad=True, name="siglip_fwd_dx",
-                              **common)
+    rows, cols = _tile(n, bs.block_rows), _tile(m, bs.block_cols)
+    rows_dy, cols_dy = _tile(m, bs.dy_tiles[0]), _tile(n, bs.dy_tiles[1])
+    # x is the owned side of one kernel and the streamed side of the other: each kernel
+    # gets its own padding, so neither pads to the lcm of two tiles.
+    stats, dx, _ = _tile_pass(_pad_rows(x, rows), _pad_rows(y, cols), x_ids, y_ids, scal,
+                              rows=rows, cols=cols, with_loss=True, with_scalar_grads=True,
+                              with_grad=True, name="siglip_fwd_dx", **common)
     # The same kernel on the transposed block: it owns y tiles and streams x tiles.
-    _, dy, _ = _tile_pass(yp, xp, yi, xi, scal, rows=rows_dy, cols=cols_dy, with_loss=False,
+    _, dy, _ = _tile_pass(_pad_rows(y, rows_dy), _pad_rows(x, cols_dy), y_ids, x_ids, scal,
+                          rows=rows_dy, cols=cols_dy, with_loss=False,
                           with_scalar_grads=False, with_grad=True, name="siglip_dy", **common)
     dy = dy[:m]
   # d/dlog_t of t * s is t * s, so dlog_t = t * sum G * S; d/dbias = sum G.
-  dlt, db = vma.sum_to_match(t * stats[1], log_t), vma.sum_to_match(stats[2], bias)
-  return stats[0], (dx[:n], dy, dlt, db)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _block_loss_sum(x, y, x_ids, y_ids, log_t, bias, block_sizes, interpret):
-  return loss_sum(x, y, x_ids, y_ids, log_t, bias, block_sizes=block_sizes,
-                  interpret=interpret)
-
-
-def _block_loss_sum_fwd(x, y, x_ids, y_ids, log_t, bias, block_sizes, interpret):
-  # The loss is a scalar: the forward pass computes every gradient now, scaled later.
-  loss, grads = loss_sum_and_grads(x, y, x_ids, y_ids, log_t, bias, block_sizes=block_sizes,
-                                   interpret=interpret)
-  return loss, (grads, jnp.asarray(log_t), jnp.asarray(bias))
-
-
-def _block_loss_sum_bwd(block_sizes, interpret, res, ct):
-  del block_sizes, interpret
-  (dx, dy, dlt, db), log_t, bias = res
-  scale = lambda g, like: (g.astype(jnp.float32) * ct).reshape(like.shape).astype(like.dtype)
-  return scale(dx, dx), scale(dy, dy), None, None, scale(dlt, log_t), scale(db, bias)
-
-
-_block_loss_sum.defvjp(_block_loss_sum_fwd, _block_loss_sum_bwd)
+  return stats[0], (dx[:n], dy, t * stats[1], stats[2])
 
 
 def block_loss_sum(x, y, x_ids, y_ids, log_t, bias, *, block_sizes: BlockSizes | None = None,
                    interpret: bool = False) -> jax.Array:
   """The block loss sum (``reference.dense.block_loss_sum``), differentiable w.r.t. x, y,
-  log_t and bias by a custom VJP whose forward runs the value-and-grad kernels."""
-  _check_inputs(x, y, x_ids, y_ids, log_t, bias)
-  return _block_loss_sum(x, y, x_ids, y_ids, log_t, bias, block_sizes, bool(interpret))
+  log_t and bias through the shared custom VJP, whose forward runs the value-and-grad
+  kernels."""
+  x_ids, y_ids, log_t, bias = validate.check_block_inputs(x, y, x_ids, y_ids, log_t, bias)
+  ops = block_ops(interpret=interpret, block_sizes=block_sizes)
+  trip = ring_lib.block_trip(axis_name=None, schedule="unidirectional", ops=ops)
+  return ring_lib.local_sum(trip, x, y, x_ids, y_ids, log_t, bias)
 
 
-def block_ops(*, interpret: bool = False, block_sizes: BlockSizes | None = None) -> BlockOps:
-  """This kernel family as the ring's ``BlockOps``."""
-  if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
-    raise TypeError(f"block_sizes must be a siglip_fast.kernels.tpu.BlockSizes or None, got "
-                    f"{type(block_sizes).__name__}")
-  kw = dict(block_sizes=block_sizes, interpret=bool(interpret))
-  return BlockOps("pallas_tpu",
-                  functools.partial(loss_sum, **kw), functools.partial(loss_sum_and_grads, **kw))
+def block_ops(*, interpret: bool = False, block_sizes: BlockSizes | None = None,
+              target=None) -> ring_lib.BlockOps:
+  """This kernel family as the ring's ``BlockOps``; ``target`` (a
+  ``siglip_fast.target.Target``) picks the default tiles' generation."""
+  _check_block_sizes(block_sizes)
+  kw = dict(block_sizes=block_sizes, interpret=bool(interpret), target=target)
+  return ring_lib.BlockOps("pallas_tpu",
+                           functools.partial(loss_sum, **kw),
+                           functools.partial(loss_sum_and_grads, **kw))

@@ -53,7 +53,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from siglip_fast.reference import vma
-from siglip_fast.reference.ring import SCHEDULES
+from siglip_fast.reference.ring import SCHEDULES, global_mean
 
 _DTYPES = (jnp.float32, jnp.bfloat16)
 _COLLECTIVE_ID = 7
@@ -645,40 +645,21 @@ def _trip(x, y, x_ids, y_ids, log_t, bias, axis_name, schedule, interpret, block
   return loss, (dx, dy, jnp.sum(sums[1]), jnp.sum(sums[2]))
 
 
-def _psum(v, axis_name):
-  return v if axis_name is None else lax.psum(v, axis_name)
+def _checked_trip(x, y, x_ids, y_ids, log_t, bias, with_grads, *, axis_name, schedule,
+                  interpret, block_sizes):
+  block_sizes = _check_inputs(x, y, x_ids, y_ids, log_t, bias, block_sizes)
+  return _trip(x, y, x_ids, y_ids, log_t, bias, axis_name, schedule, interpret, block_sizes,
+               with_grads)
 
 
-def _global_batch(x, axis_name):
-  return x.shape[0] * (1 if axis_name is None else lax.axis_size(axis_name))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _ring_loss(x, y, x_ids, y_ids, log_t, bias, axis_name, schedule, interpret, block_sizes):
-  total = _trip(x, y, x_ids, y_ids, log_t, bias, axis_name, schedule, interpret,
-                block_sizes, False)
-  return _psum(total, axis_name) / _global_batch(x, axis_name)
-
-
-def _ring_loss_fwd(x, y, x_ids, y_ids, log_t, bias, axis_name, schedule, interpret,
-                   block_sizes):
-  total, (dx, dy, dlt, db) = _trip(x, y, x_ids, y_ids, log_t, bias, axis_name, schedule,
-                                   interpret, block_sizes, True)
-  inv_b = 1.0 / _global_batch(x, axis_name)
-  # log_t and bias are replicated over the ring: their gradient is the sum over devices.
-  dlt, db = _psum(dlt, axis_name), _psum(db, axis_name)
-  grads = tuple((g * inv_b).astype(jnp.result_type(p)).reshape(jnp.shape(p))
-                for g, p in zip((dx, dy, dlt, db), (x, y, log_t, bias)))
-  return _psum(total, axis_name) * inv_b, grads
-
-
-def _ring_loss_bwd(axis_name, schedule, interpret, block_sizes, res, ct):
-  del axis_name, schedule, interpret, block_sizes
-  dx, dy, dlt, db = ((g * ct).astype(g.dtype) for g in res)
-  return dx, dy, None, None, dlt, db
-
-
-_ring_loss.defvjp(_ring_loss_fwd, _ring_loss_bwd)
+def ring_trip(*, axis_name, schedule="bidirectional", interpret=False,
+              block_sizes: BlockSizes | None = None):
+  """This kernel as a trip for ``siglip_fast.reference.ring.global_mean``: per device, the
+  loss sum and d(global sum)/d(local inputs); the psum and 1/B stay outside its VJP."""
+  if schedule not in SCHEDULES:
+    raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+  return functools.partial(_checked_trip, axis_name=axis_name, schedule=schedule,
+                           interpret=interpret, block_sizes=block_sizes)
 
 
 def ring_loss(x, y, x_ids, y_ids, log_t, bias, *, axis_name=None, schedule="bidirectional",
@@ -690,8 +671,6 @@ def ring_loss(x, y, x_ids, y_ids, log_t, bias, *, axis_name=None, schedule="bidi
   replicated. interpret: False, True or a ``pltpu.InterpretParams`` (TPU interpret mode).
   Returns the float32 global mean loss, replicated; differentiable w.r.t. x, y, log_t, bias.
   """
-  if schedule not in SCHEDULES:
-    raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-  block_sizes = _check_inputs(x, y, x_ids, y_ids, log_t, bias, block_sizes)
-  return _ring_loss(x, y, x_ids, y_ids, log_t, bias, axis_name, schedule, interpret,
-                    block_sizes)
+  trip = ring_trip(axis_name=axis_name, schedule=schedule, interpret=interpret,
+                   block_sizes=block_sizes)
+  return global_mean(trip, x, y, x_ids, y_ids, log_t, bias, axis_name)

@@ -69,7 +69,7 @@ def _block(ops: BlockOps, with_grads, x, y, x_ids, y_ids, log_t, bias):
   return loss, tuple(g.astype(jnp.float32) for g in grads)
 
 
-def _trip(x, y, x_ids, y_ids, log_t, bias, axis_name, schedule, ops, with_grads):
+def _trip(x, y, x_ids, y_ids, log_t, bias, with_grads, *, axis_name, schedule, ops):
   """One trip around the ring: this device's loss sum, and its float32 grads if asked for.
 
   The text gradient of a chunk travels with the chunk (None on a loss-only trip) and is
@@ -148,30 +148,67 @@ def _psum(v, axis_name):
   return v if axis_name is None else lax.psum(v, axis_name)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _ring_loss(x, y, x_ids, y_ids, log_t, bias, axis_name, schedule, ops):
-  total = _trip(x, y, x_ids, y_ids, log_t, bias, axis_name, schedule, ops, False)
-  return _psum(total, axis_name) / (x.shape[0] * _axis_size(axis_name))
+# ------------------------------------------------------------------------------------------
+# The custom-VJP shell every implementation shares.
+#
+# A trip returns this device's loss SUM (its image rows against every text row) and, asked
+# for gradients, d(global sum)/d(its x), d(global sum)/d(its y) and its own partial sums of
+# d/dlog_t and d/dbias. The custom VJP covers only that per-device sum; the psum over the
+# ring and the 1/B stay outside it, as ordinary JAX operations. JAX then transposes them
+# with its own rules, so the gradients are what autodiff of the same loss written with
+# standard collectives gives under every set-up: shard_map with check_vma=True or False,
+# grad inside or outside shard_map, pmap. Inside the VJP the cotangent is the same on every
+# device (it comes through the psum), which is what lets one device's gradient of y collect
+# the other devices' contributions.
 
 
-def _ring_loss_fwd(x, y, x_ids, y_ids, log_t, bias, axis_name, schedule, ops):
-  total, (dx, dy, dlt, db) = _trip(
-      x, y, x_ids, y_ids, log_t, bias, axis_name, schedule, ops, True)
-  inv_b = 1.0 / (x.shape[0] * _axis_size(axis_name))
-  # log_t and bias are replicated over the ring: their gradient is the sum over devices.
-  dlt, db = _psum(dlt, axis_name), _psum(db, axis_name)
-  grads = tuple((g * inv_b).astype(p.dtype)
-                for g, p in zip((dx, dy, dlt, db), (x, y, log_t, bias)))
-  return _psum(total, axis_name) * inv_b, grads
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _local_sum(trip, x, y, x_ids, y_ids, log_t, bias):
+  return trip(x, y, x_ids, y_ids, log_t, bias, False)
 
 
-def _ring_loss_bwd(axis_name, schedule, ops, res, ct):
-  del axis_name, schedule, ops
-  dx, dy, dlt, db = ((g * ct).astype(g.dtype) for g in res)
+def _local_sum_fwd(trip, x, y, x_ids, y_ids, log_t, bias):
+  # The loss is a scalar: the forward pass makes every gradient now; the backward scales.
+  total, grads = trip(x, y, x_ids, y_ids, log_t, bias, True)
+  # Empty arrays carry the primals' dtypes (residuals must be arrays).
+  dtypes = tuple(jnp.zeros((0,), jnp.result_type(p)) for p in (x, y, log_t, bias))
+  return total, (tuple(g.astype(jnp.float32) for g in grads), dtypes)
+
+
+def _local_sum_bwd(trip, res, ct):
+  del trip
+  grads, dtypes = res
+  dx, dy, dlt, db = ((g * ct).astype(dt.dtype) for g, dt in zip(grads, dtypes))
   return dx, dy, None, None, dlt, db
 
 
-_ring_loss.defvjp(_ring_loss_fwd, _ring_loss_bwd)
+_local_sum.defvjp(_local_sum_fwd, _local_sum_bwd)
+
+
+def local_sum(trip: Callable, x, y, x_ids, y_ids, log_t, bias):
+  """This device's loss sum, differentiable through ``trip``'s gradients (see above)."""
+  return _local_sum(trip, x, y, x_ids, y_ids, log_t, bias)
+
+
+def block_trip(*, axis_name, schedule, ops: BlockOps) -> Callable:
+  """The reference ring over ``ops``' blocks, as a trip for ``global_mean``."""
+  if schedule not in SCHEDULES:
+    raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+  return functools.partial(_trip, axis_name=axis_name, schedule=schedule, ops=ops)
+
+
+def global_mean(trip: Callable, x, y, x_ids, y_ids, log_t, bias, axis_name):
+  """The mean loss over the ring: psum of ``trip``'s per-device sums over the global batch.
+
+  ``trip(x, y, x_ids, y_ids, log_t, bias, with_grads)`` is a static callable with the
+  contract above; log_t and bias are float32 scalars, replicated.
+  """
+  if axis_name is not None:
+    # Varying before the VJP, so the per-device dlog_t, dbias it returns are typed as such,
+    # and the transpose of this cast (a psum) adds them up.
+    log_t, bias = vma.pvary(log_t, {axis_name}), vma.pvary(bias, {axis_name})
+  local = local_sum(trip, x, y, x_ids, y_ids, log_t, bias)
+  return _psum(local, axis_name) / (x.shape[0] * _axis_size(axis_name))
 
 
 def ring_loss(x, y, x_ids, y_ids, log_t, bias, *, axis_name=None,
@@ -182,6 +219,5 @@ def ring_loss(x, y, x_ids, y_ids, log_t, bias, *, axis_name=None,
   compared across devices. log_t, bias: float32 scalars, replicated. Differentiable w.r.t.
   x, y, log_t and bias; the global batch is b times the axis size.
   """
-  if schedule not in SCHEDULES:
-    raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-  return _ring_loss(x, y, x_ids, y_ids, log_t, bias, axis_name, schedule, ops)
+  trip = block_trip(axis_name=axis_name, schedule=schedule, ops=ops)
+  return global_mean(trip, x, y, x_ids, y_ids, log_t, bias, axis_name)

@@ -83,7 +83,9 @@ X, Y = random_inputs(5, 8, 4)
     ((X[:0], Y[:0], LT, B), {}, ValueError, "non-empty"),
     ((X, Y, jnp.ones((2,)), B), {}, ValueError, "log_t must be a scalar"),
     ((X, Y, LT, jnp.ones((2, 1))), {}, ValueError, "bias must be a scalar"),
-    ((X, Y, jnp.int32(2), B), {}, TypeError, "log_t must be a floating-point scalar"),
+    ((X, Y, "2.3", B), {}, TypeError, "log_t must be a real scalar"),
+    ((X, Y, LT, jnp.complex64(1)), {}, TypeError, "bias must be a real"),
+    ((X, Y, True, B), {}, TypeError, "log_t must be a real scalar"),
     ((X, Y, LT, B), {"pair_ids": jnp.arange(7)}, ValueError, "pair_ids must have shape"),
     ((X, Y, LT, B), {"pair_ids": jnp.arange(8.0)}, TypeError, "pair_ids must be integers"),
     ((X, Y, LT, B), {"implementation": "cuda"}, ValueError, "implementation must be one of"),
@@ -140,3 +142,141 @@ def test_pallas_tpu_with_axis_name_runs_the_in_kernel_ring():
   assert rel_err(loss, ref_loss) < 1e-5
   for g, r in zip(grads, ref_grads):
     assert rel_err(g, r) < 1e-5
+
+
+# --- gradients under every set-up: the plain-JAX ring is the oracle of the transforms ------
+
+IMPLS = [("xla", {}), ("pallas_tpu", {"interpret": True}), ("pallas_gpu", {"interpret": True})]
+
+
+def _plain_ring_loss(x, y, lt, b):
+  """The same loss written with standard collectives only (all_gather + dense + psum), so
+  that JAX's own transpose rules define its gradients under each transformation."""
+  from siglip_fast.reference import dense  # pylint: disable=import-outside-toplevel
+  xs = jax.lax.all_gather(y, "batch", tiled=True)
+  k = jax.lax.axis_index("batch")
+  my_ids = k * x.shape[0] + jnp.arange(x.shape[0])
+  local = dense.block_loss_sum(x, xs, my_ids, jnp.arange(xs.shape[0]), lt, b)
+  return jax.lax.psum(local, "batch") / xs.shape[0]
+
+
+@pytest.mark.parametrize("impl,kw", IMPLS, ids=[i for i, _ in IMPLS])
+@pytest.mark.parametrize("check_vma", [True, False])
+@pytest.mark.parametrize("grad_inside", [True, False])
+def test_gradients_under_shard_map_check_vma(impl, kw, check_vma, grad_inside):
+  # check_vma=False used to scale the embedding gradients by 1 / devices silently.
+  n = 4
+  mesh = Mesh(np.array(jax.devices()[:n]), ("batch",))
+  x, y = random_inputs(50, 8 * n, 16)
+  lt, b = jnp.float32(math.log(10.0)), jnp.float32(-10.0)
+
+  def ours(x, y, lt, b):
+    return sigmoid_loss(x, y, lt, b, axis_name="batch", implementation=impl, **kw)
+
+  specs = (P("batch"), P("batch"), P(), P())
+  grad = lambda f: jax.grad(f, argnums=(0, 1, 2, 3))
+  if grad_inside:
+    run = lambda f: jax.jit(jax.shard_map(grad(f), mesh=mesh, in_specs=specs,
+                                          out_specs=specs, check_vma=check_vma))
+  else:
+    run = lambda f: jax.jit(grad(jax.shard_map(f, mesh=mesh, in_specs=specs, out_specs=P(),
+                                               check_vma=check_vma)))
+  got, want = run(ours)(x, y, lt, b), run(_plain_ring_loss)(x, y, lt, b)
+  for g, w in zip(got, want):
+    assert rel_err(g, np.asarray(w, np.float64)) < 1e-5
+  if check_vma:  # and then both are the true gradient
+    _, ref = numpy_loss_and_grads(x, y, lt, b)
+    for g, r in zip(got, ref):
+      assert rel_err(g, r) < 1e-5
+
+
+@pytest.mark.parametrize("impl,kw", IMPLS, ids=[i for i, _ in IMPLS])
+def test_pmap_with_pmean_of_gradients_is_exact(impl, kw):
+  # big_vision's older trainers: grads of a tower inside pmap, then pmean across devices.
+  n, b, d = 4, 8, 16
+  x, y = random_inputs(51, n * b, d)
+  w = jnp.eye(d) + 0.1 * jax.random.normal(jax.random.key(52), (d, d))
+  lt, bias = jnp.float32(math.log(10.0)), jnp.float32(-10.0)
+
+  def loss(params, a, c):
+    return sigmoid_loss(a @ params["w"], c, params["lt"], params["b"], axis_name="batch",
+                        implementation=impl, **kw)
+
+  def step(params, a, c):
+    return jax.lax.pmean(jax.grad(loss)(params, a, c), "batch")
+
+  params = {"w": w, "lt": lt, "b": bias}
+  got = jax.pmap(step, axis_name="batch", in_axes=(None, 0, 0), devices=jax.devices()[:n])(
+      params, x.reshape(n, b, d), y.reshape(n, b, d))
+  want = jax.grad(lambda p: siglip_fast.reference.sigmoid_loss_dense(
+      x @ p["w"], y, p["lt"], p["b"]))(params)
+  for k in params:
+    assert rel_err(got[k][0], np.asarray(want[k], np.float64)) < 1e-5, k
+
+
+@pytest.mark.parametrize("kind", ["classic", "make_mesh_explicit", "make_mesh_auto"])
+def test_sharded_wrapper_and_readme_recipe_on_every_mesh_kind(kind):
+  n = 4
+  if kind == "classic":
+    mesh = Mesh(np.array(jax.devices()[:n]), ("batch",))
+  else:
+    axis_type = getattr(jax.sharding.AxisType, "Explicit" if kind.endswith("explicit")
+                        else "Auto")
+    mesh = jax.make_mesh((n,), ("batch",), axis_types=(axis_type,), devices=jax.devices()[:n])
+  x, y = random_inputs(53, 8 * n, 16)
+  ref_loss, ref_grads = numpy_loss_and_grads(x, y, math.log(10.0), -10.0)
+  for f in (sigmoid_loss_sharded, jax.jit(sigmoid_loss_sharded, static_argnames=("mesh",
+                                                                                   "axis_name"))):
+    loss = f(x, y, math.log(10.0), -10.0, mesh=mesh, axis_name="batch")
+    assert rel_err(loss, ref_loss) < 1e-5
+  # The README's shard_map recipe, on global arrays laid out on the mesh.
+  def step(params, img_local, txt_local):
+    return sigmoid_loss(img_local, txt_local, params["log_t"], params["bias"],
+                        axis_name="batch")
+
+  shard = lambda a: jax.device_put(a, jax.sharding.NamedSharding(mesh, P("batch")))
+  params = {"log_t": jnp.float32(math.log(10.0)), "bias": jnp.float32(-10.0)}
+  grads = jax.jit(jax.shard_map(jax.grad(step), mesh=mesh, in_specs=(P(), P("batch"),
+                                                                     P("batch")),
+                                out_specs=P()))(params, shard(x), shard(y))
+  assert rel_err(grads["log_t"], ref_grads[2]) < 1e-5
+  assert rel_err(grads["bias"], ref_grads[3]) < 1e-5
+
+
+def test_integer_and_python_scalars_are_accepted():
+  x, y = random_inputs(54, 8, 4)
+  want = float(sigmoid_loss(x, y, jnp.float32(2.0), jnp.float32(-10.0)))
+  for lt, b in ((2, -10), (2.0, -10.0), (jnp.int32(2), jnp.int32(-10)), (np.float64(2.0), -10)):
+    np.testing.assert_allclose(float(sigmoid_loss(x, y, lt, b)), want, rtol=1e-6)
+
+
+def test_non_finite_inputs_raise_in_eager_grad_too():
+  x, y = random_inputs(55, 8, 4)
+  bad = x.at[1, 2].set(jnp.nan)
+  with pytest.raises(ValueError, match="img_emb contains non-finite"):
+    jax.grad(sigmoid_loss)(bad, y, LT, B)
+  with pytest.raises(ValueError, match="log_t contains non-finite"):
+    jax.value_and_grad(sigmoid_loss, argnums=2)(x, y, jnp.float32(jnp.inf), B)
+  # Under jit values are unknown at trace time: no check, no error (documented).
+  assert not np.isfinite(float(jax.jit(sigmoid_loss)(bad, y, LT, B)))
+
+
+def test_block_sizes_go_to_the_kernel_that_runs():
+  from siglip_fast.kernels import tpu, tpu_ring  # pylint: disable=import-outside-toplevel
+  mesh = Mesh(np.array(jax.devices()[:2]), ("x",))
+  x, y = random_inputs(56, 32, 128)
+
+  def ring(bs):
+    f = lambda x, y: sigmoid_loss(x, y, LT, B, axis_name="x", implementation="pallas_tpu",
+                                  interpret=True, block_sizes=bs)
+    return jax.shard_map(f, mesh=mesh, in_specs=(P("x"), P("x")), out_specs=P())(x, y)
+
+  ref_loss, _ = numpy_loss_and_grads(x, y, LT, B)
+  assert rel_err(ring(tpu_ring.BlockSizes(16, 16)), ref_loss) < 1e-5
+  with pytest.raises(TypeError, match="with axis_name .* must be a "
+                                      "siglip_fast.kernels.tpu_ring.BlockSizes"):
+    ring(tpu.BlockSizes(128, 128))
+  with pytest.raises(TypeError, match="without axis_name must be a "
+                                      "siglip_fast.kernels.tpu.BlockSizes"):
+    sigmoid_loss(x, y, LT, B, implementation="pallas_tpu", interpret=True,
+                 block_sizes=tpu_ring.BlockSizes(16, 16))

@@ -217,14 +217,58 @@ def test_forward_pays_no_gradient_work_and_costs_are_declared():
   assert all(c.bytes_accessed >= (n + m) * dim * 2 for c in fwd + vg + fused)
 
 
+def test_padding_from_the_lcm_of_two_tiles_is_masked():
+  # Regression: B = 384 with 128-row tiles and 256-row dY tiles used to pad both operands
+  # to 768 rows while the mask was only built for n % rows != 0: whole padded tiles were
+  # summed (loss rel. error 1.4e-3, dbias 1.4e-2 against the float64 oracle).
+  x, y = random_inputs(90, 384, 128)
+  bs = tpu.BlockSizes(128, 128, 256, 256, fuse_dy=False)
+  f = lambda *a: siglip_fast.sigmoid_loss(*a, implementation="pallas_tpu", interpret=True,
+                                          block_sizes=bs)
+  val, grads = jax.value_and_grad(f, argnums=(0, 1, 2, 3))(x, y, jnp.float32(LOG10),
+                                                           jnp.float32(-10.0))
+  mean, want = numpy_loss_and_grads(x, y, LOG10, -10.0)
+  assert rel_err(val, mean) < 1e-5
+  for g, w in zip(grads, want):
+    assert rel_err(g, w) < 1e-5
+
+
+def _kernel_operand_rows(fn, n, dim, block_sizes):
+  """Rows of every (rows, dim) embedding operand of the pallas_calls fn traces to."""
+  x = jax.ShapeDtypeStruct((n, dim), jnp.bfloat16)
+  ids = jnp.arange(n, dtype=jnp.int32)
+  jaxpr = jax.make_jaxpr(lambda x: fn(x, x, ids, ids, 0.0, 0.0, block_sizes=block_sizes))(x)
+  rows = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "pallas_call":
+      rows += [v.aval.shape[0] for v in eqn.invars
+               if len(v.aval.shape) == 2 and v.aval.shape[1] == dim]
+  return rows
+
+
+@pytest.mark.parametrize("n,gen,dim", [(896, "v6e", 1152), (1152, "v6e", 768),
+                                       (4100, "v5e", 1152), (1000, "v5p", 768)])
+def test_padding_stays_under_one_tile(n, gen, dim):
+  # Regression: B = 896 with v6e tiles padded operands to 3584 rows (the lcm of a 1024-row
+  # and a 512-row tile; 16x the pair work), B = 1152 to 2048 x 1536.
+  base = tpu.BlockSizes.for_generation(gen, dim)
+  for bs in (dataclasses.replace(base, fuse_dy=False), dataclasses.replace(base, fuse_dy=True)):
+    rows = _kernel_operand_rows(tpu.loss_sum_and_grads, n, dim, bs)
+    assert rows, "no pallas_call traced"
+    largest_tile = max(bs.block_rows, bs.block_cols, *bs.dy_tiles)
+    assert all(n <= r < n + largest_tile for r in rows), (bs, rows)
+  assert tpu._tile(896, 1024) == 896 and tpu._tile(896, 512) == 512
+  assert tpu._tile(1152, 512) == 384 and tpu._tile(1152, 1024) == 640
+
+
 @pytest.mark.parametrize("bad,exc,match", [
-    (lambda a: dict(a, x=a["x"][:, :32]), ValueError, "feature dim"),
+    (lambda a: dict(a, x=a["x"][:, :32]), ValueError, "x and y must have the same dim"),
     (lambda a: dict(a, x=a["x"].astype(jnp.float16)), TypeError, "x must be float32"),
     (lambda a: dict(a, y=a["y"].astype(jnp.float32)), TypeError, "same dtype"),
     (lambda a: dict(a, x_ids=a["x_ids"][:5]), ValueError, "x_ids must have shape"),
     (lambda a: dict(a, y_ids=a["y_ids"].astype(jnp.float32)), TypeError, "y_ids must be int"),
     (lambda a: dict(a, log_t=jnp.zeros((2,))), ValueError, "log_t must be a scalar"),
-    (lambda a: dict(a, x=a["x"][0]), ValueError, "x must be a 2-D"),
+    (lambda a: dict(a, x=a["x"][0]), ValueError, "x must have shape \\(batch, dim\\)"),
 ])
 def test_bad_inputs_raise_clear_errors(bad, exc, match):
   x, y = inputs(0, 16, 24, 64, jnp.bfloat16)
@@ -371,16 +415,23 @@ def test_larger_ragged_blocks(dtype, block_sizes):
     pytest.param(3, "unidirectional", None, marks=pytest.mark.slow),
 ])
 def test_ring_over_simulated_devices_uses_the_kernel(n_dev, schedule, block_sizes):
-  # The kernel as the ring's local step under shard_map (check_vma=True): outputs declare
-  # how they vary, and the replicated log_t / bias get their gradient summed over devices.
-  from jax.sharding import Mesh
+  # The block kernel as the reference ring's local step under shard_map (check_vma=True):
+  # outputs declare how they vary, and the replicated log_t / bias get their gradient summed
+  # over devices. (The public API runs the whole-ring kernel instead; tests/test_api.py.)
+  from jax.sharding import Mesh, PartitionSpec as P
+  from siglip_fast.reference import ring as ring_lib
   mesh = Mesh(np.array(jax.devices()[:n_dev]), ("d",))
   batch, dim = 128 * n_dev, 64
   x, y = random_inputs(808 + n_dev, batch, dim, jnp.float32)
   lt, b = jnp.float32(LOG10), jnp.float32(-10.0)
-  f = lambda x, y, lt, b: siglip_fast.sigmoid_loss_sharded(
-      x, y, lt, b, mesh=mesh, axis_name="d", implementation="pallas_tpu", interpret=True,
-      schedule=schedule, block_sizes=block_sizes)
+  ops = tpu.block_ops(interpret=True, block_sizes=block_sizes)
+
+  def local(x, y, lt, b):
+    ids = jax.lax.axis_index("d") * x.shape[0] + jnp.arange(x.shape[0], dtype=jnp.int32)
+    return ring_lib.ring_loss(x, y, ids, ids, lt, b, axis_name="d", schedule=schedule,
+                              ops=ops)
+
+  f = jax.shard_map(local, mesh=mesh, in_specs=(P("d"), P("d"), P(), P()), out_specs=P())
   val, grads = jax.value_and_grad(f, argnums=(0, 1, 2, 3))(x, y, lt, b)
   mean, want = numpy_loss_and_grads(x, y, LOG10, -10.0)
   ids = np.arange(batch)
