@@ -41,6 +41,22 @@ def numpy_loss_and_grads(x, y, log_t, bias, ids=None):
   return loss, (t * g @ y, t * g.T @ x, np.sum(g * (logits - bias)), np.sum(g))
 
 
+def scalar_grad_scales(x, y, log_t, bias, ids=None):
+  """The sums of |terms| (over B) of dlog_t = sum g * (logits - b) and dbias = sum g.
+
+  Both are sums of B^2 terms of either sign that largely cancel, so their float32 error is
+  bounded relative to these sums, not to the (much smaller) results.
+  """
+  x = np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+  y = np.asarray(jnp.asarray(y, jnp.float32), np.float64)
+  n = x.shape[0]
+  ids = np.arange(n) if ids is None else np.asarray(ids)
+  t = np.exp(np.float64(log_t))
+  ts = t * (x @ y.T)
+  g = 0.5 * (1.0 + np.tanh(0.5 * (ts + np.float64(bias)))) - (ids[:, None] == ids[None, :])
+  return np.sum(np.abs(g * ts)) / n, np.sum(np.abs(g)) / n
+
+
 def rel_err(a, b):
   a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
   b = np.asarray(b, np.float64)
