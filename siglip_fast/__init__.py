@@ -7,10 +7,11 @@ See ``siglip_fast.loss`` for the implementations and ``siglip_fast.reference`` f
 
 from siglip_fast.loss import (IMPLEMENTATIONS, block_ops, default_implementation,
                               sigmoid_loss, sigmoid_loss_sharded)
+from siglip_fast import mesh
 from siglip_fast.module import SigmoidLoss
 
 __all__ = [
-    "IMPLEMENTATIONS", "SigmoidLoss", "block_ops", "default_implementation", "sigmoid_loss",
+    "IMPLEMENTATIONS", "SigmoidLoss", "mesh", "block_ops", "default_implementation", "sigmoid_loss",
     "sigmoid_loss_sharded",
 ]
 __version__ = "0.1.0"
