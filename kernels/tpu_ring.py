@@ -277,6 +277,15 @@ class _Refs:
                a_id_tile, b_id_tile, acc, tile_sems, ring_sems, credits)
 
 
+def _when(cond, body):
+  """``pl.when`` that also takes a Python bool (a hop number known while tracing)."""
+  if isinstance(cond, bool):
+    if cond:
+      body()
+  else:
+    pl.when(cond)(body)
+
+
 def _rows(ref, size, k):
   return ref.at[pl.ds(pl.multiple_of(k * size, size), size)]
 
@@ -451,29 +460,32 @@ class _Ring:
     the sends are waited for at the round's end.
     """
     r, hops = self.r, self.plan.hops
-    slot = lax.rem(h, 2)
+    slot = h % 2 if isinstance(h, int) else lax.rem(h, 2)
     for s in streams:
       for c in self.copies(s, r.slots[s].at[slot], r.id_slots[s].at[slot], slot):
         c.wait_recv()
     sends = lambda s: self.copies(s, r.slots[s].at[slot], r.id_slots[s].at[slot], 1 - slot)
+
+    def start(s):
+      # Downstream's slot 1 - slot last held its hop h - 1 chunk (h >= 2); hops 0 and 1
+      # write its slots for the first time.
+      _when(h >= 2, lambda: _take_credit(r.credits.at[s]))
+      for c in sends(s):
+        c.start()
+
     for s in streams:
-      @pl.when(h < hops[s])
-      def _(s=s):
-        # Downstream's slot 1 - slot last held its hop h - 1 chunk (h >= 2); hops 0 and 1
-        # write its slots for the first time.
-        pl.when(h >= 2)(lambda: _take_credit(r.credits.at[s]))
-        for c in sends(s):
-          c.start()
+      _when(h < hops[s], functools.partial(start, s))
     for s in streams:
       _sweep(self.plan, r, r.slots[s].at[slot], r.id_slots[s].at[slot], first=False)
+    def wait_sends(s):
+      for c in sends(s):
+        c.wait_send()
+
     for s in streams:
-      @pl.when(h < hops[s])
-      def _(s=s):
-        for c in sends(s):
-          c.wait_send()
+      _when(h < hops[s], functools.partial(wait_sends, s))
     for s in streams:
       # Upstream's hop h + 1 send lands in our slot h % 2, the one this hop just read.
-      pl.when(jnp.logical_and(h >= 1, h <= hops[s] - 2))(lambda s=s: self.grant(s))
+      _when((h >= 1) & (h <= hops[s] - 2), functools.partial(self.grant, s))
 
   def run(self):
     plan, r = self.plan, self.r
@@ -492,7 +504,7 @@ class _Ring:
     if both >= 1:
       lax.fori_loop(1, both + 1, lambda h, c: (self.round_(h, streams), c)[1], 0)
     if plan.hops[0] > both:  # the right copy's extra hop (even device count)
-      self.round_(jnp.int32(plan.hops[0]), (0,))
+      self.round_(plan.hops[0], (0,))
 
 
 def _ring_kernel(plan: _Plan, axis_name, *refs):
