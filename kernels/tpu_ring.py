@@ -1,42 +1,43 @@
-"""The SigLIP ring inside one Pallas TPU kernel: text chunks travel by remote DMA while the
-MXU works on the chunk that has already arrived (DESIGN.md section 2, paper section 3.3).
+"""The SigLIP ring inside one Pallas TPU kernel: text or image chunks travel by neighbour
+remote DMA while the MXU works on the chunk that has already arrived (paper section 3.3).
 
 Same contract as ``siglip_fast.reference.ring_loss`` (the oracle): called inside
 ``shard_map`` over ``axis_name`` with this device's (b, D) chunks, it returns the global mean
 loss, replicated, and is differentiable w.r.t. x, y, log_t and bias.
 
-One ``pallas_call`` per trip around the ring. Each device keeps its image chunk X_k in HBM;
-travelling text chunks (with their pair ids) and their f32 dY land in double-buffered HBM
-slots (outputs of the call used as scratch, so every device has them at the same address
-for the remote copies). Streams: the right copy of every chunk (+1), and under the
-bidirectional schedule also the left copy (-1), interleaved hop by hop.
+One kernel, run as one or two trips round the ring. Each device *owns* an operand A (its
+local (b, D) chunk, read from its own HBM) while the other operand B travels, with its pair
+ids, from neighbour to neighbour. At each hop the device computes the (b x b) block of
+(A_local, B_visiting) tile by tile in VMEM and accumulates into outputs that stay local:
+  - the loss sum and the statistics sum G * t S and sum G (dlog_t and dbias), and
+  - optionally dA, in float32 in HBM, updated tile by tile once per hop.
+A loss-only call is one trip (A = x, B = y: loss sum only), 2 b^2 D FLOPs per block. Value
+and gradients are two trips: (A = x, B = y) for the loss, the statistics and dX = t G @ Y;
+then the transposed block (A = y, B = x with the ids swapped) for dY = t G^T @ X. The second
+trip computes the very same (image rows x text rows) logits tiles x @ y.T as the first, with
+the visiting x as the row operand, so every logit is the same number in both trips. 4 b^2 D
+FLOPs per block per trip, 8 b^2 D in all (the logits computed twice); nothing of size b x b
+leaves VMEM and no gradient travels: per hop the wire carries one chunk (b D elements of the
+input dtype) and its b int32 ids, and only ever to a ring neighbour.
 
-Hop h of a stream, on every device:
-  1. wait for chunk h in slot h % 2 (sent by the upstream neighbour during its hop h - 1),
-     and start sending it on to slot (h + 1) % 2 of the downstream neighbour: the copy runs
-     during all of this hop's compute;
-  2. sweep A, row tiles outer: the loss sums and dX (local, f32, accumulated over hops);
-  3. with gradients, sweep B, column tiles outer: recompute each logits tile for dY. Each
-     dY tile starts from the dY that came with the chunk (tile-wise remote copies sent by
-     upstream during its previous hop, so long since arrived) and, when finished, goes from
-     VMEM straight to the downstream neighbour's dY slot, or home to the chunk's owner after
-     the stream's last hop, while the next tile computes.
-The logits tiles never leave VMEM and nothing is kept per hop: value and gradients cost
-8 b^2 D FLOPs per block (6 if the two sweeps shared the logits, which would need a
-read-modify-write of a dY tile per row tile), a loss-only trip 2 b^2 D.
+Streams: the right copy of every chunk (+1) and, under the bidirectional schedule, also the
+left copy (-1). Both streams' hop h forms round h: the round first waits for both chunks,
+then starts both sends on to the neighbours, computes both blocks, and waits for both sends
+at its end, so both link directions are busy during all of the round's compute.
 
-Handshake. A remote write may only land in a slot its owner is done with. Both slots are
+Handshake. Each stream's chunks land in two HBM slots per device (outputs of the call used as
+scratch, so every device has them at the same place for the remote copies): hop h's chunk in
+slot h % 2. A remote write may only land in a slot its owner is done with. Both slots are
 free at entry, once a barrier on the collective barrier semaphore has shown that the
-neighbours are inside the kernel. From then on a device *grants a credit* (a remote
-``semaphore_signal`` to its upstream neighbour) for each slot it frees, and upstream waits
-for it before writing there again:
-  - the chunk slot of hop h, at the end of hop h (both sweeps read it; our send from it has
-    completed); upstream waits before its hop h + 1 send, which brings our hop h + 2 chunk;
-  - the dY slot of hop h, after sweep B of hop h; upstream waits before sweep B of its hop
-    h + 1, whose tiles land there.
-Every credit granted is waited for and every copy is waited for at both ends (the sender
+upstream neighbours are inside the kernel. From then on a device *grants a credit* (a remote
+``semaphore_signal`` to its upstream neighbour) when it has finished hop h (1 <= h <= H - 2),
+and upstream takes that credit before its hop h + 1 send, which lands in the slot hop h
+read. Every credit granted is taken and every copy is waited for at both ends (the sender
 for its send semaphore, the receiver for its receive semaphore), so all semaphores are zero
 at kernel exit: TPU interpret mode checks that (tests/test_kernel_tpu_ring.py).
+
+Semaphores, whatever b: 12 DMA semaphores for the local tile pipeline, 8 per stream for the
+chunk copies (chunk or ids, send or receive, slot), one credit per stream and the barrier.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -68,9 +69,9 @@ class BlockSizes:
 
   The tile used is the largest multiple of the sublane count, between half and all of the
   given size, that divides the local batch b; failing that, b is padded up to a multiple
-  of the tile and the padding masked out. Each sweep keeps two buffers of an image tile
-  and of a text tile, two f32 gradient tiles (all D wide) and a few (rows x cols) f32
-  temporaries in VMEM.
+  of the tile and the padding masked out. A trip keeps two buffers of an image tile and of
+  a text tile, with gradients two f32 gradient tiles (all D wide), and a few (rows x cols)
+  f32 temporaries in VMEM.
   """
 
   block_rows: int = 256
