@@ -297,6 +297,14 @@ def _id_rows(ref, size, k, as_rows):
   return _rows(ref, size, k) if as_rows else ref.at[k]
 
 
+def _column(row):
+  """(1, n) int32 -> (n, 1). The travelling ids keep the lane-dense (b / t, 1, t) layout: as
+  (b, 1) they would be padded to 128 lanes in HBM and on the wire. One (128, n) transpose
+  per tile is small beside the tile's (tm x tn x D) matmuls."""
+  n = row.shape[1]
+  return jnp.transpose(jnp.broadcast_to(row, (128, n)))[:, :1]
+
+
 def _valid(plan: _Plan, i, j):
   """Which pairs of logits tile (i, j) are real (None when the batch needed no padding)."""
   if plan.b_valid == plan.b:
@@ -322,7 +330,7 @@ def _sweep(plan: _Plan, r: _Refs, b_blk, b_ids_blk, first):
   outer = ((lambda o: _rows(r.a, ta, o), r.a_tile),
            (lambda o: _id_rows(r.a_ids, ta, o, not tr), r.a_id_tile))
   inner = ((lambda q: _rows(b_blk, tb, q), r.b_tile),
-           (lambda q: _id_rows(b_ids_blk, tb, q, tr), r.b_id_tile))
+           (lambda q: _id_rows(b_ids_blk, tb, q, False), r.b_id_tile))
 
   def fetches(ops, k, slot, kind):
     return [pltpu.make_async_copy(src(k), buf.at[slot], r.tile_sems.at[kind + a, slot])
@@ -352,7 +360,7 @@ def _sweep(plan: _Plan, r: _Refs, b_blk, b_ids_blk, first):
     (a_t, a_id), (b_t, b_id) = a_bufs, b_bufs
     a_val, b_val = a_t[...], b_t[...]
     if tr:  # A = y (text rows o), B = x (image rows q)
-      x_val, xid, y_val, yid, i, j = b_val, b_id[...], a_val, a_id[...], q, o
+      x_val, xid, y_val, yid, i, j = b_val, _column(b_id[...]), a_val, a_id[...], q, o
     else:
       x_val, xid, y_val, yid, i, j = a_val, a_id[...], b_val, b_id[...], o, q
     loss, g, ts = _tile(x_val, y_val, xid, yid, t, bias, _valid(plan, i, j))
@@ -556,7 +564,7 @@ def _ring_call(plan: _Plan, params, me, a, a_ids, bm, b_ids, *, axis_name, inter
   id_tile = lambda size, as_rows: (size, 1) if as_rows else (1, size)
   scratch = [pltpu.VMEM((2, ta, dim), a.dtype), pltpu.VMEM((2, tb, dim), bm.dtype),
              pltpu.VMEM((2,) + id_tile(ta, not tr), jnp.int32),
-             pltpu.VMEM((2,) + id_tile(tb, tr), jnp.int32),
+             pltpu.VMEM((2,) + id_tile(tb, False), jnp.int32),
              pltpu.SemaphoreType.DMA((6, 2)),
              pltpu.SemaphoreType.DMA((max(n_buf, 1), 2, 2, 2)),
              pltpu.SemaphoreType.REGULAR((max(n_buf, 1),))]
@@ -600,14 +608,17 @@ def _trip(x, y, x_ids, y_ids, log_t, bias, axis_name, schedule, interpret, block
   f32 = jnp.float32
   params = jnp.stack([jnp.exp(jnp.reshape(log_t, ()).astype(f32)),
                       jnp.reshape(bias, ()).astype(f32)])
-  # Image ids as rows of a logits tile, text ids as its columns.
+  # Image ids as rows of a logits tile, text ids as its columns; ids that travel (the image
+  # ids in the transposed trip) lane-dense, as the text ids.
   xid = x_ids.reshape(b, 1)
+  xid_t = x_ids.reshape(b // tm, 1, tm)
   yid = y_ids.reshape(b // tn, 1, tn)
   me = jnp.zeros((1,), jnp.int32)
   if axis_name is not None:
     me = lax.axis_index(axis_name).astype(jnp.int32).reshape(1)
     # Under shard_map with check_vma the kernel's operands must all vary over the axis.
-    params, me, xid, yid = (vma.pvary(a, {axis_name}) for a in (params, me, xid, yid))
+    params, me, xid, xid_t, yid = (vma.pvary(a, {axis_name})
+                                   for a in (params, me, xid, xid_t, yid))
   hops = _ring_hops(n_dev, schedule)
   plan = functools.partial(_Plan, n_dev, b, b_valid, dim, tm, tn, x.dtype, hops=hops)
   call = functools.partial(_ring_call, params=params, me=me, axis_name=axis_name,
@@ -619,7 +630,7 @@ def _trip(x, y, x_ids, y_ids, log_t, bias, axis_name, schedule, interpret, block
   sums, dx = call(plan(stats=3, grad=True, transposed=False), a=x, a_ids=xid, bm=y,
                   b_ids=yid, name="siglip_ring_fwd_bwd_dx")
   # The transposed block: y owned, x travelling with its ids; the same logits tiles.
-  _, dy = call(plan(stats=0, grad=True, transposed=True), a=y, a_ids=yid, bm=x, b_ids=xid,
+  _, dy = call(plan(stats=0, grad=True, transposed=True), a=y, a_ids=yid, bm=x, b_ids=xid_t,
                name="siglip_ring_fwd_bwd_dy")
   return jnp.sum(sums[0]), (dx[:b_valid], dy[:b_valid], jnp.sum(sums[1]), jnp.sum(sums[2]))
 
