@@ -79,9 +79,11 @@ class BlockSizes:
 
   @classmethod
   def get_default(cls, dim: int, dtype) -> "BlockSizes":
-    # 512 x 512 tiles at D = 1152 need ~17 MiB with gradients: fine on v5e/v5p/v6e (64-128
-    # MiB VMEM per core), not on v4 (16 MiB). Where the chip is unknown (CPU, interpret
-    # mode, some compile-only set-ups) use the size that fits all of them.
+    # 512 x 512 tiles at D = 1152 need ~18 MiB with gradients: fine on v5e/v5p/v6e (64-128
+    # MiB VMEM per core), not on v4 (16 MiB). Traced inside shard_map over a compile-only
+    # TPU mesh, get_tpu_info() describes the target chip, not the host (the tests check
+    # v4, v5e and v6e). Where no chip is known (CPU, interpret mode) use the size that fits
+    # all of them.
     size = 512 if (_vmem_capacity() or 0) >= 64 * 2**20 else 256
     if _vmem_bytes(size, size, dim, jnp.dtype(dtype).itemsize, True) > 24 * 2**20:
       size = 256
