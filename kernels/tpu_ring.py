@@ -448,8 +448,10 @@ class _Ring:
                          sem(1, 1), self.device(d)))
 
   def enter(self):
-    """Both slots are free at entry once the neighbours that write to us are inside the
-    kernel (their buffers are then ours to write too)."""
+    """A device's slots may be written once it is inside the kernel (before that the
+    buffers may still belong to an earlier program): each device tells its upstream
+    neighbours, who write to it, that it has entered, and waits for the same word from
+    its downstream neighbours before its first send."""
     barrier = pltpu.get_barrier_semaphore()
     upstream = sorted({-d for d in self.plan.directions})
     for off in upstream:
@@ -459,7 +461,8 @@ class _Ring:
 
   def grant(self, s):
     """Tell stream s's upstream neighbour that one of our slots is free again."""
-    pl.semaphore_signal(self.r.credits.at[s], 1, device_id=self.device(-self.plan.directions[s]),
+    upstream = self.device(-self.plan.directions[s])
+    pl.semaphore_signal(self.r.credits.at[s], 1, device_id=upstream,
                         device_id_type=pl.DeviceIdType.MESH)
 
   def round_(self, h, streams):
@@ -488,6 +491,7 @@ class _Ring:
       _when(h < hops[s], functools.partial(start, s))
     for s in streams:
       _sweep(self.plan, r, r.slots[s].at[slot], r.id_slots[s].at[slot], first=False)
+
     def wait_sends(s):
       for c in sends(s):
         c.wait_send()
