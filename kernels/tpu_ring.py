@@ -1,42 +1,43 @@
-"""The SigLIP ring inside one Pallas TPU kernel: text chunks travel by remote DMA while the
-MXU works on the chunk that has already arrived (DESIGN.md section 2, paper section 3.3).
+"""The SigLIP ring inside one Pallas TPU kernel: text or image chunks travel by neighbour
+remote DMA while the MXU works on the chunk that has already arrived (paper section 3.3).
 
 Same contract as ``siglip_fast.reference.ring_loss`` (the oracle): called inside
 ``shard_map`` over ``axis_name`` with this device's (b, D) chunks, it returns the global mean
 loss, replicated, and is differentiable w.r.t. x, y, log_t and bias.
 
-One ``pallas_call`` per trip around the ring. Each device keeps its image chunk X_k in HBM;
-travelling text chunks (with their pair ids) and their f32 dY land in double-buffered HBM
-slots (outputs of the call used as scratch, so every device has them at the same address
-for the remote copies). Streams: the right copy of every chunk (+1), and under the
-bidirectional schedule also the left copy (-1), interleaved hop by hop.
+One kernel, run as one or two trips round the ring. Each device *owns* an operand A (its
+local (b, D) chunk, read from its own HBM) while the other operand B travels, with its pair
+ids, from neighbour to neighbour. At each hop the device computes the (b x b) block of
+(A_local, B_visiting) tile by tile in VMEM and accumulates into outputs that stay local:
+  - the loss sum and the statistics sum G * t S and sum G (dlog_t and dbias), and
+  - optionally dA, in float32 in HBM, updated tile by tile once per hop.
+A loss-only call is one trip (A = x, B = y: loss sum only), 2 b^2 D FLOPs per block. Value
+and gradients are two trips: (A = x, B = y) for the loss, the statistics and dX = t G @ Y;
+then the transposed block (A = y, B = x with the ids swapped) for dY = t G^T @ X. The second
+trip computes the very same (image rows x text rows) logits tiles x @ y.T as the first, with
+the visiting x as the row operand, so every logit is the same number in both trips. 4 b^2 D
+FLOPs per block per trip, 8 b^2 D in all (the logits computed twice); nothing of size b x b
+leaves VMEM and no gradient travels: per hop the wire carries one chunk (b D elements of the
+input dtype) and its b int32 ids, and only ever to a ring neighbour.
 
-Hop h of a stream, on every device:
-  1. wait for chunk h in slot h % 2 (sent by the upstream neighbour during its hop h - 1),
-     and start sending it on to slot (h + 1) % 2 of the downstream neighbour: the copy runs
-     during all of this hop's compute;
-  2. sweep A, row tiles outer: the loss sums and dX (local, f32, accumulated over hops);
-  3. with gradients, sweep B, column tiles outer: recompute each logits tile for dY. Each
-     dY tile starts from the dY that came with the chunk (tile-wise remote copies sent by
-     upstream during its previous hop, so long since arrived) and, when finished, goes from
-     VMEM straight to the downstream neighbour's dY slot, or home to the chunk's owner after
-     the stream's last hop, while the next tile computes.
-The logits tiles never leave VMEM and nothing is kept per hop: value and gradients cost
-8 b^2 D FLOPs per block (6 if the two sweeps shared the logits, which would need a
-read-modify-write of a dY tile per row tile), a loss-only trip 2 b^2 D.
+Streams: the right copy of every chunk (+1) and, under the bidirectional schedule, also the
+left copy (-1). Both streams' hop h forms round h: the round first waits for both chunks,
+then starts both sends on to the neighbours, computes both blocks, and waits for both sends
+at its end, so both link directions are busy during all of the round's compute.
 
-Handshake. A remote write may only land in a slot its owner is done with. Both slots are
+Handshake. Each stream's chunks land in two HBM slots per device (outputs of the call used as
+scratch, so every device has them at the same place for the remote copies): hop h's chunk in
+slot h % 2. A remote write may only land in a slot its owner is done with. Both slots are
 free at entry, once a barrier on the collective barrier semaphore has shown that the
-neighbours are inside the kernel. From then on a device *grants a credit* (a remote
-``semaphore_signal`` to its upstream neighbour) for each slot it frees, and upstream waits
-for it before writing there again:
-  - the chunk slot of hop h, at the end of hop h (both sweeps read it; our send from it has
-    completed); upstream waits before its hop h + 1 send, which brings our hop h + 2 chunk;
-  - the dY slot of hop h, after sweep B of hop h; upstream waits before sweep B of its hop
-    h + 1, whose tiles land there.
-Every credit granted is waited for and every copy is waited for at both ends (the sender
+upstream neighbours are inside the kernel. From then on a device *grants a credit* (a remote
+``semaphore_signal`` to its upstream neighbour) when it has finished hop h (1 <= h <= H - 2),
+and upstream takes that credit before its hop h + 1 send, which lands in the slot hop h
+read. Every credit granted is taken and every copy is waited for at both ends (the sender
 for its send semaphore, the receiver for its receive semaphore), so all semaphores are zero
 at kernel exit: TPU interpret mode checks that (tests/test_kernel_tpu_ring.py).
+
+Semaphores, whatever b: 12 DMA semaphores for the local tile pipeline, 8 per stream for the
+chunk copies (chunk or ids, send or receive, slot), one credit per stream and the barrier.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -68,9 +69,9 @@ class BlockSizes:
 
   The tile used is the largest multiple of the sublane count, between half and all of the
   given size, that divides the local batch b; failing that, b is padded up to a multiple
-  of the tile and the padding masked out. Each sweep keeps two buffers of an image tile
-  and of a text tile, two f32 gradient tiles (all D wide) and a few (rows x cols) f32
-  temporaries in VMEM.
+  of the tile and the padding masked out. A trip keeps two buffers of an image tile and of
+  a text tile, with gradients two f32 gradient tiles (all D wide), and a few (rows x cols)
+  f32 temporaries in VMEM.
   """
 
   block_rows: int = 256
@@ -78,9 +79,11 @@ class BlockSizes:
 
   @classmethod
   def get_default(cls, dim: int, dtype) -> "BlockSizes":
-    # 512 x 512 tiles at D = 1152 need ~17 MiB with gradients: fine on v5e/v5p/v6e (64-128
-    # MiB VMEM per core), not on v4 (16 MiB). Where the chip is unknown (CPU, interpret
-    # mode, some compile-only set-ups) use the size that fits all of them.
+    # 512 x 512 tiles at D = 1152 need ~18 MiB with gradients: fine on v5e/v5p/v6e (64-128
+    # MiB VMEM per core), not on v4 (16 MiB). Traced inside shard_map over a compile-only
+    # TPU mesh, get_tpu_info() describes the target chip, not the host (the tests check
+    # v4, v5e and v6e). Where no chip is known (CPU, interpret mode) use the size that fits
+    # all of them.
     size = 512 if (_vmem_capacity() or 0) >= 64 * 2**20 else 256
     if _vmem_bytes(size, size, dim, jnp.dtype(dtype).itemsize, True) > 24 * 2**20:
       size = 256
@@ -156,46 +159,47 @@ def _check_inputs(x, y, x_ids, y_ids, log_t, bias, block_sizes):
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
-  """Static shape of one trip: sizes, schedule and what each stream does."""
+  """Static shape of one trip: sizes, schedule, and what the trip accumulates.
+
+  A trip's block at a hop is (A_local x B_visiting). ``transposed`` says which side of the
+  logits the owned operand A is: False, A holds the image rows (A = x, B = y); True, A
+  holds the text rows (A = y, B = x), and the trip computes the same (tm, tn) logits tiles
+  x @ y.T as the first, with the visiting x as the row operand, and reduces over the rows.
+  """
 
   n_dev: int
   b: int  # the local batch, padded to a multiple of both tiles
   b_valid: int  # the local batch; rows and columns past it are masked out
   dim: int
-  tm: int
-  tn: int
+  tm: int  # image-row tile
+  tn: int  # text-row tile
   dtype: jnp.dtype
-  with_grads: bool
-  hops: tuple  # per stream (right, then left if bidirectional): number of hops H_d
-  # First hop whose dY a stream carries: the right copy carries the own block's (hop 0),
-  # the left copy starts empty and carries from hop 1.
-  first_dy: tuple
+  stats: int  # sums rows kept: 0, 1 (loss) or 3 (loss, sum G * t S, sum G)
+  grad: bool  # accumulate dA = t * G @ B (or t * G^T @ B when transposed) in float32
+  transposed: bool
+  hops: tuple  # per stream (right, then left if bidirectional): number of hops H_s
 
   @property
-  def ni(self):
-    return self.b // self.tm
+  def ta(self):  # rows of an A tile
+    return self.tn if self.transposed else self.tm
 
   @property
-  def nj(self):
-    return self.b // self.tn
+  def tb(self):  # rows of a B tile
+    return self.tm if self.transposed else self.tn
 
   @property
   def directions(self):
     return (1, -1)[:len(self.hops)]
 
 
-def _make_plan(n_dev, schedule, b, b_valid, dim, tm, tn, dtype, with_grads):
-  if schedule == "unidirectional" or n_dev == 1:
-    hops = (n_dev - 1,)
-  else:
-    # As reference.ring: ceil((n - 1) / 2) rounds; with an even count the last round meets
-    # the chunk n / 2 away, which only the right copy computes.
-    rounds = (n_dev - 1) // 2
-    hops = (rounds + (n_dev % 2 == 0), rounds)
-    if rounds == 0:  # Two devices: the only other chunk comes by the right copy.
-      hops = hops[:1]
-  return _Plan(n_dev, b, b_valid, dim, tm, tn, jnp.dtype(dtype), with_grads, hops,
-               (0, 1)[:len(hops)])
+def _ring_hops(n_dev, schedule):
+  """Hops per stream: the right copy (+1), then under bidirectional the left copy (-1)."""
+  if schedule == "unidirectional" or n_dev <= 2:
+    return (n_dev - 1,) if n_dev > 1 else ()
+  # As reference.ring: ceil((n - 1) / 2) rounds; with an even count the last round meets
+  # the chunk n / 2 away, which only the right copy brings.
+  rounds = (n_dev - 1) // 2
+  return (rounds + (n_dev % 2 == 0), rounds)
 
 
 def _precision(a):
@@ -203,10 +207,11 @@ def _precision(a):
   return lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
 
 
-def _remote_copy(kind, src, dst, send_sem, recv_sem, device_id):
-  """A remote DMA to ``device_id`` (a {axis: index} dict). ``kind`` names the traffic
-  ("y", "y_ids", "dy", "dy_home"); the tests hook this to check where copies are placed."""
-  del kind
+def _remote_copy(kind, offset, src, dst, send_sem, recv_sem, device_id):
+  """A remote DMA to ``device_id`` (a {axis: index} dict), ``offset`` (a Python int)
+  places away in the ring. ``kind`` names the traffic ("chunk", "chunk_ids"); the tests
+  hook this to check where copies are placed and that they only go to a neighbour."""
+  del kind, offset
   return pltpu.make_async_remote_copy(src, dst, send_sem, recv_sem, device_id=device_id,
                                       device_id_type=pl.DeviceIdType.MESH)
 
@@ -237,327 +242,366 @@ def _tile(x, y, xid, yid, t, bias, valid=None):
 
 
 @dataclasses.dataclass(frozen=True)
-class _Acc:
-  """The f32 gradient tile a sweep accumulates for each tile of its outer operand."""
+class _Refs:
+  """The kernel's refs by name, in ``pallas_call`` order (inputs, outputs, scratch)."""
 
-  rows: int
-  out: Callable  # (outer index, VMEM tile) -> [(start, wait)]: the copies that take it away
-  src: Callable | None = None  # outer index -> the HBM tile it continues; None: from zero
-  ready: Callable | None = None  # outer index -> wait until that HBM tile has arrived
-  first: Any = True  # (maybe traced) bool: start from zero after all, src unread
+  params: Any  # SMEM (2,): t, bias
+  me: Any  # SMEM (1,): this device's ring index
+  a: Any  # HBM (b, D): the owned operand
+  a_ids: Any  # HBM ids of A: (b, 1) as rows, (b / tn, 1, tn) as columns
+  b: Any  # HBM (b, D): this device's chunk of the travelling operand
+  b_ids: Any
+  sums: Any  # VMEM (8, tn) f32, or None
+  da: Any  # HBM (b, D) f32, or None
+  slots: tuple  # per stream: HBM (2, b, D), where visiting B chunks land
+  id_slots: tuple  # per stream: their ids
+  a_tile: Any  # VMEM (2, ta, D) double buffers of the tile pipeline
+  b_tile: Any
+  a_id_tile: Any
+  b_id_tile: Any
+  acc: Any  # VMEM (2, ta, D) f32: the dA tile being accumulated, or None
+  tile_sems: Any  # DMA (6, 2): local tile copies, (kind, slot)
+  ring_sems: Any  # DMA (streams, 2, 2, 2): (stream, chunk or ids, send or recv, slot)
+  credits: Any  # REGULAR (streams,): slots freed by the downstream neighbour
+
+  @classmethod
+  def unpack(cls, plan: _Plan, refs):
+    refs = list(refs)
+    take = lambda k: [refs.pop(0) for _ in range(k)]
+    params, me, a, a_ids, b, b_ids = take(6)
+    sums = take(1)[0] if plan.stats else None
+    da = take(1)[0] if plan.grad else None
+    n_buf = len(plan.hops)
+    slots, id_slots = tuple(take(n_buf)), tuple(take(n_buf))
+    a_tile, b_tile, a_id_tile, b_id_tile, tile_sems, ring_sems, credits = take(7)
+    acc = take(1)[0] if plan.grad else None
+    assert not refs, refs
+    return cls(params, me, a, a_ids, b, b_ids, sums, da, slots, id_slots, a_tile, b_tile,
+               a_id_tile, b_id_tile, acc, tile_sems, ring_sems, credits)
 
 
-def _ring_kernel(plan: _Plan, axis_name, params_ref, me_ref, x_ref, xid_ref, y_ref, yid_ref,
-                 *rest):
-  n_streams, grads, n = len(plan.hops), plan.with_grads, plan.n_dev
-  n_buf = n_streams if n > 1 else 0
-  ni, nj, tm, tn = plan.ni, plan.nj, plan.tm, plan.tn
-  sums_ref, rest = rest[0], rest[1:]
-  if grads:
-    dx_ref, rest = rest[0], rest[1:]
-    home_refs, rest = rest[:n_streams], rest[n_streams:]
-  ybufs, rest = rest[:n_buf], rest[n_buf:]
-  idbufs, rest = rest[:n_buf], rest[n_buf:]
-  if grads:
-    dybufs, rest = rest[:n_buf], rest[n_buf:]
-  xv, yv, xidv, yidv, tile_sems, y_sems, dy_sems, credits = rest[:8]
-  accv = rest[8] if grads else None
-  t, bias = params_ref[0], params_ref[1]
-  if n > 1:
-    me = me_ref[0]  # (lax.axis_index inside the kernel trips interpret mode's vma checks)
-    device = lambda off: {axis_name: lax.rem(me + off + n, n)}
-  sums_ref[...] = jnp.zeros_like(sums_ref)
+def _when(cond, body):
+  """``pl.when`` that also takes a Python bool (a hop number known while tracing)."""
+  if isinstance(cond, bool):
+    if cond:
+      body()
+  else:
+    pl.when(cond)(body)
 
-  def rows(ref, size, k):
-    return ref.at[pl.ds(pl.multiple_of(k * size, size), size)]
 
-  def valid(i, j):
-    """Which pairs of tile (i, j) are real (None when the batch needed no padding)."""
-    if plan.b_valid == plan.b:
-      return None
-    r = i * tm + lax.broadcasted_iota(jnp.int32, (tm, tn), 0)
-    c = j * tn + lax.broadcasted_iota(jnp.int32, (tm, tn), 1)
-    return jnp.logical_and(r < plan.b_valid, c < plan.b_valid)
+def _rows(ref, size, k):
+  return ref.at[pl.ds(pl.multiple_of(k * size, size), size)]
 
-  # ---- The two sweeps over one (b x b) block, as a hand-written tile pipeline. ----
-  # Tiles are DMA'd from HBM into double-buffered VMEM: the operand of the outer loop once
-  # per outer step, the inner one every step, each prefetched a step ahead. The f32 gradient
-  # tile of the outer operand accumulates in VMEM over the inner loop, starting from zero or
-  # from the HBM tile it continues, and leaves (for HBM here, or straight for a neighbour)
-  # while the next outer step runs.
 
-  x_tiles = ((lambda i: rows(x_ref, tm, i), xv), (lambda i: rows(xid_ref, tm, i), xidv))
+def _id_rows(ref, size, k, as_rows):
+  """Tile k of an id array: (size, 1) of the (b, 1) row layout, or (1, size) of the
+  (b / size, 1, size) column layout."""
+  return _rows(ref, size, k) if as_rows else ref.at[k]
 
-  def y_tiles(y_blk, yid_blk):
-    return ((lambda j: rows(y_blk, tn, j), yv), (lambda j: yid_blk.at[j], yidv))
 
-  def sweep(n_outer, n_inner, outer, inner, compute, acc: _Acc | None = None):
-    n_steps = n_outer * n_inner
+def _column(row):
+  """(1, n) int32 -> (n, 1). The travelling ids keep the lane-dense (b / t, 1, t) layout: as
+  (b, 1) they would be padded to 128 lanes in HBM and on the wire. One (128, n) transpose
+  per tile is small beside the tile's (tm x tn x D) matmuls."""
+  n = row.shape[1]
+  return jnp.transpose(jnp.broadcast_to(row, (128, n)))[:, :1]
 
-    def fetches(ops, k, slot, kind):
-      return [pltpu.make_async_copy(src(k), buf.at[slot], tile_sems.at[kind + a, slot])
-              for a, (src, buf) in enumerate(ops)]
 
-    if acc is not None:
-      acc_tile = lambda slot: accv.at[slot, pl.ds(0, acc.rows)]
-      acc_in = lambda o, slot: pltpu.make_async_copy(acc.src(o), acc_tile(slot),
-                                                     tile_sems.at[4, slot])
-      reads_in = acc.src is not None and acc.first is not True
-      not_first = jnp.logical_not(acc.first)
+def _valid(plan: _Plan, i, j):
+  """Which pairs of logits tile (i, j) are real (None when the batch needed no padding)."""
+  if plan.b_valid == plan.b:
+    return None
+  r = i * plan.tm + lax.broadcasted_iota(jnp.int32, (plan.tm, plan.tn), 0)
+  c = j * plan.tn + lax.broadcasted_iota(jnp.int32, (plan.tm, plan.tn), 1)
+  return jnp.logical_and(r < plan.b_valid, c < plan.b_valid)
 
-      def send_out(o, slot):
-        for start, _ in acc.out(o, acc_tile(slot)):
-          start()
 
-      def wait_out(o, slot):
-        for _, wait in acc.out(o, acc_tile(slot)):
-          wait()
+def _sweep(plan: _Plan, r: _Refs, b_blk, b_ids_blk, first):
+  """One (b x b) block (A_local x B_visiting) as a hand-written tile pipeline.
 
-    def start_outer(o):
-      slot = lax.rem(o, 2)
-      for c in fetches(outer, o, slot, 0):
-        c.start()
-      if acc is not None and reads_in:
-        @pl.when(not_first)
-        def _():
-          if acc.ready is not None:
-            acc.ready(o)
-          acc_in(o, slot).start()
+  A tiles outer, B tiles inner: tiles come from HBM into double-buffered VMEM, each
+  prefetched one step ahead, so the inner loop's copies hide behind the tile math. The
+  sums stay in VMEM; the f32 dA tile accumulates in VMEM over the inner loop, starting
+  from zero on the trip's first block (``first``) or from its HBM tile, and goes back to
+  HBM while the next A tile computes.
+  """
+  ta, tb, tr = plan.ta, plan.tb, plan.transposed
+  n_outer, n_inner = plan.b // ta, plan.b // tb
+  n_steps = n_outer * n_inner
+  t, bias = r.params[0], r.params[1]
+  outer = ((lambda o: _rows(r.a, ta, o), r.a_tile),
+           (lambda o: _id_rows(r.a_ids, ta, o, not tr), r.a_id_tile))
+  inner = ((lambda q: _rows(b_blk, tb, q), r.b_tile),
+           (lambda q: _id_rows(b_ids_blk, tb, q, False), r.b_id_tile))
 
-    start_outer(0)
-    for c in fetches(inner, 0, 0, 2):
+  def fetches(ops, k, slot, kind):
+    return [pltpu.make_async_copy(src(k), buf.at[slot], r.tile_sems.at[kind + a, slot])
+            for a, (src, buf) in enumerate(ops)]
+
+  grad = plan.grad
+  if grad:
+    acc_tile = lambda slot: r.acc.at[slot]
+    acc_in = lambda o, slot: pltpu.make_async_copy(_rows(r.da, ta, o), acc_tile(slot),
+                                                   r.tile_sems.at[4, slot])
+    # One semaphore for the outgoing dA tiles: at most one is in flight.
+    acc_out = lambda o, slot: pltpu.make_async_copy(acc_tile(slot), _rows(r.da, ta, o),
+                                                    r.tile_sems.at[5, 0])
+
+  def start_outer(o):
+    slot = lax.rem(o, 2)
+    for c in fetches(outer, o, slot, 0):
       c.start()
+    if grad and not first:
+      acc_in(o, slot).start()
 
-    def step(c, carry):
-      o, q = c // n_inner, lax.rem(c, n_inner)
-      so, si = lax.rem(o, 2), lax.rem(c, 2)
-      last_q = q == n_inner - 1
-      if acc is not None:
-        # The VMEM slot the next outer step accumulates into is free once its copies left.
-        pl.when(jnp.logical_and(last_q, o >= 1))(lambda: wait_out(o - 1, 1 - so))
+  start_outer(0)
+  for c in fetches(inner, 0, 0, 2):
+    c.start()
 
-      @pl.when(c + 1 < n_steps)
+  def compute(o, q, a_bufs, b_bufs):
+    (a_t, a_id), (b_t, b_id) = a_bufs, b_bufs
+    a_val, b_val = a_t[...], b_t[...]
+    if tr:  # A = y (text rows o), B = x (image rows q)
+      x_val, xid, y_val, yid, i, j = b_val, _column(b_id[...]), a_val, a_id[...], q, o
+    else:
+      x_val, xid, y_val, yid, i, j = a_val, a_id[...], b_val, b_id[...], o, q
+    loss, g, ts = _tile(x_val, y_val, xid, yid, t, bias, _valid(plan, i, j))
+    if plan.stats:
+      r.sums[0:1, :] += jnp.sum(loss, axis=0, keepdims=True)
+    if plan.stats > 1:
+      r.sums[1:2, :] += jnp.sum(g * ts, axis=0, keepdims=True)
+      r.sums[2:3, :] += jnp.sum(g, axis=0, keepdims=True)
+    if not grad:
+      return None
+    gt = (g * t).astype(b_val.dtype)
+    if tr:  # dY tile = t * G^T @ X
+      return lax.dot_general(gt, b_val, _TN, precision=_precision(b_val),
+                             preferred_element_type=jnp.float32)
+    return jnp.dot(gt, b_val, precision=_precision(b_val),
+                   preferred_element_type=jnp.float32)
+
+  def step(c, carry):
+    o, q = c // n_inner, lax.rem(c, n_inner)
+    so, si = lax.rem(o, 2), lax.rem(c, 2)
+    last_q = q == n_inner - 1
+    if grad:
+      # The VMEM slot the next A tile accumulates into is free once its last copy left.
+      @pl.when(jnp.logical_and(last_q, o >= 1))
       def _():
-        for cp in fetches(inner, lax.rem(c + 1, n_inner), 1 - si, 2):
-          cp.start()
-        pl.when(last_q)(lambda: start_outer(o + 1))
+        acc_out(o - 1, 1 - so).wait()
 
-      for cp in fetches(inner, q, si, 2):
+    @pl.when(c + 1 < n_steps)
+    def _():
+      for cp in fetches(inner, lax.rem(c + 1, n_inner), 1 - si, 2):
+        cp.start()
+      pl.when(last_q)(lambda: start_outer(o + 1))
+
+    for cp in fetches(inner, q, si, 2):
+      cp.wait()
+
+    @pl.when(q == 0)
+    def _():
+      for cp in fetches(outer, o, so, 0):
         cp.wait()
+      if grad and not first:
+        acc_in(o, so).wait()
 
-      @pl.when(q == 0)
-      def _():
-        for cp in fetches(outer, o, so, 0):
-          cp.wait()
-        if acc is not None and reads_in:
-          pl.when(not_first)(lambda: acc_in(o, so).wait())
-
-      contrib = compute(o, q, [buf.at[so] for _, buf in outer],
-                        [buf.at[si] for _, buf in inner])
-      if acc is None:
-        return carry
+    contrib = compute(o, q, [buf.at[so] for _, buf in outer],
+                      [buf.at[si] for _, buf in inner])
+    if grad:
       tile = acc_tile(so)
 
       @pl.when(q == 0)
       def _():
-        tile[...] = (jnp.where(acc.first, 0.0, tile[...]) if reads_in else 0.0) + contrib
+        tile[...] = contrib if first else tile[...] + contrib
 
       @pl.when(q != 0)
       def _():
         tile[...] += contrib
 
-      pl.when(last_q)(lambda: send_out(o, so))
-      return carry
+      pl.when(last_q)(lambda: acc_out(o, so).start())
+    return carry
 
-    lax.fori_loop(0, n_steps, step, 0)
-    if acc is not None:
-      wait_out(n_outer - 1, (n_outer - 1) % 2)
+  lax.fori_loop(0, n_steps, step, 0)
+  if grad:
+    acc_out(n_outer - 1, (n_outer - 1) % 2).wait()
 
-  def local_out(ref, size):
-    """The gradient tile goes to ``ref``'s tile in this device's HBM."""
-    def out(o, tile):
-      c = lambda: pltpu.make_async_copy(tile, rows(ref, size, o), tile_sems.at[5, 0])
-      return [(lambda: c().start(), lambda: c().wait())]
-    return out
 
-  def sweep_rows(y_blk, yid_blk, first):
-    """Loss sums and, with gradients, dX += t * G @ Y over the block, row tiles outer."""
+class _Ring:
+  """The travelling B chunks: neighbour copies only, double-buffered slots, credits."""
 
-    def compute(i, j, outer, inner):
-      (x_t, xid_t), (y_t, yid_t) = outer, inner
-      y_val = y_t[...]
-      loss, g, ts = _tile(x_t[...], y_val, xid_t[...], yid_t[...], t, bias, valid(i, j))
-      sums_ref[0:1, :] += jnp.sum(loss, axis=0, keepdims=True)
-      if not grads:
-        return None
-      sums_ref[1:2, :] += jnp.sum(g * ts, axis=0, keepdims=True)
-      sums_ref[2:3, :] += jnp.sum(g, axis=0, keepdims=True)
-      return jnp.dot((g * t).astype(y_val.dtype), y_val, precision=_precision(y_val),
-                     preferred_element_type=jnp.float32)
+  def __init__(self, plan: _Plan, r: _Refs, axis_name):
+    self.plan, self.r, self.axis_name = plan, r, axis_name
 
-    acc = None
-    if grads:
-      src = None if first else (lambda i: rows(dx_ref, tm, i))
-      acc = _Acc(tm, local_out(dx_ref, tm), src=src, first=first)
-    sweep(ni, nj, x_tiles, y_tiles(y_blk, yid_blk), compute, acc)
+  def device(self, off):
+    n = self.plan.n_dev
+    # (lax.axis_index inside the kernel trips interpret mode's vma checks: me is an input.)
+    return {self.axis_name: lax.rem(self.r.me[0] + off + n, n)}
 
-  def sweep_cols(y_blk, yid_blk, acc):
-    """dY = (incoming dY) + t * G^T @ X over the block, column tiles outer, recomputing the
-    logits tile; each finished dY tile leaves as ``acc.out`` says."""
+  def copies(self, s, src, src_ids, slot):
+    """Chunk and ids from ``src`` to the downstream neighbour's ``slot`` of stream s."""
+    d, r = self.plan.directions[s], self.r
+    sem = lambda k, end: r.ring_sems.at[s, k, end, slot]
+    return (_remote_copy("chunk", d, src, r.slots[s].at[slot], sem(0, 0), sem(0, 1),
+                         self.device(d)),
+            _remote_copy("chunk_ids", d, src_ids, r.id_slots[s].at[slot], sem(1, 0),
+                         sem(1, 1), self.device(d)))
 
-    def compute(j, i, outer, inner):
-      (y_t, yid_t), (x_t, xid_t) = outer, inner
-      x_val = x_t[...]
-      _, g, _ = _tile(x_val, y_t[...], xid_t[...], yid_t[...], t, bias, valid(i, j))
-      return lax.dot_general((g * t).astype(x_val.dtype), x_val, _TN,
-                             precision=_precision(x_val), preferred_element_type=jnp.float32)
+  def enter(self):
+    """A device's slots may be written once it is inside the kernel (before that the
+    buffers may still belong to an earlier program): each device tells its upstream
+    neighbours, who write to it, that it has entered, and waits for the same word from
+    its downstream neighbours before its first send."""
+    barrier = pltpu.get_barrier_semaphore()
+    upstream = sorted({-d for d in self.plan.directions})
+    for off in upstream:
+      pl.semaphore_signal(barrier, 1, device_id=self.device(off),
+                          device_id_type=pl.DeviceIdType.MESH)
+    pl.semaphore_wait(barrier, len(upstream))
 
-    sweep(nj, ni, y_tiles(y_blk, yid_blk), x_tiles, compute, acc)
-
-  # ---- Copies between devices. ----
-
-  def copy(kind, src, dst, send, recv, off):
-    return _remote_copy(kind, src, dst, send, recv, device(off))
-
-  def y_copies(s, d, src_y, src_id, slot):
-    """The chunk (and its ids) to the downstream neighbour's ``slot``."""
-    return (copy("y", src_y, ybufs[s].at[slot], y_sems.at[s, 0, 0, slot],
-                 y_sems.at[s, 0, 1, slot], d),
-            copy("y_ids", src_id, idbufs[s].at[slot], y_sems.at[s, 1, 0, slot],
-                 y_sems.at[s, 1, 1, slot], d))
-
-  def dy_tile_copy(s, d, src, j, slot):
-    """dY tile j to the downstream neighbour's dY ``slot`` (tile-wise semaphores)."""
-    return copy("dy", src, rows(dybufs[s].at[slot], tn, j), dy_sems.at[s, 0, slot, j],
-                dy_sems.at[s, 1, slot, j], d)
-
-  def home_tile_copy(s, d, src, j):
-    """dY tile j to the chunk's owner, -d * hops away, once the copy's trip is over."""
-    return copy("dy_home", src, rows(home_refs[s], tn, j), dy_sems.at[s, 2, 0, j],
-                dy_sems.at[s, 3, 0, j], -d * plan.hops[s])
-
-  def remote_out(s, d, h):
-    """Where hop h's dY tiles go: downstream while the trip goes on, home after the last."""
-    n_hops, other = plan.hops[s], 1 - lax.rem(h, 2)
-
-    def out(j, tile):
-      fwd = lambda: dy_tile_copy(s, d, tile, j, other)
-      home = lambda: home_tile_copy(s, d, tile, j)
-      return [(lambda: pl.when(h < n_hops)(lambda: fwd().start()),
-               lambda: pl.when(h < n_hops)(lambda: fwd().wait_send())),
-              (lambda: pl.when(h == n_hops)(lambda: home().start()),
-               lambda: pl.when(h == n_hops)(lambda: home().wait_send()))]
-    return out
-
-  def credit(s, kind):
-    return credits.at[s, kind]
-
-  def grant(s, d, kind):
-    pl.semaphore_signal(credit(s, kind), 1, device_id=device(-d),
+  def grant(self, s):
+    """Tell stream s's upstream neighbour that one of our slots is free again."""
+    upstream = self.device(-self.plan.directions[s])
+    pl.semaphore_signal(self.r.credits.at[s], 1, device_id=upstream,
                         device_id_type=pl.DeviceIdType.MESH)
 
-  def dy_sweep(s, d, h, y_blk, id_blk, first):
-    """Sweep B of hop h of stream s: dY of the chunk, continuing the dY that came with it
-    (unless ``first``), its tiles sent on as they finish."""
-    n_hops, f = plan.hops[s], plan.first_dy[s]
-    slot = lax.rem(h, 2)
+  def round_(self, h, streams):
+    """Hop h >= 1 of each stream in ``streams``: the chunk from -d * h devices away.
 
-    # Downstream must have read (hop h - 1's sweep B) the dY slot our tiles land in.
-    @pl.when(jnp.logical_and(h >= f + 2, h < n_hops))
-    def _():
-      _take_credit(credit(s, 1))
+    Hop h's chunk sits in slot h % 2 (sent by upstream during its hop h - 1). All the
+    streams' chunks are received, then all their sends to the downstream neighbours'
+    other slot start, so both link directions are busy during all of the round's compute;
+    the sends are waited for at the round's end.
+    """
+    r, hops = self.r, self.plan.hops
+    slot = h % 2 if isinstance(h, int) else lax.rem(h, 2)
+    for s in streams:
+      for c in self.copies(s, r.slots[s].at[slot], r.id_slots[s].at[slot], slot):
+        c.wait_recv()
+    sends = lambda s: self.copies(s, r.slots[s].at[slot], r.id_slots[s].at[slot], 1 - slot)
 
-    def ready(j):  # tile j of the incoming dY (sent during upstream's hop h - 1) is here
-      dy_tile_copy(s, d, rows(dybufs[s].at[slot], tn, j), j, slot).wait_recv()
-
-    src = None if first is True else (lambda j: rows(dybufs[s].at[slot], tn, j))
-    sweep_cols(y_blk, id_blk, _Acc(tn, remote_out(s, d, h), src=src, ready=ready, first=first))
-
-    @pl.when(jnp.logical_and(h >= f + 1, h <= n_hops - 2))
-    def _():
-      grant(s, d, 1)  # upstream may now send hop h + 1's dY tiles into our slot `slot`
-
-  def hop(s, h):
-    """Hop h >= 1 of stream s (traced h): the chunk from -d * h devices away."""
-    d, n_hops, f = plan.directions[s], plan.hops[s], plan.first_dy[s]
-    slot = lax.rem(h, 2)
-    other = 1 - slot
-    y_blk, id_blk = ybufs[s].at[slot], idbufs[s].at[slot]
-    for c in y_copies(s, d, y_blk, id_blk, slot):
-      c.wait_recv()
-    sends = lambda: y_copies(s, d, y_blk, id_blk, other)
-
-    @pl.when(h < n_hops)
-    def _():
-      @pl.when(h >= 2)
-      def _():
-        _take_credit(credit(s, 0))  # downstream has freed its slot `other`
-      for c in sends():
+    def start(s):
+      # Downstream's slot 1 - slot last held its hop h - 1 chunk (h >= 2); hops 0 and 1
+      # write its slots for the first time.
+      _when(h >= 2, lambda: _take_credit(r.credits.at[s]))
+      for c in sends(s):
         c.start()
 
-    sweep_rows(y_blk, id_blk, first=False)
-    if grads:
-      dy_sweep(s, d, h, y_blk, id_blk, first=False if f == 0 else h == f)
+    for s in streams:
+      _when(h < hops[s], functools.partial(start, s))
+    for s in streams:
+      _sweep(self.plan, r, r.slots[s].at[slot], r.id_slots[s].at[slot], first=False)
 
-    @pl.when(h < n_hops)
-    def _():
-      for c in sends():
+    def wait_sends(s):
+      for c in sends(s):
         c.wait_send()
 
-    @pl.when(jnp.logical_and(h >= 1, h <= n_hops - 2))
-    def _():
-      grant(s, d, 0)  # upstream may now send hop h + 1's chunk into our slot `slot`
+    for s in streams:
+      _when(h < hops[s], functools.partial(wait_sends, s))
+    for s in streams:
+      # Upstream's hop h + 1 send lands in our slot h % 2, the one this hop just read.
+      _when((h >= 1) & (h <= hops[s] - 2), functools.partial(self.grant, s))
 
-  # ---- Hop 0: the own chunk, then the ring. ----
+  def run(self):
+    plan, r = self.plan, self.r
+    streams = tuple(range(len(plan.hops)))
+    if streams:
+      self.enter()
+    first_sends = [c for s in streams for c in self.copies(s, r.b, r.b_ids, 1)]
+    for c in first_sends:
+      c.start()
+    _sweep(plan, r, r.b, r.b_ids, first=True)
+    for c in first_sends:
+      c.wait_send()
+    if not streams:
+      return
+    both = plan.hops[-1]  # rounds in which every stream has a hop
+    if both >= 1:
+      lax.fori_loop(1, both + 1, lambda h, c: (self.round_(h, streams), c)[1], 0)
+    if plan.hops[0] > both:  # the right copy's extra hop (even device count)
+      self.round_(plan.hops[0], (0,))
 
-  if n > 1:
-    barrier = pltpu.get_barrier_semaphore()
-    neighbours = sorted({-d for d in plan.directions})  # who writes to us first
-    for off in neighbours:
-      pl.semaphore_signal(barrier, 1, device_id=device(off),
-                          device_id_type=pl.DeviceIdType.MESH)
-    pl.semaphore_wait(barrier, len(neighbours))
 
-  first_sends = []
-  for s, d in enumerate(plan.directions):
-    if plan.hops[s] >= 1:
-      first_sends += y_copies(s, d, y_ref, yid_ref, 1)
-  for c in first_sends:
-    c.start()
-  sweep_rows(y_ref, yid_ref, first=True)
-  if grads:
-    if n == 1:
-      sweep_cols(y_ref, yid_ref, _Acc(tn, local_out(home_refs[0], tn)))
-    else:  # The right copy carries the own block's dY.
-      dy_sweep(0, 1, 0, y_ref, yid_ref, first=True)
-  for c in first_sends:
-    c.wait_send()
+def _ring_kernel(plan: _Plan, axis_name, *refs):
+  r = _Refs.unpack(plan, refs)
+  if plan.stats:
+    r.sums[...] = jnp.zeros_like(r.sums)
+  _Ring(plan, r, axis_name).run()
 
-  if len(plan.hops) == 1:
-    if plan.hops[0] >= 1:
-      lax.fori_loop(1, plan.hops[0] + 1, lambda h, c: (hop(0, h), c)[1], 0)
-  else:
-    def round_(h, carry):
-      hop(0, h)
-      hop(1, h)
-      return carry
 
-    lax.fori_loop(1, plan.hops[1] + 1, round_, 0)
-    if plan.hops[0] > plan.hops[1]:
-      hop(0, plan.hops[0])
+def _cost(plan: _Plan):
+  """Per device, one trip: n_dev blocks, each (b x b) logits at 2 D FLOPs (and 2 D more for
+  dA); the owned A read once per block, B once per A tile; the dA tile read and written
+  back at every block but the first; one chunk with its ids received per hop."""
+  b, dim, isz, n = plan.b, plan.dim, plan.dtype.itemsize, plan.n_dev
+  flops = (4 if plan.grad else 2) * b * b * dim * n
+  # exp and log1p per logit for the loss; exp and the sigmoid's division for a gradient.
+  trans = (2 if plan.stats else 0) + (1 if plan.stats and plan.grad else 0)
+  trans = (trans or 2) * b * b * n
+  per_block = b * dim * isz * (1 + b // plan.ta) + 4 * b * (1 + b // plan.ta)
+  da = 2 * b * dim * 4 * n - b * dim * 4 if plan.grad else 0
+  wire = (b * dim * isz + 4 * b) * (n - 1)
+  cost = dict(flops=flops, transcendentals=trans, bytes_accessed=per_block * n + da + wire)
+  if "remote_bytes_transferred" in {f.name for f in dataclasses.fields(pl.CostEstimate)}:
+    cost["remote_bytes_transferred"] = wire
+  return pl.CostEstimate(**cost)
 
-  # Every dY tile sent to us as its owner has landed before we exit.
-  if grads and n > 1:
-    for s, d in enumerate(plan.directions):
-      def wait_home(j, carry, s=s, d=d):
-        home_tile_copy(s, d, rows(home_refs[s], tn, j), j).wait_recv()
-        return carry
-      lax.fori_loop(0, nj, wait_home, 0)
+
+def _ring_call(plan: _Plan, params, me, a, a_ids, bm, b_ids, *, axis_name, interpret, name):
+  """One trip of the kernel: (sums or None, dA or None)."""
+  f32, dim, b = jnp.float32, plan.dim, plan.b
+  axes = vma.varying_axes(a)
+  hbm = pl.BlockSpec(memory_space=pl.ANY)
+  out_shape, out_specs = [], []
+  if plan.stats:
+    out_shape.append(vma.shape_struct((8, plan.tn), f32, axes))
+    out_specs.append(pl.BlockSpec(memory_space=pltpu.VMEM))
+  if plan.grad:
+    out_shape.append(vma.shape_struct((b, dim), f32, axes))
+    out_specs.append(hbm)
+  # The landing slots (outputs used as scratch: every device has them at the same place,
+  # which the remote copies need). None on one device.
+  n_buf = len(plan.hops)
+  out_shape += [vma.shape_struct((2, b, dim), bm.dtype, axes)] * n_buf
+  out_shape += [vma.shape_struct((2,) + b_ids.shape, jnp.int32, axes)] * n_buf
+  out_specs += [hbm] * (2 * n_buf)
+
+  ta, tb, tr = plan.ta, plan.tb, plan.transposed
+  id_tile = lambda size, as_rows: (size, 1) if as_rows else (1, size)
+  scratch = [pltpu.VMEM((2, ta, dim), a.dtype), pltpu.VMEM((2, tb, dim), bm.dtype),
+             pltpu.VMEM((2,) + id_tile(ta, not tr), jnp.int32),
+             pltpu.VMEM((2,) + id_tile(tb, False), jnp.int32),
+             pltpu.SemaphoreType.DMA((6, 2)),
+             pltpu.SemaphoreType.DMA((max(n_buf, 1), 2, 2, 2)),
+             pltpu.SemaphoreType.REGULAR((max(n_buf, 1),))]
+  if plan.grad:
+    scratch.append(pltpu.VMEM((2, ta, dim), f32))
+  vmem = _vmem_bytes(plan.tm, plan.tn, dim, a.dtype.itemsize, plan.grad)
+  vmem_limit = int(min(max(vmem * 3 // 2 + 2 * 2**20, 16 * 2**20), 100 * 2**20))
+  if interpret is True:
+    interpret = pltpu.InterpretParams()
+  outs = pl.pallas_call(
+      functools.partial(_ring_kernel, plan, axis_name),
+      out_shape=out_shape,
+      in_specs=[pl.BlockSpec(memory_space=pltpu.SMEM)] * 2 + [hbm] * 4,
+      out_specs=out_specs,
+      scratch_shapes=scratch,
+      compiler_params=pltpu.CompilerParams(
+          collective_id=_COLLECTIVE_ID if n_buf else None, vmem_limit_bytes=vmem_limit),
+      cost_estimate=_cost(plan),
+      interpret=interpret or False,
+      name=name,
+  )(params, me, a, a_ids, bm, b_ids)
+  sums = outs[0] if plan.stats else None
+  da = outs[1 if plan.stats else 0] if plan.grad else None
+  return sums, da
 
 
 def _trip(x, y, x_ids, y_ids, log_t, bias, axis_name, schedule, interpret, block_sizes,
           with_grads):
-  """This device's loss sum and, if asked for, its float32 (dx, dy, dlog_t, dbias)."""
+  """This device's loss sum and, if asked for, its float32 (dx, dy, dlog_t, dbias): dx, dy
+  the gradients of the global loss sum w.r.t. the local chunks, dlog_t and dbias this
+  device's partial sums (not summed over the ring)."""
   n_dev = 1 if axis_name is None else lax.axis_size(axis_name)
   b_valid, dim = x.shape
   sub = _sublanes(x.dtype)
@@ -567,82 +611,35 @@ def _trip(x, y, x_ids, y_ids, log_t, bias, axis_name, schedule, interpret, block
   if b != b_valid:  # Zero rows, masked out in the kernel; their ids never matter.
     pad = lambda a: jnp.pad(a, [(0, b - b_valid)] + [(0, 0)] * (a.ndim - 1))
     x, y, x_ids, y_ids = map(pad, (x, y, x_ids, y_ids))
-  plan = _make_plan(n_dev, schedule, b, b_valid, dim, tm, tn, x.dtype, with_grads)
-  n_streams = len(plan.hops)
   f32 = jnp.float32
   params = jnp.stack([jnp.exp(jnp.reshape(log_t, ()).astype(f32)),
                       jnp.reshape(bias, ()).astype(f32)])
+  # Image ids as rows of a logits tile, text ids as its columns; ids that travel (the image
+  # ids in the transposed trip) lane-dense, as the text ids.
   xid = x_ids.reshape(b, 1)
+  xid_t = x_ids.reshape(b // tm, 1, tm)
   yid = y_ids.reshape(b // tn, 1, tn)
   me = jnp.zeros((1,), jnp.int32)
   if axis_name is not None:
     me = lax.axis_index(axis_name).astype(jnp.int32).reshape(1)
     # Under shard_map with check_vma the kernel's operands must all vary over the axis.
-    params, me, xid, yid = (vma.pvary(a, {axis_name}) for a in (params, me, xid, yid))
-
-  hbm = pl.BlockSpec(memory_space=pl.ANY)
-  x_axes = vma.varying_axes(x)
-  sums = vma.shape_struct((8, tn), f32, x_axes)
-  out_shape, out_specs = [sums], [pl.BlockSpec(memory_space=pltpu.VMEM)]
-  bd = lambda dt, lead=(): vma.shape_struct(lead + (b, dim), dt, x_axes)
-  if with_grads:
-    out_shape += [bd(f32)] + [bd(f32)] * n_streams
-  # The travelling slots (none on one device).
-  n_buf = n_streams if n_dev > 1 else 0
-  out_shape += [bd(x.dtype, (2,))] * n_buf
-  out_shape += [vma.shape_struct((2,) + yid.shape, jnp.int32, x_axes)] * n_buf
-  if with_grads:
-    out_shape += [bd(f32, (2,))] * n_buf
-  out_specs += [hbm] * (len(out_shape) - 1)
-
-  isz = x.dtype.itemsize
-  blocks = n_dev
-  flops = (8 if with_grads else 2) * b * b * dim * blocks
-  # Sweep A streams Y once per row tile and X once; sweep B the converse, plus the f32
-  # gradient tiles in and out.
-  per_block = (b * dim * isz) * (1 + b // tm)
-  if with_grads:
-    per_block += (b * dim * isz) * (1 + b // tn) + 3 * b * dim * 4
-  wire = (b * dim * isz + 4 * b + (4 * b * dim if with_grads else 0)) * max(n_dev - 1, 0)
-  cost = dict(flops=flops, transcendentals=(5 if with_grads else 2) * b * b * blocks,
-              bytes_accessed=per_block * blocks + wire)
-  if "remote_bytes_transferred" in {f.name for f in dataclasses.fields(pl.CostEstimate)}:
-    cost["remote_bytes_transferred"] = wire
-  vmem = _vmem_bytes(tm, tn, dim, isz, with_grads)
-  vmem_limit = int(min(max(vmem * 3 // 2 + 2 * 2**20, 16 * 2**20), 100 * 2**20))
-
-  if interpret is True:
-    interpret = pltpu.InterpretParams()
-  outs = pl.pallas_call(
-      functools.partial(_ring_kernel, plan, axis_name),
-      out_shape=out_shape,
-      in_specs=[pl.BlockSpec(memory_space=pltpu.SMEM)] * 2 + [hbm] * 4,
-      out_specs=out_specs,
-      scratch_shapes=[pltpu.VMEM((2, tm, dim), x.dtype), pltpu.VMEM((2, tn, dim), x.dtype),
-                      pltpu.VMEM((2, tm, 1), jnp.int32), pltpu.VMEM((2, 1, tn), jnp.int32),
-                      # Local tile copies: (operand or gradient kind, slot).
-                      pltpu.SemaphoreType.DMA((6, 2)),
-                      # Chunk copies: (stream, y or ids, send or receive, slot).
-                      pltpu.SemaphoreType.DMA((n_streams, 2, 2, 2)),
-                      # dY tile copies: (stream, send/receive on/home, slot, tile).
-                      pltpu.SemaphoreType.DMA((n_streams, 4, 2, b // tn)),
-                      # Credits: (stream, y slot or dY slot freed).
-                      pltpu.SemaphoreType.REGULAR((n_streams, 2))]
-      + ([pltpu.VMEM((2, max(tm, tn), dim), f32)] if with_grads else []),
-      compiler_params=pltpu.CompilerParams(
-          collective_id=_COLLECTIVE_ID if n_dev > 1 else None,
-          vmem_limit_bytes=vmem_limit),
-      cost_estimate=pl.CostEstimate(**cost),
-      interpret=interpret or False,
-      name=f"siglip_ring_{'fwd_bwd' if with_grads else 'fwd'}",
-  )(params, me, x, xid, y, yid)
-  sums = outs[0]
-  loss = jnp.sum(sums[0])
+    params, me, xid, xid_t, yid = (vma.pvary(a, {axis_name})
+                                   for a in (params, me, xid, xid_t, yid))
+  hops = _ring_hops(n_dev, schedule)
+  plan = functools.partial(_Plan, n_dev, b, b_valid, dim, tm, tn, x.dtype, hops=hops)
+  call = functools.partial(_ring_call, params=params, me=me, axis_name=axis_name,
+                           interpret=interpret)
   if not with_grads:
-    return loss
-  dx, homes = outs[1][:b_valid], outs[2:2 + n_streams]
-  dy = functools.reduce(jnp.add, homes)[:b_valid]
-  return loss, (dx, dy, jnp.sum(sums[1]), jnp.sum(sums[2]))
+    sums, _ = call(plan(stats=1, grad=False, transposed=False), a=x, a_ids=xid, bm=y,
+                   b_ids=yid, name="siglip_ring_fwd")
+    return jnp.sum(sums[0])
+  sums, dx = call(plan(stats=3, grad=True, transposed=False), a=x, a_ids=xid, bm=y,
+                  b_ids=yid, name="siglip_ring_fwd_bwd_dx")
+  # The transposed block: y owned, x travelling with its ids; the same logits tiles.
+  _, dy = call(plan(stats=0, grad=True, transposed=True), a=y, a_ids=yid, bm=x, b_ids=xid_t,
+               name="siglip_ring_fwd_bwd_dy")
+  return jnp.sum(sums[0]), (dx[:b_valid], dy[:b_valid], jnp.sum(sums[1]), jnp.sum(sums[2]))
+
 
 
 def _checked_trip(x, y, x_ids, y_ids, log_t, bias, with_grads, *, axis_name, schedule,
