@@ -594,8 +594,9 @@ def plot(rows, path):
   ok = [r for r in rows if "error" not in r]
   dims = sorted({r["dim"] for r in ok})
   n = max(len([r for r in ok if r["dim"] == d]) for d in dims)
-  fig, axes = plt.subplots(len(dims), 1, figsize=(9, len(dims) * (1.0 + 0.3 * n)),
-                           squeeze=False)
+  height = len(dims) * (1.0 + 0.3 * n)
+  fig, axes = plt.subplots(len(dims), 1, figsize=(9, height), squeeze=False)
+  fig.subplots_adjust(top=1 - 0.45 / height, bottom=0.1 / height, hspace=0.9 / (1 + 0.3 * n))
   for ax, dim in zip(axes[:, 0], dims):
     sel = [r for r in ok if r["dim"] == dim]
     data = [[r.get(k) if r.get(k) is not None else float("nan") for k, _ in cols] for r in sel]
@@ -615,8 +616,8 @@ def plot(rows, path):
   fig.colorbar(im, ax=axes[:, 0].tolist(), shrink=0.6, label="busy fraction (static)")
   fig.suptitle(f"Static unit occupancy of each kernel's loop body, B = {ok[0]['batch']}, "
                "bf16\n(libtpu's VLIW schedule, compile-only; not measured. ideal/bndl: MXU "
-               "cycles of the FLOPs / bundles)", fontsize=9, y=1.03)
-  fig.savefig(path, dpi=110, bbox_inches="tight")
+               "cycles of the FLOPs / bundles)", fontsize=9, y=1 + 0.55 / height)
+  fig.savefig(path, dpi=90, bbox_inches="tight")
   plt.close(fig)
 
 

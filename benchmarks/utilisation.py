@@ -31,7 +31,7 @@ and gradients against a float64 NumPy oracle, on fresh random inputs (batches up
 ``--check-max-batch``; compile-only mode checks the kernels in interpret mode on CPU).
 
 Static schedule (compile-only mode): where a ``python -m benchmarks.tpu_profile`` JSON has the
-same generation, kernel, B and D (``--static-profile``; default: the newest
+same generation, kernel, B and D (``--static-profile``; default: the committed
 benchmarks/results/tpu_profile_*.json), a Pallas row also gets "static ms" (loop-body
 bundles x grid steps at the chip's clock, summed over the call's kernels) and "unit" (the VLIW
 unit the schedule keeps busiest). These are read from libtpu's own schedule, so unlike the
@@ -507,10 +507,21 @@ _STATIC_KERNELS = {("pallas_tpu", "block", "fwd"): "fwd",
                    ("pallas_tpu_ring", "ring", "fwd"): "ring_hop_fwd"}
 
 
-def default_static_profile() -> pathlib.Path | None:
-  """The newest committed tpu_profile JSON, if any."""
-  found = sorted(DEFAULT_RESULTS.glob("tpu_profile_*.json"))
-  return found[-1] if found else None
+def default_static_profiles() -> list[pathlib.Path]:
+  """The committed tpu_profile JSONs, oldest first (by name: tpu_profile_<date>*.json)."""
+  return sorted(DEFAULT_RESULTS.glob("tpu_profile_*.json"))
+
+
+def load_static_profiles(paths) -> list[dict]:
+  """The rows of tpu_profile JSONs; a kernel op profiled in several files (same generation,
+  kernel, B, D) keeps the row of the last file."""
+  rows = {}
+  for path in paths:
+    for r in json.loads(pathlib.Path(path).read_text())["rows"]:
+      key = (r.get("generation"), r.get("kernel"), r.get("batch"), r.get("dim"),
+             r.get("op"), r.get("ring_devices"))
+      rows[key] = r
+  return list(rows.values())
 
 
 def attach_static(rows: list[dict], profile_rows: list[dict]) -> list[dict]:
@@ -597,8 +608,9 @@ def _header(mode: str) -> str:
             "on compile-only topologies;\ntimes are MODELLED = max(FLOPs/peak, bytes/HBM BW, "
             "wire bytes/link BW) from benchmarks/chips.py: lower bounds, not measurements.\n"
             "rel err: the same call run on CPU (kernels in interpret mode) against a float64 "
-            "oracle.\nstatic ms / unit (Pallas rows a tpu_profile JSON covers): loop-body bundles x "
-            "grid steps at the chip's clock from libtpu's VLIW schedule, and its busiest unit;\n"
+            "oracle.\nstatic ms / unit (Pallas rows a tpu_profile JSON covers): loop-body "
+            "bundles x grid steps at the chip's clock from libtpu's VLIW schedule, and its "
+            "busiest unit;\n"
             "STATIC, not measured: no stalls on DMA waits (HBM, ICI) or semaphores, no "
             "throttling, every bundle one cycle.")
   return ("MEASURED report: median wall time of the compiled call on this device; % peak from "
@@ -621,7 +633,7 @@ def build_report(args) -> dict:
       raise ValueError(f"--implementations: unknown {unknown}; known: xla, "
                        f"{', '.join(_KERNELS)}")
     impls = [w for w in wanted if w in impls or (args.interpret and w != "xla")]
-  static = None
+  static = []
   if mode == "compile-only":
     generations = [g.strip() for g in args.generations.split(",") if g.strip()]
     bad = [g for g in generations if g not in chips_lib.TPU_GENERATIONS]
@@ -630,10 +642,10 @@ def build_report(args) -> dict:
                        f"{', '.join(chips_lib.TPU_GENERATIONS)}")
     rows = compile_only_rows(shapes, generations, impls, args.ring, args.schedule,
                              args.check_max_batch, args.seed, log)
-    static = (default_static_profile() if args.static_profile is None
-              else None if args.static_profile == "-" else pathlib.Path(args.static_profile))
-    if static is not None:
-      attach_static(rows, json.loads(static.read_text())["rows"])
+    static = (default_static_profiles() if args.static_profile is None
+              else [] if args.static_profile == "-" else args.static_profile.split(","))
+    if static:
+      attach_static(rows, load_static_profiles(static))
   else:
     rows = measured_rows(shapes, impls, args.ring, args.schedule, args.iters,
                          args.check_max_batch, args.seed, args.interpret, log)
@@ -645,7 +657,7 @@ def build_report(args) -> dict:
       "schedule": args.schedule, "implementations": impls,
       "chips": {k: dataclasses.asdict(c) for k, c in chips_lib.CHIPS.items()
                 if k in used or mode == "measured"},
-      "static_profile": str(static) if static else None,
+      "static_profiles": [str(p) for p in static],
       "rows": rows,
   }
 
@@ -674,8 +686,8 @@ def main(argv=None) -> int:
   p.add_argument("--interpret", action="store_true",
                  help="measured mode: run kernels in interpret mode (e.g. on CPU)")
   p.add_argument("--static-profile", default=None, metavar="PATH",
-                 help="compile-only: a benchmarks.tpu_profile JSON whose static schedule "
-                      "figures go beside the roofline (default: the newest "
+                 help="compile-only: benchmarks.tpu_profile JSONs (comma list) whose static "
+                      "schedule figures go beside the roofline (default: every "
                       "benchmarks/results/tpu_profile_*.json; '-' for none)")
   p.add_argument("--json", default=None,
                  help="where to write the JSON report (default benchmarks/results/"

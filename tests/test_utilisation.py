@@ -252,3 +252,13 @@ def test_static_profile_figures_attach_only_to_exact_matches():
   rows[0].pop("static_s")
   utilisation.attach_static(rows, [dict(profile[0]), dict(profile[1], static_us=None)])
   assert "static_s" not in rows[0]
+
+
+def test_static_profiles_load_with_the_last_file_winning(tmp_path):
+  row = {"generation": "v5e", "kernel": "fwd", "op": "siglip_fwd.1", "batch": 4096,
+         "dim": 1152, "static_us": 1.0, "bound": "MXU"}
+  old, new = tmp_path / "tpu_profile_a.json", tmp_path / "tpu_profile_b.json"
+  old.write_text(json.dumps({"rows": [row, dict(row, dim=768)]}))
+  new.write_text(json.dumps({"rows": [dict(row, static_us=2.0)]}))
+  rows = utilisation.load_static_profiles([old, new])
+  assert sorted((r["dim"], r["static_us"]) for r in rows) == [(768, 1.0), (1152, 2.0)]
