@@ -359,7 +359,7 @@ def mxu_flops_per_cycle(gen: str) -> int:
 
 # The one place that names the entry points. When siglip_fast.sigmoid_loss(...,
 # implementation="pallas_tpu", block_sizes=bs) compiles for TPU from a CPU host, point
-# _block_loss at it (the value-and-grad then comes from jax.value_and_grad of it).
+# _block_fn at it (the value-and-grad then comes from jax.value_and_grad of it).
 def _block_fn(kernel: str, bs):
   import dataclasses as dc
   from siglip_fast.kernels import tpu
