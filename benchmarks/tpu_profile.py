@@ -4,7 +4,7 @@
     python -m benchmarks.tpu_profile --generations v4 v5e v5p v6e --dims 768 1152 \\
         --json benchmarks/results/tpu_profile_<date>.json --plot benchmarks/results/....png
 
-No TPU needed (DESIGN.md section 5, level 4): every kernel is compiled for a real TPU
+No TPU needed: every kernel is compiled for a real TPU
 generation on a compile-only topology, with libtpu told to dump its final VLIW schedule
 (``LIBTPU_INIT_ARGS=--xla_jf_dump_to=DIR``; libtpu reads it once, when it loads, so each
 generation is compiled in a fresh subprocess with its own dump folder). Per Pallas kernel
