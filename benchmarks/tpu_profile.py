@@ -1,6 +1,6 @@
 """Static cycle profile of the Pallas TPU kernels, read from the TPU compiler's VLIW schedule.
 
-    python -m benchmarks.tpu_profile                       # v5e, D = 1152, B = 4096 (~1-2 min)
+    python -m benchmarks.tpu_profile                       # v5e, D = 1152, B = 4096 (2.5-4 min)
     python -m benchmarks.tpu_profile --generations v4 v5e v5p v6e --dims 768 1152 \\
         --json benchmarks/results/tpu_profile_<date>.json --plot benchmarks/results/....png
 
@@ -624,7 +624,7 @@ def plot(rows, path):
 def main(argv=None):
   p = argparse.ArgumentParser(
       description=__doc__.split("\n\n")[0] + " The default run (v5e, D = 1152, B = 4096, all "
-      "four kernels) takes about 4 minutes on a busy 2-core host; each further generation x D "
+      "four kernels) takes 2.5-4 minutes on a shared 2-core host; each further generation x D "
       "adds about as much (the ring's compile is half of it; --kernels narrows it).",
       formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--generations", nargs="+", default=list(DEFAULT_GENERATIONS),
