@@ -30,6 +30,15 @@ at most that; Mosaic fails to compile past it). rel err = largest relative error
 and gradients against a float64 NumPy oracle, on fresh random inputs (batches up to
 ``--check-max-batch``; compile-only mode checks the kernels in interpret mode on CPU).
 
+Static schedule (compile-only mode): where a ``python -m benchmarks.tpu_profile`` JSON has the
+same generation, kernel, B and D (``--static-profile``; default: the committed
+benchmarks/results/tpu_profile_*.json), a Pallas row also gets "static ms" (loop-body
+bundles x grid steps at the chip's clock, summed over the call's kernels) and "unit" (the VLIW
+unit the schedule keeps busiest). These are read from libtpu's own schedule, so unlike the
+roofline they see the VPU/EUP work and the register spills; they are STATIC, not
+measurements: they leave out stalls on DMA waits (HBM, ICI), semaphores, pipeline fill and
+drain, and clock throttling, and count every bundle as one cycle.
+
 XLA's cost analysis counts a while-loop body once: rows whose program keeps a loop (the ring
 over more than 4 devices) say so in ``note`` and are modelled from the model FLOPs instead.
 """
@@ -488,6 +497,55 @@ def capture_trace(trace_dir: str, shape: Shape, implementation: str | None, step
 # Output
 
 
+# ------------------------------------------------------------------------------------------
+# Static schedule figures (benchmarks/tpu_profile.py)
+
+# (impl, kind, pass) -> the tpu_profile kernel that call runs.
+_STATIC_KERNELS = {("pallas_tpu", "block", "fwd"): "fwd",
+                   ("pallas_tpu", "block", "vag"): "value_and_grad",
+                   ("pallas_tpu_ring", "ring", "vag"): "ring_hop",
+                   ("pallas_tpu_ring", "ring", "fwd"): "ring_hop_fwd"}
+
+
+def default_static_profiles() -> list[pathlib.Path]:
+  """The committed tpu_profile JSONs, oldest first (by name: tpu_profile_<date>*.json)."""
+  return sorted(DEFAULT_RESULTS.glob("tpu_profile_*.json"))
+
+
+def load_static_profiles(paths) -> list[dict]:
+  """The rows of tpu_profile JSONs; a kernel op profiled in several files (same generation,
+  kernel, B, D) keeps the row of the last file."""
+  rows = {}
+  for path in paths:
+    for r in json.loads(pathlib.Path(path).read_text())["rows"]:
+      key = (r.get("generation"), r.get("kernel"), r.get("batch"), r.get("dim"),
+             r.get("op"), r.get("ring_devices"))
+      rows[key] = r
+  return list(rows.values())
+
+
+def attach_static(rows: list[dict], profile_rows: list[dict]) -> list[dict]:
+  """Adds ``static_s`` and ``static_unit`` to the rows a static profile row matches exactly
+  (generation, kernel, B, D; the ring also its device count). Nothing is extrapolated: a row
+  without an exact match, or whose match lacks a figure, gets none."""
+  for row in rows:
+    if row.get("error") or row.get("mode") != "compile-only":
+      continue
+    kernel = _STATIC_KERNELS.get((row.get("impl"), row.get("kind"), row.get("pass")))
+    gen = row["target"].split(" ")[0]
+    match = [p for p in profile_rows
+             if not p.get("error") and p.get("generation") == gen and p.get("kernel") == kernel
+             and p.get("dim") == row.get("dim") and p.get("batch") == row.get("batch")
+             and (kernel is None or not kernel.startswith("ring")
+                  or p.get("ring_devices") == row.get("devices"))]
+    if not match or any(p.get("static_us") is None for p in match):
+      continue
+    row["static_s"] = sum(p["static_us"] for p in match) * 1e-6
+    row["static_unit"] = max(match, key=lambda p: p["static_us"])["bound"]
+    row["static_ops"] = [p["op"] for p in match]
+  return rows
+
+
 def _fmt(v, scale=1.0, digits=3):
   if v is None:
     return "-"
@@ -507,6 +565,8 @@ _COLUMNS = (
     ("AI", lambda r: _fmt(r.get("intensity"), 1, 4)),
     ("bound", lambda r: r.get("bound", "-")),
     ("modelled ms", lambda r: _fmt(r.get("modelled_s"), 1e3)),
+    ("static ms", lambda r: _fmt(r.get("static_s"), 1e3)),
+    ("unit", lambda r: r.get("static_unit", "-")),
     ("measured ms", lambda r: _fmt(r.get("measured_s"), 1e3)),
     ("TFLOP/s", lambda r: _fmt(r.get("tflops"))),
     ("% peak", lambda r: _fmt(r.get("frac_peak"), 100)),
@@ -548,7 +608,11 @@ def _header(mode: str) -> str:
             "on compile-only topologies;\ntimes are MODELLED = max(FLOPs/peak, bytes/HBM BW, "
             "wire bytes/link BW) from benchmarks/chips.py: lower bounds, not measurements.\n"
             "rel err: the same call run on CPU (kernels in interpret mode) against a float64 "
-            "oracle.")
+            "oracle.\nstatic ms / unit (Pallas rows a tpu_profile JSON covers): loop-body "
+            "bundles x grid steps at the chip's clock from libtpu's VLIW schedule, and its "
+            "busiest unit;\n"
+            "STATIC, not measured: no stalls on DMA waits (HBM, ICI) or semaphores, no "
+            "throttling, every bundle one cycle.")
   return ("MEASURED report: median wall time of the compiled call on this device; % peak from "
           "cost-analysis FLOPs, MFU from model FLOPs (2 B^2 D fwd, 6 B^2 D vag).")
 
@@ -569,6 +633,7 @@ def build_report(args) -> dict:
       raise ValueError(f"--implementations: unknown {unknown}; known: xla, "
                        f"{', '.join(_KERNELS)}")
     impls = [w for w in wanted if w in impls or (args.interpret and w != "xla")]
+  static = []
   if mode == "compile-only":
     generations = [g.strip() for g in args.generations.split(",") if g.strip()]
     bad = [g for g in generations if g not in chips_lib.TPU_GENERATIONS]
@@ -577,6 +642,10 @@ def build_report(args) -> dict:
                        f"{', '.join(chips_lib.TPU_GENERATIONS)}")
     rows = compile_only_rows(shapes, generations, impls, args.ring, args.schedule,
                              args.check_max_batch, args.seed, log)
+    static = (default_static_profiles() if args.static_profile is None
+              else [] if args.static_profile == "-" else args.static_profile.split(","))
+    if static:
+      attach_static(rows, load_static_profiles(static))
   else:
     rows = measured_rows(shapes, impls, args.ring, args.schedule, args.iters,
                          args.check_max_batch, args.seed, args.interpret, log)
@@ -588,6 +657,7 @@ def build_report(args) -> dict:
       "schedule": args.schedule, "implementations": impls,
       "chips": {k: dataclasses.asdict(c) for k, c in chips_lib.CHIPS.items()
                 if k in used or mode == "measured"},
+      "static_profiles": [str(p) for p in static],
       "rows": rows,
   }
 
@@ -615,6 +685,10 @@ def main(argv=None) -> int:
   p.add_argument("--seed", type=int, default=2027, help="seed of the random inputs")
   p.add_argument("--interpret", action="store_true",
                  help="measured mode: run kernels in interpret mode (e.g. on CPU)")
+  p.add_argument("--static-profile", default=None, metavar="PATH",
+                 help="compile-only: benchmarks.tpu_profile JSONs (comma list) whose static "
+                      "schedule figures go beside the roofline (default: every "
+                      "benchmarks/results/tpu_profile_*.json; '-' for none)")
   p.add_argument("--json", default=None,
                  help="where to write the JSON report (default benchmarks/results/"
                       "utilisation-<mode>-<backend>.json; '-' for none)")

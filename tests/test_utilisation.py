@@ -225,3 +225,40 @@ def test_oracle_matches_the_reference():
       x, y, log_t, bias)
   assert utilisation.max_rel_err((loss, grads), "vag", (x, y, None, log_t, bias)) < 1e-5
   assert jnp.dtype(x.dtype) == jnp.float32
+
+
+def test_static_profile_figures_attach_only_to_exact_matches():
+  rows = [{"target": "v5e (compile-only)", "mode": "compile-only", "impl": "pallas_tpu",
+           "kind": "block", "pass": "vag", "batch": 4096, "dim": 1152, "devices": 1},
+          {"target": "v5e (compile-only)", "mode": "compile-only", "impl": "pallas_tpu",
+           "kind": "block", "pass": "fwd", "batch": 16384, "dim": 1152, "devices": 1},
+          {"target": "v5e (compile-only)", "mode": "compile-only", "impl": "xla",
+           "kind": "block", "pass": "fwd", "batch": 4096, "dim": 1152, "devices": 1}]
+  profile = [
+      {"generation": "v5e", "kernel": "value_and_grad", "op": "siglip_fwd_dx.1", "batch": 4096,
+       "dim": 1152, "static_us": 400.0, "bound": "MXU"},
+      {"generation": "v5e", "kernel": "value_and_grad", "op": "siglip_dy.1", "batch": 4096,
+       "dim": 1152, "static_us": 300.0, "bound": "VALU"},
+      {"generation": "v5e", "kernel": "fwd", "op": "siglip_fwd.1", "batch": 4096,
+       "dim": 1152, "static_us": 190.0, "bound": "MXU"}]
+  utilisation.attach_static(rows, profile)
+  assert rows[0]["static_s"] == pytest.approx(700e-6)       # both kernels of the call
+  assert rows[0]["static_unit"] == "MXU"
+  assert "static_s" not in rows[1] and "static_s" not in rows[2]   # other B; not a kernel
+  table = utilisation.format_table(rows)
+  assert "static ms" in table and "0.7" in table
+  # A match that lacks a figure gives none, rather than a partial sum.
+  rows = [dict(rows[0], static_s=None)]
+  rows[0].pop("static_s")
+  utilisation.attach_static(rows, [dict(profile[0]), dict(profile[1], static_us=None)])
+  assert "static_s" not in rows[0]
+
+
+def test_static_profiles_load_with_the_last_file_winning(tmp_path):
+  row = {"generation": "v5e", "kernel": "fwd", "op": "siglip_fwd.1", "batch": 4096,
+         "dim": 1152, "static_us": 1.0, "bound": "MXU"}
+  old, new = tmp_path / "tpu_profile_a.json", tmp_path / "tpu_profile_b.json"
+  old.write_text(json.dumps({"rows": [row, dict(row, dim=768)]}))
+  new.write_text(json.dumps({"rows": [dict(row, static_us=2.0)]}))
+  rows = utilisation.load_static_profiles([old, new])
+  assert sorted((r["dim"], r["static_us"]) for r in rows) == [(768, 1.0), (1152, 2.0)]

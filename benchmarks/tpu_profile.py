@@ -1,0 +1,676 @@
+"""Static cycle profile of the Pallas TPU kernels, read from the TPU compiler's VLIW schedule.
+
+    python -m benchmarks.tpu_profile                       # v5e, D = 1152, B = 4096 (2.5-4 min)
+    python -m benchmarks.tpu_profile --generations v4 v5e v5p v6e --dims 768 1152 \\
+        --json benchmarks/results/tpu_profile_<date>.json --plot benchmarks/results/....png
+
+No TPU needed: every kernel is compiled for a real TPU
+generation on a compile-only topology, with libtpu told to dump its final VLIW schedule
+(``LIBTPU_INIT_ARGS=--xla_jf_dump_to=DIR``; libtpu reads it once, when it loads, so each
+generation is compiled in a fresh subprocess with its own dump folder). Per Pallas kernel
+(an HLO op whose name starts with ``siglip``) two files of that dump are read:
+
+  ``*-final_bundles.txt``  one line per VLIW bundle, address first, ``LB:`` where a loop body
+      starts, ``>`` per loop level, and a backward ``sbr.rel`` closing each loop; the loop's
+      exit test (``scmp.ge.s32 %i, N /* loop exit test */``) gives its trip count.
+  ``*-final_hlo-static-per-bundle-utilization.txt``  a capacity row (slots per bundle of the
+      units MXU, XLU, VALU, VPOP, EUP, VLOAD, VLOAD:FILL, VSTORE, VSTORE:SPILL, SALU), then
+      one row per bundle: the slots each unit uses in it.
+
+A Pallas grid is a software-pipelined loop whose body is one grid step, so per kernel:
+
+  loop_bundles   bundles in the body of the outermost loop (LB .. its backward branch): the
+                 cycles of one grid step if nothing stalls;
+  grid_steps     the kernel's grid (Mosaic's ``iteration_bounds``, from the Mosaic dump), per
+                 TensorCore where the compile-only device is one TensorCore of a megacore chip;
+  static_cycles  grid_steps x loop_bundles (kernels without a grid, the ring: the loop tree,
+                 each body times its trip count); static_us at the generation's clock;
+  <unit>_busy    slots the loop body uses / (capacity x loop_bundles): the unit's occupancy;
+  spill_frac     fraction of loop-body bundles that store a spilled vector register
+                 (VSTORE:SPILL > 0);
+  mxu_ideal      cycles the step's FLOPs need on the core's MXUs at one matmul per MXU per
+                 cycle; mxu_ideal_ratio = mxu_ideal / loop_bundles (1 = the MXUs never idle);
+  bound          the unit with the highest busy fraction.
+
+For the ring kernel (``ring_hop``) there is no grid: static cycles come from the loop tree,
+divided by the blocks one trip computes (one per device), against the modelled wire time of
+one hop's remote DMAs (chunk + ids, + the f32 dY chunk with gradients) over one ICI link
+(benchmarks/chips.py): ``hop_hidden_ratio`` = compute time per hop / wire time per hop, > 1
+means the permute can hide behind compute.
+
+These are STATIC figures, not measurements: they assume every bundle issues in one cycle.
+They leave out stalls on DMA waits (HBM and ICI), on semaphores, pipeline fill and drain,
+clock throttling and everything outside the kernel. A loop's forward branches (skipped
+regions) are counted as executed. If libtpu's dump format changes the parser raises
+``DumpFormatError`` naming the file and what it expected; it never reports a number it
+could not read.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import pathlib  # noqa: E402
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+try:
+  from benchmarks import chips as chips_lib
+except ImportError:  # run as a file: add the repo root
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+  from benchmarks import chips as chips_lib
+
+UNITS = ("MXU", "XLU", "VALU", "VPOP", "EUP", "VLOAD", "VLOAD:FILL", "VSTORE",
+         "VSTORE:SPILL", "SALU")
+KERNELS = ("fwd", "value_and_grad", "value_and_grad_2k", "ring_hop")
+KERNEL_PREFIX = "siglip"
+DEFAULT_GENERATIONS = ("v5e",)
+DEFAULT_DIMS = (1152,)
+DEFAULT_BATCH = 4096
+RING_DEVICES = 4
+
+
+class DumpFormatError(RuntimeError):
+  """libtpu's dump is not in the form this parser reads (names the file and the expectation)."""
+
+  def __init__(self, path, expected: str):
+    super().__init__(f"{path}: expected {expected}; libtpu's dump format may have changed, "
+                     "refusing to report figures from it")
+
+
+# ------------------------------------------------------------------------------------------
+# Parsing the dump
+
+_BUNDLE_RE = re.compile(r"^\s*(0x[0-9a-f]+|0)\s+([A-Z]{2})?\s*:\s*(>*)\s*\{(.*)$")
+_BRANCH_RE = re.compile(r"sbr\.rel\s+\((!?)%(p[\w]+)\)\s+target\s*=\s*\$region(\d+)")
+_REGION_START_RE = re.compile(r"Start(?:/End empty)? region (\d+)\b")
+_CMP_RE = r"%{p}\s*=\s*scmp\.(ge|gt|lt|le|eq|ne)\.s32\.totalorder\s+%s\w+,\s*(-?\d+)\b"
+
+
+@dataclasses.dataclass
+class Loop:
+  start: int              # bundle index of the first body bundle (the LB: bundle)
+  end: int                # bundle index of the backward branch
+  trips: int | None       # from the loop exit test; None when the bound is not a constant
+  children: list["Loop"] = dataclasses.field(default_factory=list)
+
+  @property
+  def bundles(self) -> int:
+    return self.end - self.start + 1
+
+  def cycles(self) -> int | None:
+    """Static cycles of the whole loop: trips x (body, with inner loops at their trips)."""
+    body = self.body_cycles()
+    return None if body is None or self.trips is None else self.trips * body
+
+  def body_cycles(self) -> int | None:
+    total = self.bundles
+    for c in self.children:
+      inner = c.cycles()
+      if inner is None:
+        return None
+      total += inner - c.bundles
+    return total
+
+
+@dataclasses.dataclass
+class Schedule:
+  path: str
+  texts: list[str]        # bundle text, index = bundle number (address)
+  loops: list[Loop]       # outermost loops, in address order
+
+
+def parse_bundles(path) -> Schedule:
+  """The bundles of a ``*-final_bundles.txt`` and its loop tree."""
+  path = pathlib.Path(path)
+  lines = path.read_text().splitlines()
+  if not any(line.startswith("LB: loop body") for line in lines[:20]):
+    raise DumpFormatError(path, "the control-target key ('LB: loop body') in its first lines")
+  texts, markers, region_at = [], [], {}
+  for line in lines:
+    m = _BUNDLE_RE.match(line)
+    if not m:
+      continue
+    addr = int(m.group(1), 16) if m.group(1) != "0" else 0
+    if addr != len(texts):
+      raise DumpFormatError(path, f"consecutive bundle addresses, got {m.group(1)} after "
+                            f"{len(texts)} bundles")
+    texts.append(m.group(4))
+    markers.append(m.group(2))
+    for r in _REGION_START_RE.findall(line):
+      region_at.setdefault(int(r), addr)
+  if not texts:
+    raise DumpFormatError(path, "bundle lines '<address> [LB:] [>] { ... }'")
+  joined = "\n".join(texts)
+  loops = []
+  for i, text in enumerate(texts):
+    for neg, pred, region in _BRANCH_RE.findall(text):
+      target = region_at.get(int(region))
+      if target is None or target > i:
+        continue  # forward branch
+      if markers[target] != "LB":
+        raise DumpFormatError(path, f"backward branch at bundle {i:#x} to a loop body (LB:), "
+                              f"found its target {target:#x} unmarked")
+      loops.append(Loop(target, i, _trips(joined, pred, bool(neg))))
+  return Schedule(str(path), texts, _nest(loops))
+
+
+def _trips(text: str, pred: str, negated: bool) -> int | None:
+  """Trip count of a loop whose back edge is taken on (!)pred, if pred compares the
+  post-incremented induction variable with a constant (the loop exit test)."""
+  m = re.search(_CMP_RE.format(p=pred), text)
+  if not m:
+    return None
+  op, n = m.group(1), int(m.group(2))
+  # Back edge taken while i < n: "!(i >= n)" or "i < n" -> n trips (i counts 1..n).
+  if (negated and op == "ge") or (not negated and op == "lt"):
+    return n
+  if (negated and op == "gt") or (not negated and op == "le"):
+    return n + 1
+  return None
+
+
+def _nest(loops: list[Loop]) -> list[Loop]:
+  loops = sorted(loops, key=lambda l: (l.start, -l.end))
+  top: list[Loop] = []
+  stack: list[Loop] = []
+  for loop in loops:
+    while stack and not (stack[-1].start <= loop.start and loop.end <= stack[-1].end):
+      stack.pop()
+    (stack[-1].children if stack else top).append(loop)
+    stack.append(loop)
+  return top
+
+
+@dataclasses.dataclass
+class Utilization:
+  path: str
+  capacity: dict[str, int]
+  rows: list[list[int]]   # per bundle, slots used per unit in UNITS order
+
+
+def parse_utilization(path) -> Utilization:
+  """Capacity and per-bundle unit use of a ``*-final_hlo-static-per-bundle-utilization.txt``."""
+  path = pathlib.Path(path)
+  lines = [l.strip() for l in path.read_text().splitlines()]
+  try:
+    i = next(k for k, l in enumerate(lines) if l.startswith("== CAPACTIY") or
+             l.startswith("== CAPACITY"))
+  except StopIteration:
+    raise DumpFormatError(path, "a '== CAPACITY:' header") from None
+  names = [n.strip() for n in lines[i + 1].split(",")]
+  if tuple(names) != UNITS:
+    raise DumpFormatError(path, f"the unit row {', '.join(UNITS)}, got {lines[i + 1]!r}")
+  try:
+    cap = [int(v) for v in lines[i + 2].split()]
+  except ValueError:
+    raise DumpFormatError(path, f"integer capacities, got {lines[i + 2]!r}") from None
+  if len(cap) != len(UNITS) or min(cap) <= 0:
+    raise DumpFormatError(path, f"{len(UNITS)} positive capacities, got {lines[i + 2]!r}")
+  if not lines[i + 3].startswith("== UTILIZATION"):
+    raise DumpFormatError(path, f"'== UTILIZATION:' after the capacities, got {lines[i + 3]!r}")
+  rows = []
+  for k, line in enumerate(lines[i + 4:], start=i + 5):
+    if not line:
+      continue
+    try:
+      row = [int(v) for v in line.split()]
+    except ValueError:
+      raise DumpFormatError(path, f"integer slot counts on line {k}, got {line!r}") from None
+    if len(row) != len(UNITS) or any(v < 0 or v > c for v, c in zip(row, cap)):
+      raise DumpFormatError(path, f"{len(UNITS)} slot counts within the capacities on line "
+                            f"{k}, got {line!r}")
+    rows.append(row)
+  return Utilization(str(path), dict(zip(UNITS, cap)), rows)
+
+
+def _busy(util: Utilization, lo: int, hi: int) -> dict[str, float]:
+  n = hi - lo + 1
+  sums = [0] * len(UNITS)
+  for row in util.rows[lo:hi + 1]:
+    for k, v in enumerate(row):
+      sums[k] += v
+  return {u: sums[k] / (util.capacity[u] * n) for k, u in enumerate(UNITS)}
+
+
+@dataclasses.dataclass
+class KernelSchedule:
+  """What the dump says about one kernel."""
+  op: str
+  bundles: int            # all bundles of the kernel
+  loop: Loop | None       # the outermost loop with the most bundles (a grid's step)
+  loops: list[Loop]
+  busy: dict[str, float]  # over the loop body (the whole kernel when it has no loop)
+  spill_frac: float       # loop-body bundles with a vector spill store
+  static_cycles: int | None   # from the loop tree (trip counts of the exit tests)
+  counts: dict[str, int]  # op counts in the loop body: matmul, transcendental, spill, dma
+
+
+_OPS = {"matmul": re.compile(r"= vmatmul"), "transcendental": re.compile(
+    r"= v(?:pow2|log2|rcp|exp|tanh|rsqrt)"), "spill_store": re.compile(r"_spill\]"),
+        "dma_start": re.compile(r"= dma\.(?!done)"), "dma_wait": re.compile(r"= dma\.done")}
+
+
+def kernel_schedule(op: str, bundles_path, util_path) -> KernelSchedule:
+  sched = parse_bundles(bundles_path)
+  util = parse_utilization(util_path)
+  if len(util.rows) != len(sched.texts):
+    raise DumpFormatError(util_path, f"one row per bundle of {bundles_path} "
+                          f"({len(sched.texts)}), got {len(util.rows)}")
+  loop = max(sched.loops, key=lambda l: l.bundles) if sched.loops else None
+  lo, hi = (loop.start, loop.end) if loop else (0, len(sched.texts) - 1)
+  spill_col = UNITS.index("VSTORE:SPILL")
+  spill = sum(1 for row in util.rows[lo:hi + 1] if row[spill_col] > 0) / (hi - lo + 1)
+  counts = {k: sum(len(r.findall(t)) for t in sched.texts[lo:hi + 1]) for k, r in _OPS.items()}
+  total = len(sched.texts) - sum(l.bundles for l in sched.loops)
+  for l in sched.loops:
+    c = l.cycles()
+    total = None if c is None or total is None else total + c
+  return KernelSchedule(op, len(sched.texts), loop, sched.loops, _busy(util, lo, hi), spill,
+                        total, counts)
+
+
+_DUMP_NAME_RE = re.compile(r"^\d+-(.+)-(\d+)-(final_bundles|"
+                           r"final_hlo-static-per-bundle-utilization)\.txt$")
+
+
+def find_kernels(dump_dir, prefix: str = KERNEL_PREFIX) -> dict[str, tuple[str, str]]:
+  """{op name: (final_bundles path, utilization path)} of the ops named ``prefix*``.
+
+  An op compiled twice in one dump (two programs) keeps the later file under ``op#2``.
+  """
+  found: dict[tuple[str, str], dict[str, str]] = {}
+  for p in sorted(pathlib.Path(dump_dir).iterdir()):
+    m = _DUMP_NAME_RE.match(p.name)
+    if m and m.group(1).startswith(prefix):
+      stamp = p.name.split("-", 1)[0]
+      found.setdefault((stamp, m.group(1)), {})[m.group(3)] = str(p)
+  out: dict[str, tuple[str, str]] = {}
+  for (stamp, op), files in sorted(found.items()):
+    if len(files) != 2:
+      raise DumpFormatError(dump_dir, f"both final_bundles and final_hlo-static-per-bundle-"
+                            f"utilization files for op {op} (stamp {stamp}), got {sorted(files)}")
+    name, k = op, 1
+    while name in out:
+      k += 1
+      name = f"{op}#{k}"
+    out[name] = (files["final_bundles"], files["final_hlo-static-per-bundle-utilization"])
+  return out
+
+
+_FUNC_RE = re.compile(r"func\.func @(\w+)\(")
+_BOUNDS_RE = re.compile(r"iteration_bounds = array<i64(?::\s*([\d,\s]*))?>")
+_SEMANTICS_RE = re.compile(r"dimension_semantics = \[([^\]]*)\]")
+
+
+def mosaic_grids(mosaic_dir) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
+  """{kernel name: (grid, dimension semantics)} from the Mosaic dump's deserialized modules."""
+  grids = {}
+  d = pathlib.Path(mosaic_dir)
+  if not d.is_dir():
+    return grids
+  for p in sorted(d.glob("*post-deserialization*.txt")):
+    text = p.read_text()
+    f, b = _FUNC_RE.search(text), _BOUNDS_RE.search(text)
+    if not f:
+      continue
+    sem = _SEMANTICS_RE.search(text)
+    grid = tuple(int(v) for v in (b.group(1) or "").replace(" ", "").split(",") if v) if b \
+        else ()
+    semantics = tuple(s.strip().split("<")[-1].rstrip(">") for s in sem.group(1).split(",")
+                      if s.strip()) if sem else ()
+    grids[f.group(1)] = (grid, semantics)
+  return grids
+
+
+# ------------------------------------------------------------------------------------------
+# Compiling the kernels (in a child process per generation: libtpu reads its dump flags once)
+
+# Clocks are not on the datasheets; each is the datasheet peak bf16 FLOP/s (chips.py) over
+# the chip's MXU work per cycle: 2 FLOPs x MXUs per chip x MXU rows x MXU columns.
+# MXUs per TensorCore and MXU size: https://cloud.google.com/tpu/docs/system-architecture-tpu-vm
+# (v4, v5e, v5p: 4 MXUs of 128 x 128 per TensorCore; v6e: 256 x 256 MXUs); TensorCores per
+# chip: chips.py. v4's 1050 MHz is also given in Jouppi et al., "TPU v4", ISCA 2023, Table 1.
+MXU = {"v4": (2, 4, 128), "v5e": (1, 4, 128), "v5p": (2, 4, 128), "v6e": (1, 4, 256)}
+
+
+def clock_hz(gen: str) -> float:
+  cores, mxus, dim = MXU[gen]
+  return chips_lib.CHIPS[gen].bf16_flops / (2 * cores * mxus * dim * dim)
+
+
+def mxu_flops_per_cycle(gen: str) -> int:
+  """bf16 FLOPs one TensorCore's MXUs do per cycle."""
+  _, mxus, dim = MXU[gen]
+  return 2 * mxus * dim * dim
+
+
+# The one place that names the entry points. When siglip_fast.sigmoid_loss(...,
+# implementation="pallas_tpu", block_sizes=bs) compiles for TPU from a CPU host, point
+# _block_fn at it (the value-and-grad then comes from jax.value_and_grad of it).
+def _block_fn(kernel: str, bs):
+  import dataclasses as dc
+  from siglip_fast.kernels import tpu
+  if kernel == "fwd":
+    return lambda x, y, i, lt, b: tpu.loss_sum(x, y, i, i, lt, b, block_sizes=bs)
+  if kernel == "value_and_grad_2k":
+    bs = dc.replace(bs, fuse_dy=False)
+  return lambda x, y, i, lt, b: tpu.loss_sum_and_grads(x, y, i, i, lt, b, block_sizes=bs)
+
+
+def _ring_fn(mesh, with_grads: bool):
+  import jax
+  from jax.sharding import PartitionSpec as P
+  from siglip_fast.kernels import tpu_ring
+
+  def local(x, y, ids, lt, b):
+    return tpu_ring.ring_loss(x, y, ids, ids, lt, b, axis_name="batch",
+                              schedule="bidirectional")
+  f = jax.shard_map(local, mesh=mesh, in_specs=(P("batch"),) * 3 + (P(), P()),
+                    out_specs=P())
+  return jax.value_and_grad(f, argnums=(0, 1, 3, 4)) if with_grads else f
+
+
+_COST_RE = re.compile(r"%([\w.\-]+) = .*custom_call_target=\"tpu_custom_call\".*?"
+                      r"\"cost_estimate\":\{\"flops\":\"(\d+)\"")
+
+
+def kernel_flops(hlo_text: str) -> dict[str, int]:
+  """{op name: FLOPs} of the Pallas calls in a compiled HLO text, from each kernel's own
+  ``pl.CostEstimate`` (the tpu_custom_call's backend config)."""
+  return {m.group(1): int(m.group(2)) for m in map(_COST_RE.search, hlo_text.splitlines()) if m}
+
+
+def _compile_case(gen, kernel, batch, dim, dump, mosaic):
+  """Compile one case; return the paths of the new dump files (moved into their own folder)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.experimental import topologies
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  from siglip_fast.kernels import tpu
+
+  devices = topologies.get_topology_desc(
+      platform="tpu", topology_name=chips_lib.CHIPS[gen].topology).devices
+  before = set(os.listdir(dump)), set(os.listdir(mosaic))
+  if kernel.startswith("ring"):
+    devs, _ = chips_lib.one_device_per_chip(devices)
+    devs = devs[:RING_DEVICES]
+    mesh, spec = Mesh(np.array(devs), ("batch",)), P("batch")
+    f = _ring_fn(mesh, kernel == "ring_hop")
+  else:
+    mesh, spec = Mesh(np.array(devices[:1]), ("batch",)), P()
+    f = _block_fn(kernel, tpu.BlockSizes.for_generation(gen, dim))
+  sds = lambda shape, dt, s: jax.ShapeDtypeStruct(shape, dt, sharding=NamedSharding(mesh, s))
+  args = (sds((batch, dim), jnp.bfloat16, spec), sds((batch, dim), jnp.bfloat16, spec),
+          sds((batch,), jnp.int32, spec), sds((), jnp.float32, P()),
+          sds((), jnp.float32, P()))
+  compiled = jax.jit(f).lower(*args).compile()
+  flops = kernel_flops(compiled.as_text())
+  if not flops:  # e.g. the ring's call shows no backend config: the program's cost analysis
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    if cost and cost.get("flops"):
+      flops = {"*program*": int(cost["flops"])}
+  case = pathlib.Path(dump) / "cases" / f"{kernel}-{dim}"
+  (case / "mosaic").mkdir(parents=True)
+  for name in set(os.listdir(dump)) - before[0] - {"cases"}:
+    os.replace(os.path.join(dump, name), case / name)
+  for name in set(os.listdir(mosaic)) - before[1]:
+    os.replace(os.path.join(mosaic, name), case / "mosaic" / name)
+  (case / "flops.json").write_text(json.dumps(flops))
+  return case, mesh.devices.size
+
+
+def profile_case(gen, kernel, batch, dim, case_dir, n_dev) -> list[dict]:
+  """Rows (one per siglip kernel op of the case) from its dump folder."""
+  kernels = find_kernels(case_dir)
+  if not kernels:
+    raise DumpFormatError(case_dir, f"dump files of at least one op named {KERNEL_PREFIX}*")
+  grids = mosaic_grids(pathlib.Path(case_dir) / "mosaic")
+  cores = MXU[gen][0]
+  clock = clock_hz(gen)
+  flops_path = pathlib.Path(case_dir) / "flops.json"
+  flops = json.loads(flops_path.read_text()) if flops_path.exists() else {}
+  rows = []
+  for op, (bpath, upath) in kernels.items():
+    ks = kernel_schedule(op, bpath, upath)
+    base = op.split("#")[0].rsplit(".", 1)[0]
+    grid, semantics = grids.get(base, (None, ()))
+    row = {"generation": gen, "kernel": kernel, "op": op, "batch": batch, "dim": dim,
+           "clock_ghz": round(clock / 1e9, 4), "bundles": ks.bundles,
+           "loop_bundles": ks.loop.bundles if ks.loop else None,
+           "loop_trips": ks.loop.trips if ks.loop else None}
+    row.update({_key(u): round(v, 4) for u, v in ks.busy.items()})
+    row["spill_frac"] = round(ks.spill_frac, 4)
+    row["loop_op_counts"] = ks.counts
+    # The kernel's CostEstimate; a program of one kernel whose call does not show it: the
+    # program's cost analysis (the kernel's estimate plus a few scalar ops). None: unknown.
+    op_flops = flops.get(op.split("#")[0])
+    if op_flops is None and len(kernels) == 1 and "*program*" in flops:
+      op_flops = flops["*program*"]
+      row["cost_flops_source"] = "program cost_analysis"
+    row["cost_flops"] = op_flops
+    if grid:  # a Pallas grid: one step per loop trip (plus the pipeline's fill and drain)
+      if ks.loop is None:
+        raise DumpFormatError(bpath, f"a loop for the grid {grid} of {base}")
+      steps = math.prod(grid)
+      # Fewer trips than grid steps: megacore, the parallel dimension is split over the
+      # chip's TensorCores and this loop runs one core's share.
+      if ks.loop.trips is not None and ks.loop.trips < steps and cores > 1:
+        steps //= cores
+        op_flops = op_flops / cores if op_flops else op_flops
+      row.update(grid=list(grid), grid_steps=steps, static_cycles=steps * ks.loop.bundles)
+      if op_flops:
+        row["mxu_ideal_cycles"] = round(op_flops / steps / mxu_flops_per_cycle(gen), 1)
+        row["mxu_ideal_ratio"] = round(row["mxu_ideal_cycles"] / ks.loop.bundles, 4)
+    else:     # no grid (the ring): the loop tree at its exit tests' trip counts
+      row.update(grid=[], grid_steps=None, static_cycles=ks.static_cycles)
+      if ks.static_cycles and op_flops:
+        row["mxu_ideal_cycles"] = round(op_flops / mxu_flops_per_cycle(gen), 1)
+        row["mxu_ideal_ratio"] = round(row["mxu_ideal_cycles"] / ks.static_cycles, 4)
+    row["static_us"] = (round(row["static_cycles"] / clock * 1e6, 2)
+                        if row["static_cycles"] else None)
+    busy = {u: ks.busy[u] for u in ("MXU", "XLU", "VALU", "VPOP", "EUP", "VLOAD", "VSTORE",
+                                    "SALU")}
+    row["bound"] = max(busy, key=busy.get)
+    if kernel.startswith("ring"):
+      row.update(_ring_hop(gen, kernel, batch, dim, n_dev, row["static_cycles"], clock))
+    rows.append(row)
+  return rows
+
+
+def _key(unit: str) -> str:
+  return unit.lower().replace(":", "_") + "_busy"
+
+
+def _ring_hop(gen, kernel, batch, dim, n_dev, cycles, clock) -> dict:
+  """Compute per hop (one block of the trip per device) against one hop's wire time."""
+  chip = chips_lib.CHIPS[gen]
+  b = batch // n_dev
+  wire = b * dim * 2 + b * 4 + (b * dim * 4 if kernel == "ring_hop" else 0)
+  out = {"ring_devices": n_dev, "hop_wire_bytes": wire,
+         "hop_wire_us": round(wire / chip.link_bw * 1e6, 2), "link_bw": chip.link_bw}
+  if cycles:
+    out["hop_cycles"] = cycles // n_dev
+    out["hop_us"] = round(out["hop_cycles"] / clock * 1e6, 2)
+    out["hop_hidden_ratio"] = round(out["hop_us"] / out["hop_wire_us"], 2)
+  return out
+
+
+def _child(gen, kernels, dims, batch, dump):
+  """In a fresh process whose LIBTPU_INIT_ARGS point at ``dump``: compile and profile."""
+  mosaic = os.path.join(dump, "mosaic")
+  rows = []
+  for dim in dims:
+    for kernel in kernels:
+      t0 = time.perf_counter()
+      try:
+        case, n_dev = _compile_case(gen, kernel, batch, dim, dump, mosaic)
+        out = profile_case(gen, kernel, batch, dim, case, n_dev)
+      except DumpFormatError:
+        raise
+      except Exception as e:  # noqa: BLE001 - a kernel that does not compile is a row
+        out = [{"generation": gen, "kernel": kernel, "batch": batch, "dim": dim,
+                "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}]
+      for r in out:
+        r["compile_s"] = round(time.perf_counter() - t0, 1)
+      rows += out
+      print(json.dumps(out), flush=True)
+  return rows
+
+
+def run_generation(gen, kernels, dims, batch, keep_dump=None) -> list[dict]:
+  """Profile one generation in a child process (its own libtpu dump folder)."""
+  with tempfile.TemporaryDirectory(prefix=f"tpu_profile_{gen}_") as tmp:
+    dump = keep_dump or tmp
+    os.makedirs(os.path.join(dump, "mosaic"), exist_ok=True)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1",
+               ALLOW_MULTIPLE_LIBTPU_LOAD="1",
+               LIBTPU_INIT_ARGS=(os.environ.get("LIBTPU_INIT_ARGS", "") +
+                                 f" --xla_jf_dump_to={dump}"
+                                 f" --xla_mosaic_dump_to={dump}/mosaic").strip())
+    root = str(pathlib.Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "benchmarks.tpu_profile", "--_child", dump,
+           "--generations", gen, "--batch", str(batch), "--dims", *map(str, dims),
+           "--kernels", *kernels]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=root)
+    rows = []
+    for line in proc.stdout.splitlines():
+      if line.startswith("["):
+        rows += json.loads(line)
+    if proc.returncode:
+      err = [l for l in proc.stderr.splitlines() if l.strip()][-5:]
+      raise RuntimeError(f"profiling {gen} failed (exit {proc.returncode}):\n" + "\n".join(err))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------
+# Output
+
+_COLS = (("generation", "gen", "{}"), ("kernel", "kernel", "{}"), ("op", "op", "{}"),
+         ("dim", "D", "{}"), ("grid_steps", "steps", "{}"), ("loop_bundles", "bundles/step",
+                                                             "{}"),
+         ("static_us", "static us", "{:.1f}"), ("mxu_busy", "MXU", "{:.2f}"),
+         ("valu_busy", "VALU", "{:.2f}"), ("eup_busy", "EUP", "{:.2f}"),
+         ("vpop_busy", "VPOP", "{:.2f}"), ("vstore_busy", "VST", "{:.2f}"),
+         ("spill_frac", "spill", "{:.2f}"), ("mxu_ideal_ratio", "ideal/bundles", "{:.2f}"),
+         ("bound", "bound", "{}"), ("hop_hidden_ratio", "hop/wire", "{:.2f}"))
+
+
+def format_table(rows) -> str:
+  out = [[h for _, h, _ in _COLS]]
+  for r in rows:
+    if "error" in r:
+      out.append([r["generation"], r["kernel"], "ERROR", str(r["dim"]), r["error"][:80]])
+      continue
+    out.append([fmt.format(r[k]) if r.get(k) is not None else "-" for k, _, fmt in _COLS])
+  widths = [max(len(row[i]) for row in out if i < len(row)) for i in range(len(_COLS))]
+  return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in out)
+
+
+def plot(rows, path):
+  """A heat map per D: one line per kernel op and generation, one column per unit."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  cols = (("mxu_busy", "MXU"), ("valu_busy", "VALU"), ("eup_busy", "EUP"),
+          ("vpop_busy", "VPOP"), ("xlu_busy", "XLU"), ("vload_busy", "VLOAD"),
+          ("vstore_busy", "VSTORE"), ("salu_busy", "SALU"), ("spill_frac", "spill"),
+          ("mxu_ideal_ratio", "ideal/bndl"))
+  ok = [r for r in rows if "error" not in r]
+  dims = sorted({r["dim"] for r in ok})
+  n = max(len([r for r in ok if r["dim"] == d]) for d in dims)
+  height = len(dims) * (1.0 + 0.3 * n)
+  fig, axes = plt.subplots(len(dims), 1, figsize=(9, height), squeeze=False)
+  fig.subplots_adjust(top=1 - 0.45 / height, bottom=0.1 / height, hspace=0.9 / (1 + 0.3 * n))
+  for ax, dim in zip(axes[:, 0], dims):
+    sel = [r for r in ok if r["dim"] == dim]
+    data = [[r.get(k) if r.get(k) is not None else float("nan") for k, _ in cols] for r in sel]
+    im = ax.imshow(data, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    for i, line in enumerate(data):
+      for j, v in enumerate(line):
+        if v == v:
+          ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                  color="black" if v > 0.6 else "white")
+    ax.set_xticks(range(len(cols)))
+    ax.set_xticklabels([c for _, c in cols], fontsize=7)
+    ax.xaxis.tick_top()
+    ax.set_yticks(range(len(sel)))
+    ax.set_yticklabels([f"{r['generation']} {r['kernel']} ({r['op'].split('.')[0]})"
+                        for r in sel], fontsize=7)
+    ax.set_ylabel(f"D = {dim}", fontsize=9)
+  fig.colorbar(im, ax=axes[:, 0].tolist(), shrink=0.6, label="busy fraction (static)")
+  fig.suptitle(f"Static unit occupancy of each kernel's loop body, B = {ok[0]['batch']}, "
+               "bf16\n(libtpu's VLIW schedule, compile-only; not measured. ideal/bndl: MXU "
+               "cycles of the FLOPs / bundles)", fontsize=9, y=1 + 0.55 / height)
+  fig.savefig(path, dpi=90, bbox_inches="tight")
+  plt.close(fig)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(
+      description=__doc__.split("\n\n")[0] + " The default run (v5e, D = 1152, B = 4096, all "
+      "four kernels) takes 2.5-4 minutes on a shared 2-core host; each further generation x D "
+      "adds about as much (the ring's compile is half of it; --kernels narrows it).",
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--generations", nargs="+", default=list(DEFAULT_GENERATIONS),
+                 choices=chips_lib.TPU_GENERATIONS)
+  p.add_argument("--dims", nargs="+", type=int, default=list(DEFAULT_DIMS))
+  p.add_argument("--batch", type=int, default=DEFAULT_BATCH,
+                 help="global batch B (the ring: over %d chips)" % RING_DEVICES)
+  p.add_argument("--kernels", nargs="+", default=list(KERNELS),
+                 choices=KERNELS + ("ring_hop_fwd",))
+  p.add_argument("--json", help="write the rows here (nothing is written unless asked)")
+  p.add_argument("--plot", help="write a PNG chart of the busy fractions here")
+  p.add_argument("--keep-dump", help="keep libtpu's dump under this folder (one per generation)")
+  p.add_argument("--_child", help=argparse.SUPPRESS)
+  args = p.parse_args(argv)
+  if args._child:
+    _child(args.generations[0], args.kernels, args.dims, args.batch, args._child)
+    return 0
+  t0 = time.perf_counter()
+  rows = []
+  for gen in args.generations:
+    keep = os.path.join(args.keep_dump, gen) if args.keep_dump else None
+    rows += run_generation(gen, args.kernels, args.dims, args.batch, keep)
+  print(format_table(rows))
+  print(f"\nSTATIC figures from libtpu's VLIW schedule, not measurements: no DMA/HBM stalls, "
+        f"no throttling, every bundle one cycle. {time.perf_counter() - t0:.0f} s.")
+  if args.json:
+    meta = {"date": datetime.date.today().isoformat(), "batch": args.batch,
+            "dtype": "bfloat16", "source": "libtpu --xla_jf_dump_to final_bundles + "
+            "final_hlo-static-per-bundle-utilization", "versions": _versions(),
+            "note": "static schedule figures, not measurements"}
+    pathlib.Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+  if args.plot:
+    plot(rows, args.plot)
+  return 1 if any("error" in r for r in rows) else 0
+
+
+def _versions():
+  import importlib.metadata as md
+  out = {}
+  for d in ("jax", "jaxlib", "libtpu"):
+    try:
+      out[d] = md.version(d)
+    except md.PackageNotFoundError:
+      pass
+  return out
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,175 @@
+"""The static TPU profile: its parser on a real (cut-down) libtpu dump, its refusal to read
+a dump in another format, and one live compile-and-parse for a compile-only v5e."""
+
+import json
+import pathlib
+import re
+import shutil
+
+import pytest
+
+from benchmarks import tpu_profile as tp
+
+FIXTURE = pathlib.Path(__file__).resolve().parent / "fixtures" / "tpu_profile"
+
+
+def _files():
+  ((op, (bundles, util)),) = tp.find_kernels(FIXTURE).items()
+  return op, pathlib.Path(bundles), pathlib.Path(util)
+
+
+def _copy(tmp_path):
+  op, bundles, util = _files()
+  for p in (bundles, util):
+    shutil.copy(p, tmp_path / p.name)
+  return op, tmp_path / bundles.name, tmp_path / util.name
+
+
+def test_fixture_parses_to_its_known_figures():
+  op, bundles, util = _files()
+  assert op == "siglip_fwd.1"
+  ks = tp.kernel_schedule(op, bundles, util)
+  meta = json.loads((FIXTURE / "expected.json").read_text())
+  assert ks.bundles == meta["bundles"]
+  assert len(ks.loops) == 1 and ks.loop is ks.loops[0]
+  assert (ks.loop.bundles, ks.loop.trips) == (meta["loop_bundles"], meta["loop_trips"])
+  # The grid's pipeline runs two more trips than grid steps (fill and drain).
+  grids = tp.mosaic_grids(FIXTURE / "mosaic")
+  grid, semantics = grids["siglip_fwd"]
+  assert list(grid) == meta["grid"]
+  assert ks.loop.trips == meta["grid"][0] * meta["grid"][1] + 2
+  assert semantics and all(s in ("parallel", "arbitrary") for s in semantics)
+  # Busy fractions, recomputed here independently from the raw rows.
+  lines = util.read_text().splitlines()
+  cap = [int(v) for v in lines[2].split()]
+  rows = [[int(v) for v in l.split()] for l in lines[4:] if l.strip()]
+  body = rows[ks.loop.start:ks.loop.end + 1]
+  for k, unit in enumerate(tp.UNITS):
+    want = sum(r[k] for r in body) / (cap[k] * len(body))
+    assert ks.busy[unit] == pytest.approx(want)
+  assert 0 < ks.busy["MXU"] <= 1 and ks.busy["EUP"] > 0
+  assert ks.spill_frac == pytest.approx(sum(r[8] > 0 for r in body) / len(body))
+  # The loop body holds the step's matmuls and transcendentals.
+  assert ks.counts["matmul"] == meta["loop_matmuls"] > 0
+  assert ks.counts["transcendental"] > 0
+  assert ks.static_cycles == ks.bundles - ks.loop.bundles + ks.loop.trips * ks.loop.bundles
+
+
+def test_nested_loops_and_trip_counts():
+  text = "\n".join([
+      "= control target key start", "LB: loop body", "= control target key end", "",
+      "     0   :  { %s1 = smov 0 } /* Start region 1 */",
+      "   0x1 LB: > { %s2 = sadd.s32 1, %s3 } /* Start region 2 */",
+      "   0x2 LB: >> { %p4 = scmp.ge.s32.totalorder %s5, 3 /* loop exit test */ } "
+      "/* Start region 3 */",
+      "   0x3   : >> { %6 = sbr.rel (!%p4) target = $region3 }",
+      "   0x4   : > { %p7 = scmp.lt.s32.totalorder %s2, 5 }",
+      "   0x5   : > { %8 = sbr.rel (%p7) target = $region2 }",
+      "   0x6   :  { %9 = sbr.rel (%p7) target = $region9 }",
+      "   0x7   :  {} /* Start region 9 */"])
+  sched = _write_and_parse(text)
+  (outer,) = sched.loops
+  (inner,) = outer.children
+  assert (outer.start, outer.end, outer.trips) == (1, 5, 5)
+  assert (inner.start, inner.end, inner.trips) == (2, 3, 3)
+  # 5 trips x (5 bundles, of which the inner 2 run 3 times): 5 x (3 + 6).
+  assert outer.cycles() == 5 * (3 + 3 * 2)
+
+
+def _write_and_parse(text, tmp=None):
+  import tempfile
+  with tempfile.TemporaryDirectory() as d:
+    p = pathlib.Path(d) / "1-siglip_x.1-72-final_bundles.txt"
+    p.write_text(text)
+    return tp.parse_bundles(p)
+
+
+def test_unknown_trip_count_gives_no_cycles():
+  text = "\n".join([
+      "LB: loop body",
+      "     0   :  { %s1 = smov 0 }",
+      "   0x1 LB: > { %p4 = scmp.ge.s32.totalorder %s5, %s6 } /* Start region 2 */",
+      "   0x2   : > { %6 = sbr.rel (!%p4) target = $region2 }"])
+  sched = _write_and_parse(text)
+  assert sched.loops[0].trips is None and sched.loops[0].cycles() is None
+
+
+@pytest.mark.parametrize("corrupt, expected", [
+    (lambda b, u: u.write_text(u.read_text().replace("VALU", "VECALU", 1)), "unit row"),
+    (lambda b, u: u.write_text(u.read_text().replace("== CAPACTIY", "== CAP", 1)),
+     "CAPACITY"),
+    (lambda b, u: u.write_text("\n".join(u.read_text().splitlines()[:-7]) + "\n"),
+     "one row per bundle"),
+    (lambda b, u: u.write_text(re.sub(r"(?m)^(0 0 0 0 0 0 0 0 0) 1$", r"\1 x",
+                                      u.read_text(), count=1)), "integer slot counts"),
+    (lambda b, u: u.write_text(re.sub(r"(?m)^(\d+ \d+ \d+ \d+ \d+ \d+ \d+ \d+ \d+) (\d+)$",
+                                      r"\1 9", u.read_text(), count=1)),
+     "within the capacities"),
+    (lambda b, u: b.write_text("\n".join(l for l in b.read_text().splitlines()
+                                         if not l.lstrip().startswith("0x5 "))),
+     "consecutive bundle addresses"),
+    (lambda b, u: b.write_text(b.read_text().replace("LB: loop body", "XX: loop body")),
+     "control-target key"),
+    (lambda b, u: b.write_text(re.sub(r"(?m)^(\s*0x[0-9a-f]+) LB:", r"\1   :",
+                                      b.read_text())), "to a loop body"),
+])
+def test_corrupted_dump_fails_loudly_naming_the_file(tmp_path, corrupt, expected):
+  op, bundles, util = _copy(tmp_path)
+  corrupt(bundles, util)
+  with pytest.raises(tp.DumpFormatError) as e:
+    tp.kernel_schedule(op, bundles, util)
+  msg = str(e.value)
+  assert expected in msg and str(tmp_path) in msg and "refusing" in msg
+
+
+def test_missing_half_of_a_dump_pair_fails(tmp_path):
+  _, bundles, _ = _files()
+  shutil.copy(bundles, tmp_path / bundles.name)
+  with pytest.raises(tp.DumpFormatError, match="both final_bundles"):
+    tp.find_kernels(tmp_path)
+
+
+def test_clocks_follow_the_datasheet_peaks():
+  # The clocks derived from peak FLOP/s and MXU geometry are the known ones (~1.05, 1.5,
+  # 1.75, 1.75 GHz).
+  assert tp.clock_hz("v4") == pytest.approx(1.05e9, rel=0.01)
+  assert tp.clock_hz("v5e") == pytest.approx(1.5e9, rel=0.01)
+  assert tp.clock_hz("v5p") == pytest.approx(1.75e9, rel=0.01)
+  assert tp.clock_hz("v6e") == pytest.approx(1.75e9, rel=0.01)
+
+
+def test_table_never_prints_a_number_it_does_not_have():
+  rows = [{"generation": "v5e", "kernel": "fwd", "op": "siglip_fwd.1", "dim": 128,
+           "loop_bundles": 10, "mxu_busy": 0.5, "static_us": None},
+          {"generation": "v5e", "kernel": "ring_hop", "dim": 128, "error": "X: boom"}]
+  table = tp.format_table(rows)
+  assert "ERROR" in table and "boom" in table
+  line = table.splitlines()[1]
+  assert "0.50" in line and "nan" not in line.lower()
+
+
+def _libtpu():
+  try:
+    from jax.experimental import topologies
+    topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2")
+    return True
+  except Exception:  # noqa: BLE001 - no libtpu in this install
+    return False
+
+
+@pytest.mark.skipif(not _libtpu(), reason="needs libtpu (compile-only TPU topologies)")
+def test_live_compile_and_parse_v5e(tmp_path):
+  """The real Mosaic compiler in a child process with libtpu's dump on, then the parser."""
+  rows = tp.run_generation("v5e", ["fwd"], [256], 1024, keep_dump=str(tmp_path / "dump"))
+  (row,) = rows
+  assert "error" not in row, row
+  assert row["op"].startswith("siglip_fwd")
+  assert row["grid_steps"] >= 1 and row["loop_bundles"] > 0
+  assert row["static_cycles"] == row["grid_steps"] * row["loop_bundles"]
+  assert 0 < row["mxu_busy"] <= 1 and 0 < row["valu_busy"] <= 1
+  assert row["cost_flops"] == 2 * 1024 * 1024 * 256
+  assert row["mxu_ideal_ratio"] > 0 and row["static_us"] > 0
+  assert row["bound"] in ("MXU", "VALU", "EUP", "XLU", "VPOP", "VLOAD", "VSTORE", "SALU")
+  png = tmp_path / "p.png"
+  tp.plot(rows, png)
+  assert png.stat().st_size > 1000
