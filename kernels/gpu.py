@@ -1,8 +1,10 @@
-"""Fused SigLIP block loss for GPUs: Pallas with the Triton lowering, tuned for the H100.
+"""Fused SigLIP block loss for GPUs: Pallas with the Triton lowering, sized for Hopper
+(H100, H200).
 
 Two kernels share one tile body (a ``BR x BC`` logits tile ``t * x_i . y_j + b``, bf16
 operands on the tensor cores with float32 accumulation over a loop of ``BK``-wide chunks of
-D, then a float32 epilogue in registers):
+D, then a float32 epilogue in registers, in base 2: log2(e) is folded into t and b, so the
+tile's logit is one FMA and exp(-|l|) one ``ex2.approx``):
 
 * **Forward** (``loss_sum``, 2 B^2 D FLOPs): the epilogue is the stable softplus, masked and
   summed to one float32 partial per program. Nothing else is written; no gradient work.
@@ -13,6 +15,10 @@ D, then a float32 epilogue in registers):
   the input dtype); two XLA matmuls then give ``dX += G_c @ Y_c`` and ``dY_c = G_c^T @ X``,
   both scaled by t at the end.
 
+float32 inputs run every dot as bf16x3 (three bf16 tensor-core products of high and low
+parts, ``_dot_bf16x3``): ~1e-5 relative, against IEEE float32 on the CUDA cores (5x
+slower) or TF32 (~1e-3).
+
 Why not a fully fused backward: ``dX_i = t * sum_j G_ij y_j`` needs an accumulator of
 ``BR x D`` float32 per row tile. At D = 768 or 1152 that is 192 to 590 KB for BR = 64 or
 128, more than an SM's registers (256 KB), and Triton has no scratch memory; splitting D
@@ -21,16 +27,19 @@ read-modify-write per tile) moves D * 4 * (1/BR + 1/BC) bytes per logit, against
 logit for writing G once in bf16 and reading it twice. So the gradient matmuls, 2/3 of the
 FLOPs, run on XLA's own tuned GEMMs (cuBLAS or XLA-Triton), and only an n x C slab of G
 (never n x m, never B x B) lives in HBM. Temp memory is that slab plus the float32 dX
-accumulator (n x D): O(B * (C + D)), against 3 * 4 * B^2 bytes for XLA's dense loss.
+accumulator (n x D): O(B * (C + D)), against 3 * 4 * B^2 bytes for XLA's dense loss. C is
+sized so that the accumulator's traffic stays under the dX matmul's time and the temp stays
+>= 50x below XLA dense's (``grad_plan``; docs/PERFORMANCE.md section 5 has the cost model).
 
-Triton constraints honoured (DESIGN.md section 6): every loaded or computed tile has
-power-of-two shape (the refs are whole arrays, D only needs to be a multiple of BK),
-reductions are in-kernel ``fori_loop``s, and there is no scratch memory. Rows and columns are
-padded to the tile; padded entries are masked out of the loss and of G (padded ids alone
-would not do: a padded column would still add softplus(b) of loss).
+Triton constraints honoured: every loaded or computed tile has power-of-two shape (the refs
+are whole arrays, D only needs to be a multiple of BK), reductions are in-kernel
+``fori_loop``s, and there is no scratch memory. Rows and columns are padded to the tile;
+padded entries are masked out of the loss and of G (padded ids alone would not do: a padded
+column would still add softplus(b) of loss).
 
 Everything runs on CPU with ``interpret=True`` (``pallas_call(..., interpret=True)``; inside
-``shard_map`` the Mosaic interpreter runs the same kernel body, see ``_tiles``).
+``shard_map`` the Mosaic interpreter runs the same kernel body, see ``_tiles``); there the
+PTX approximations become exact math, or (``fast_math="emulate"``, tests) their worst case.
 """
 
 from __future__ import annotations
@@ -51,8 +60,20 @@ from siglip_fast.reference import vma
 _MIN_TILE = 16
 # The grid's y axis (row tiles) is limited to 65535 programs by CUDA.
 _MAX_GRID_YZ = 65535
-# Budget for the n x C slab of G in the value-and-grad (per chunk).
-_G_SLAB_BYTES = 64 << 20
+# log2(e) and ln(2): the kernels work in base 2 (exp2 is one MUFU.EX2; exp is a multiply and
+# an EX2), with log2(e) folded into t and b outside the kernel.
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+# Sizing of the value-and-grad's G slab (n x C) against the compiled temp budget; see
+# ``grad_plan`` and docs/PERFORMANCE.md ("GPU cost model").
+# Dense bf16 FLOP per byte of HBM at which a GEMM turns compute-bound (the ridge), the higher
+# of the two cards it is sized for: H100 SXM 989 TFLOP/s / 3.35 TB/s = 295 (H200: 206).
+_RIDGE = 300
+# The temp budget: XLA's dense value-and-grad keeps ~3 B x B float32 arrays (12 n m bytes);
+# ours must be >= 50x below it, sized at 56x to leave room for XLA's small temporaries.
+_TEMP_FACTOR = 56
+# An upper bound on one G slab (device memory, and fewer, longer steps bring little).
+_MAX_SLAB_BYTES = 4 << 30
 
 
 def _is_pow2(v: int) -> bool:
@@ -85,6 +106,7 @@ class BlockSizes:
     grad_block_rows, grad_block_cols: the value-and-grad kernel's tile; None: the
       forward's. Its epilogue keeps more values live (G, the sigmoid, three sums), so the
       tile that suits the forward can spill there.
+    grad_num_warps: the value-and-grad kernel's warps; None: ``num_warps``.
   """
 
   block_rows: int = 128
@@ -96,6 +118,7 @@ class BlockSizes:
   grad_chunk: int = 1024
   grad_block_rows: int | None = None
   grad_block_cols: int | None = None
+  grad_num_warps: int | None = None
 
   def __post_init__(self):
     for name in ("block_rows", "block_cols", "block_k", "grad_block_rows", "grad_block_cols"):
@@ -105,10 +128,12 @@ class BlockSizes:
       if not isinstance(v, int) or v < _MIN_TILE or not _is_pow2(v):
         raise ValueError(f"BlockSizes.{name} must be a power of two >= {_MIN_TILE} "
                          f"(Triton tiles), got {v!r}")
-    if not isinstance(self.num_warps, int) or not _is_pow2(self.num_warps) or \
-        self.num_warps > 32:
-      raise ValueError(f"BlockSizes.num_warps must be a power of two <= 32, got "
-                       f"{self.num_warps!r}")
+    for name in ("num_warps", "grad_num_warps"):
+      v = getattr(self, name)
+      if v is None and name == "grad_num_warps":
+        continue
+      if not isinstance(v, int) or not _is_pow2(v) or v > 32:
+        raise ValueError(f"BlockSizes.{name} must be a power of two <= 32, got {v!r}")
     if not isinstance(self.num_stages, int) or self.num_stages < 1:
       raise ValueError(f"BlockSizes.num_stages must be a positive int, got "
                        f"{self.num_stages!r}")
@@ -125,39 +150,96 @@ class BlockSizes:
     return (self.grad_block_rows or self.block_rows, self.grad_block_cols or self.block_cols)
 
 
-def default_block_sizes(n: int, m: int, d: int, dtype) -> BlockSizes:
-  """H100 defaults for an (n, d) x (m, d) block in ``dtype``.
+def min_grad_chunk(d: int, dtype) -> int:
+  """The fewest text rows C per value-and-grad step that keep the float32 dX accumulator's
+  traffic under the dX += G_c @ Y_c matmul's time.
 
-  bf16, chosen without an H100 at hand from a static look at the compiled kernels (the
-  Pallas-emitted Triton IR compiled for sm_90a by Triton 3.9 and ptxas: registers, spills,
-  shared memory, instruction mix) and L2 traffic: the forward takes 128 x 256 tiles
-  (at the tensor-core peak they pull 47 B of operands from L2 per SM clock, 128 x 128
-  tiles 64 B, more than H100's L2 is thought to sustain), BK = 64, 8 warps, 3 stages
-  (144 KiB of shared memory, one program per SM);
-  the value-and-grad takes 128 x 128 (its epilogue spills 2.7 KiB per thread at 128 x 256,
-  56 B at 128 x 128). ``python -m benchmarks.bench_loss --tune BxD`` times variants on
-  the device. float32 (IEEE dots, no tensor-core fast path): 64 x 64 tiles, BK = 32,
-  4 warps. Small blocks shrink the tiles to the next power of two. The G slab is capped
-  at 64 MiB, with C between 1024 and 4096 text rows (C >= 1024 keeps the dX += G_c @ Y_c
-  update compute-bound: its arithmetic intensity is about C / 4 FLOP per byte of dX).
+  Per step that update reads and writes the n x D float32 accumulator (8 n D bytes) for
+  2 n C D FLOPs: C / 4 FLOP per byte. It stays compute-bound while C / 4 > ridge, i.e.
+  C > 4 * ridge = 1200 bf16 text rows (H100; 824 on an H200). A float32 input's dots are
+  bf16x3 (three tensor-core passes), which triples the FLOP time: C > 400.
+  """
+  del d
+  ridge = _RIDGE if jnp.dtype(dtype) != jnp.float32 else _RIDGE // 3
+  return 4 * ridge
+
+
+def grad_plan(n: int, m: int, d: int, dtype, bs: BlockSizes | None = None) -> dict:
+  """The value-and-grad's static memory plan for an (n, d) x (m, d) block: no arrays.
+
+  Returns chunk (C), n_chunks, the padded shapes, the G slab's and the float32 dX
+  accumulator's bytes, ``temp_bytes`` (their sum plus one chunk's float32 dY_c: what
+  the steps keep live besides the inputs and outputs), XLA dense's ~12 n m bytes, and
+  ``acc_over_matmul``: the dX accumulator's HBM time over the dX matmul's tensor-core time
+  per step at the H100's ridge (< 1: the step stays compute-bound).
+  """
+  dtype = jnp.dtype(dtype)
+  bs = default_block_sizes(n, m, d, dtype) if bs is None else bs
+  rows, cols = bs.grad_tile
+  d_pad = _round_up(d, bs.block_k)
+  n_pad = _round_up(n, rows)
+  n_chunks = pl.cdiv(m, bs.grad_chunk)
+  chunk = _round_up(pl.cdiv(m, n_chunks), cols)
+  slab = n_pad * chunk * dtype.itemsize
+  acc = n_pad * d_pad * 4
+  ridge = _RIDGE if dtype != jnp.float32 else _RIDGE // 3
+  return dict(chunk=chunk, n_chunks=n_chunks, n_pad=n_pad, m_pad=n_chunks * chunk,
+              d_pad=d_pad, slab_bytes=slab, acc_bytes=acc,
+              temp_bytes=slab + acc + chunk * d_pad * 4, xla_dense_bytes=12 * n * m,
+              slab_elements=n_pad * chunk,
+              acc_over_matmul=(8 * n_pad * d_pad) / (2 * n_pad * chunk * d_pad / ridge))
+
+
+def default_block_sizes(n: int, m: int, d: int, dtype) -> BlockSizes:
+  """Hopper (H100 / H200) defaults for an (n, d) x (m, d) block in ``dtype``.
+
+  Tiles, chosen without a GPU from the compiled kernels (the Pallas-emitted Triton IR
+  compiled for sm_90a by the triton package and ptxas: registers, spills, shared memory;
+  ``benchmarks/gpu_ptxas.py``, table in ``benchmarks/results/``): the largest tiles that
+  compile with no spills. bf16: forward 128 x 128, 8 warps (164 registers; 128 x 256
+  spills 224 B per thread), value-and-grad 128 x 128 with 16 warps (122 registers; with 8
+  warps its epilogue spills), BK = 64, 3 stages. float32: the dots are bf16x3 on the tensor
+  cores (each operand split into a bf16 high and low part; three bf16 dots, lo * lo
+  dropped): the splits need registers, so 64 x 128 tiles, 8 warps, BK = 32, 2 stages (a
+  128 x 128 forward spills). Small blocks shrink the tiles to the next power of two.
+  ``python -m benchmarks.bench_loss --tune BxD`` times variants on the device.
+
+  The G slab (n x C in the input dtype) takes C = ``min_grad_chunk`` rounded up to the
+  tile's columns (1280 bf16 text rows), so that the dX accumulator's traffic stays under
+  the dX matmul's time, and C never grows past what keeps the value-and-grad's temp
+  memory 56x below XLA dense's 12 n m bytes, nor the slab past 4 GiB or 2^31 elements
+  (int32 indexing); see ``grad_plan``.
   """
   dtype = jnp.dtype(dtype)
   wide = dtype == jnp.float32
   fit = lambda cap, v: min(cap, max(_MIN_TILE, pl.next_power_of_2(v)))
   if wide:
-    (br, bc), (gr, gc), cap_k = (fit(64, n), fit(64, m)), (fit(64, n), fit(64, m)), 32
+    (br, bc), (gr, gc), cap_k = (fit(64, n), fit(128, m)), (fit(64, n), fit(128, m)), 32
   else:
-    (br, bc), (gr, gc), cap_k = (fit(128, n), fit(256, m)), (fit(128, n), fit(128, m)), 64
+    (br, bc), (gr, gc), cap_k = (fit(128, n), fit(128, m)), (fit(128, n), fit(128, m)), 64
   # The widest chunk that divides D (no padding); else pad D to a multiple of BK.
   divisors = [k for k in (cap_k, cap_k // 2, _MIN_TILE) if k >= _MIN_TILE and d % k == 0]
   bk = divisors[0] if divisors else fit(cap_k, d)
-  warps = 8 if br * bc >= 128 * 128 else 4
-  chunk = _pow2_floor(_G_SLAB_BYTES // (_round_up(n, gr) * dtype.itemsize))
-  chunk = min(max(chunk, 1024), 4096, _round_up(m, gc))
-  chunk = max(gc, _round_up(chunk, gc))
+  warps = 8 if br * bc >= 64 * 128 else 4
+  grad_warps = 8 if gr * gc >= 64 * 128 else 4
+  if not wide and gr * gc >= 128 * 128:
+    grad_warps = 16
+  n_pad, d_pad = _round_up(n, gr), _round_up(d, bk)
+  # Above the traffic floor, grow C while the temp budget allows (fewer steps).
+  budget = 12 * n * m // _TEMP_FACTOR - 4 * n_pad * d_pad
+  chunk = _round_up(min_grad_chunk(d, dtype), gc)
+  room = min(budget, _MAX_SLAB_BYTES) // (n_pad * dtype.itemsize)
+  if room > chunk:
+    chunk = max(chunk, (room // gc) * gc)
+  # The slab is one operand of the tile kernel, which indexes in int32.
+  while chunk > gc and (n_pad * chunk * dtype.itemsize > _MAX_SLAB_BYTES
+                        or n_pad * chunk >= 2**31):
+    chunk -= gc
+  chunk = max(gc, min(chunk, _round_up(m, gc)))
   return BlockSizes(block_rows=br, block_cols=bc, block_k=bk, num_warps=warps,
                     num_stages=2 if wide else 3, fwd_group=max(1, 4096 // bc),
-                    grad_chunk=chunk, grad_block_rows=gr, grad_block_cols=gc)
+                    grad_chunk=chunk, grad_block_rows=gr, grad_block_cols=gc,
+                    grad_num_warps=grad_warps)
 
 
 # log1p(e) / e on [0, 1]: Chebyshev interpolant of degree 9 in monomial form (float64 fit;
@@ -180,23 +262,75 @@ def _log1p_unit(e):
   return acc * e
 
 
-def _reciprocal(v, approx: bool):
-  """1 / v; with ``approx`` PTX's rcp.approx.ftz.f32 (MUFU.RCP, 1 ulp), instead of the
-  IEEE division Triton emits for ``/`` (a Newton iteration and a slow-path branch per
-  element). Interpret mode has no PTX: it divides."""
-  if not approx:
+# Fast-math modes of the epilogue: "ptx" (compiled: PTX approximations by inline assembly),
+# "exact" (interpret mode: IEEE division and exp2), "emulate" (interpret mode, tests: the
+# approximations' documented worst-case error, applied as one-sided ulp steps).
+_FAST_MATH = ("ptx", "exact", "emulate")
+# Worst-case error of the PTX approximations (PTX ISA): rcp.approx.f32 1 ulp;
+# ex2.approx.ftz.f32 2 ulp (max relative error 2^-22 over the full range).
+_RCP_ULPS, _EX2_ULPS = 1, 2
+
+
+def _ulp_up(v, ulps):
+  for _ in range(ulps):
+    v = lax.nextafter(v, jnp.full_like(v, jnp.inf))
+  return v
+
+
+def _reciprocal(v, mode: str):
+  """1 / v; compiled, PTX's rcp.approx.ftz.f32 (MUFU.RCP, 1 ulp), instead of the IEEE
+  division Triton emits for ``/`` (a Newton iteration and a slow-path branch per element)."""
+  if mode == "exact":
     return 1.0 / v
+  if mode == "emulate":
+    return _ulp_up(1.0 / v, _RCP_ULPS)
   (out,) = plgpu_triton.elementwise_inline_asm(
       "rcp.approx.ftz.f32 $0, $1;", args=[v], constraints="=r,r", pack=1,
       result_shape_dtypes=[jax.ShapeDtypeStruct(v.shape, jnp.float32)])
   return out
 
 
+def _exp2(v, mode: str):
+  """2^v for v <= 0; compiled, PTX's ex2.approx.ftz.f32 (one MUFU.EX2; results below 2^-126
+  flush to 0, which changes log1p(e) and the sigmoid by < 1e-38)."""
+  if mode == "exact":
+    return jnp.exp2(v)
+  if mode == "emulate":
+    return _ulp_up(jnp.exp2(v), _EX2_ULPS)
+  (out,) = plgpu_triton.elementwise_inline_asm(
+      "ex2.approx.ftz.f32 $0, $1;", args=[v], constraints="=r,r", pack=1,
+      result_shape_dtypes=[jax.ShapeDtypeStruct(v.shape, jnp.float32)])
+  return out
+
+
+def _split_bf16(a):
+  """a = hi + lo + O(2^-17 |a|): two bf16 parts of a float32 tile."""
+  hi = a.astype(jnp.bfloat16)
+  lo = (a - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+  return hi, lo
+
+
+def _dot_bf16x3(a, b, dims):
+  """float32 dot as three bf16 tensor-core dots with float32 accumulation (bf16x3:
+  hi*hi + hi*lo + lo*hi; lo*lo, < 2^-16 of each product, is dropped). Each float32 operand
+  is kept to ~16 significant bits, so each product is within ~3 * 2^-17 relative; a sum of
+  D products with random signs is within ~2^-17 of its magnitude, i.e. ~1e-5 relative
+  on gradients (float32 IEEE: ~1e-7; TF32: ~1e-3). Small terms first."""
+  (a_hi, a_lo), (b_hi, b_lo) = _split_bf16(a), _split_bf16(b)
+  dot = lambda u, v: lax.dot_general(u, v, dims, preferred_element_type=jnp.float32)
+  return dot(a_lo, b_hi) + dot(a_hi, b_lo) + dot(a_hi, b_hi)
+
+
 def _tile_kernel(x_ref, y_ref, xid_ref, yid_ref, s_ref, mv_ref, loss_ref, *grad_refs,
                  bs: BlockSizes, n: int, mask_cols: bool, group: int, col_tiles: int,
-                 with_grads: bool, fast_math: bool):
+                 with_grads: bool, fast_math: str):
   """One BR x BC tile of logits, its loss partial and (with_grads) its G tile and the
   tile's sums of G * (l - b) and of G (dlog_t and dbias).
+
+  Works in base 2: s_ref holds (t * log2(e), b * log2(e)), so l2 = l * log2(e) is one FMA on
+  the dot and exp(-|l|) = exp2(-|l2|) one MUFU.EX2; ln(2) comes back in once per sum.
+  Columns outside [mv_ref[0], mv_ref[1]) are masked (the ragged or overlapping columns of a
+  value-and-grad chunk, or padding).
 
   Grid (group, row tiles, column groups): axis 0 varies fastest, so concurrently running
   programs share a group's text tiles and a few image-row tiles in L2.
@@ -205,7 +339,8 @@ def _tile_kernel(x_ref, y_ref, xid_ref, yid_ref, s_ref, mv_ref, loss_ref, *grad_
   jl, i, grp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   j = grp * group + jl
   d_pad = x_ref.shape[1]
-  dot_precision = lax.Precision.HIGHEST if x_ref.dtype == jnp.float32 else None
+  wide = x_ref.dtype == jnp.float32
+  dims = (((1,), (1,)), ((), ()))
 
   def body():
     r0 = pl.multiple_of(i * br, br)
@@ -215,23 +350,24 @@ def _tile_kernel(x_ref, y_ref, xid_ref, yid_ref, s_ref, mv_ref, loss_ref, *grad_
       k0 = pl.multiple_of(k * bk, bk)
       xa = x_ref[pl.ds(r0, br), pl.ds(k0, bk)]
       yb = y_ref[pl.ds(c0, bc), pl.ds(k0, bk)]
-      return acc + lax.dot_general(xa, yb, (((1,), (1,)), ((), ())),
-                                   precision=dot_precision,
-                                   preferred_element_type=jnp.float32)
+      if wide:  # bf16x3 on the tensor cores, not float32 FMAs on the CUDA cores
+        return acc + _dot_bf16x3(xa, yb, dims)
+      return acc + lax.dot_general(xa, yb, dims, preferred_element_type=jnp.float32)
 
     sim = lax.fori_loop(0, d_pad // bk, k_step, jnp.zeros((br, bc), jnp.float32))
-    log_t, bias = s_ref[0], s_ref[1]
-    logit = jnp.exp(log_t) * sim + bias
+    t2, b2 = s_ref[0], s_ref[1]
+    l2 = t2 * sim + b2                       # the logit times log2(e)
     pos = xid_ref[pl.ds(r0, br)][:, None] == yid_ref[pl.ds(c0, bc)][None, :]
-    u = jnp.where(pos, -logit, logit)       # loss = softplus(u), u = -z * l
-    e = jnp.exp(-jnp.abs(logit))            # |u| = |l|; shared by softplus and sigmoid
-    loss = jnp.maximum(u, 0.0) + _log1p_unit(e)
+    u2 = jnp.where(pos, -l2, l2)             # loss = softplus(u), u = -z * l
+    e = _exp2(-jnp.abs(l2), fast_math)       # exp(-|l|); shared by softplus and sigmoid
+    loss = jnp.maximum(u2, 0.0) * _LN2 + _log1p_unit(e)
     valid = None
     if n % br:
       valid = (r0 + lax.broadcasted_iota(jnp.int32, (br, bc), 0)) < n
     if mask_cols:
-      # The bound is an operand: the value-and-grad's chunks share one compiled kernel.
-      cols_ok = (c0 + lax.broadcasted_iota(jnp.int32, (br, bc), 1)) < mv_ref[0]
+      # The bounds are operands: the value-and-grad's chunks share one compiled kernel.
+      col = c0 + lax.broadcasted_iota(jnp.int32, (br, bc), 1)
+      cols_ok = (col >= mv_ref[0]) & (col < mv_ref[1])
       valid = cols_ok if valid is None else valid & cols_ok
     if valid is not None:
       loss = jnp.where(valid, loss, 0.0)
@@ -239,20 +375,19 @@ def _tile_kernel(x_ref, y_ref, xid_ref, yid_ref, s_ref, mv_ref, loss_ref, *grad_
     if with_grads:
       g_ref, dlt_ref, db_ref = grad_refs
       # dloss/dl = -z * sigmoid(u); sigmoid(u) from e without cancellation on either side.
-      r = _reciprocal(1.0 + e, fast_math)   # 1 + e in [1, 2]: no denormals, no zero
-      sig_u = jnp.where(u >= 0, r, e * r)
+      r = _reciprocal(1.0 + e, fast_math)    # 1 + e in [1, 2]: no denormals, no zero
+      sig_u = jnp.where(u2 >= 0, r, e * r)
       g = jnp.where(pos, -sig_u, sig_u)
       if valid is not None:
         g = jnp.where(valid, g, 0.0)
       g_ref[pl.ds(r0, br), pl.ds(c0, bc)] = g.astype(g_ref.dtype)
-      # (logit - bias), not a separate t * sim tile: one tile fewer live in registers
-      # (ptxas: 668 B/thread of spills at 128 x 128, 8 warps, with both kept).
-      dlt_ref[i, j] = jnp.sum(g * (logit - bias))
+      # l - b = ln(2) * (l2 - b2): no separate t * sim tile kept live.
+      dlt_ref[i, j] = jnp.sum(g * (l2 - b2)) * _LN2
       db_ref[i, j] = jnp.sum(g)
 
   if col_tiles % group:
     # The last column group is partial; its spare programs do nothing (their partials
-    # are sliced off by the caller).
+    # are never written, and the caller slices them off before anything reads them).
     pl.when(j < col_tiles)(body)
   else:
     body()
@@ -262,16 +397,20 @@ def _compiler_params(bs: BlockSizes):
   return plgpu_triton.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages)
 
 
-def _tiles(xp, yp, xid, yid, scal, m_valid, *, bs: BlockSizes, n: int, mask_cols: bool,
-           with_grads: bool, interpret: bool):
+def _tiles(xp, yp, xid, yid, scal, col_range, *, bs: BlockSizes, n: int, mask_cols: bool,
+           with_grads: bool, interpret: bool, fast_math: str | None = None):
   """Run the tile kernel over padded (n_pad, d_pad) x (m_pad, d_pad) operands.
 
   Returns per-tile float32 partial sums of shape (row tiles, column tiles) of the loss, and
   with grads also G of shape (n_pad, m_pad) in xp.dtype and the partial sums for dlog_t
-  and dbias.
-  Rows from ``n`` and, if ``mask_cols``, columns from ``m_valid[0]`` (int32 (1,)) on are
-  padding and are masked out.
+  and dbias. ``scal``: float32 (t * log2(e), b * log2(e)).
+  Rows from ``n`` and, if ``mask_cols``, columns outside [col_range[0], col_range[1])
+  (int32 (2,)) are masked out.
   """
+  fast_math = fast_math or ("exact" if interpret else "ptx")
+  if fast_math not in _FAST_MATH or (fast_math == "ptx") == bool(interpret):
+    raise ValueError(f"fast_math {fast_math!r} with interpret={interpret!r}: 'ptx' is for "
+                     "compiled kernels, 'exact' and 'emulate' for interpret mode")
   n_pad, d_pad = xp.shape
   m_pad = yp.shape[0]
   row_tiles, col_tiles = n_pad // bs.block_rows, m_pad // bs.block_cols
@@ -287,7 +426,7 @@ def _tiles(xp, yp, xid, yid, scal, m_valid, *, bs: BlockSizes, n: int, mask_cols
     raise ValueError(f"an operand of the {n_pad} x {m_pad} x {d_pad} block has {biggest} "
                      "elements; the kernel indexes with int32 (< 2**31): use a smaller "
                      "grad_chunk or split the batch (e.g. over a ring)")
-  operands = (xp, yp, xid, yid, scal, m_valid)
+  operands = (xp, yp, xid, yid, scal, col_range)
   operands, axes = vma.match_varying(operands)
   part = vma.shape_struct((row_tiles, col_groups * group), jnp.float32, axes)
   out_shape = [part]
@@ -295,7 +434,7 @@ def _tiles(xp, yp, xid, yid, scal, m_valid, *, bs: BlockSizes, n: int, mask_cols
     out_shape += [vma.shape_struct((n_pad, m_pad), xp.dtype, axes), part, part]
   kernel = functools.partial(_tile_kernel, bs=bs, n=n, mask_cols=mask_cols, group=group,
                              col_tiles=col_tiles, with_grads=with_grads,
-                             fast_math=not interpret)
+                             fast_math=fast_math)
   flops = 2 * n_pad * m_pad * d_pad
   itemsize = xp.dtype.itemsize
   bytes_accessed = (n_pad * d_pad * itemsize * col_groups + m_pad * d_pad * itemsize
@@ -369,83 +508,109 @@ def _pad(a, rows, cols=None, value=0):
 
 
 def _scalars(log_t, bias):
-  return jnp.stack([jnp.asarray(log_t, jnp.float32), jnp.asarray(bias, jnp.float32)])
+  """(t * log2(e), b * log2(e)) in float32: the kernel's base-2 logit is one FMA."""
+  t = jnp.exp(jnp.asarray(log_t, jnp.float32))
+  return jnp.stack([t * _LOG2E, jnp.asarray(bias, jnp.float32) * _LOG2E])
 
 
-def _forward(x, y, x_ids, y_ids, log_t, bias, bs: BlockSizes, interpret: bool):
+def _forward(x, y, x_ids, y_ids, log_t, bias, bs: BlockSizes, interpret: bool,
+             fast_math: str | None = None):
   n, d = x.shape
   m = y.shape[0]
   d_pad = _round_up(d, bs.block_k)
   n_pad, m_pad = _round_up(n, bs.block_rows), _round_up(m, bs.block_cols)
   (loss,) = _tiles(_pad(x, n_pad, d_pad), _pad(y, m_pad, d_pad), _pad(x_ids, n_pad),
-                   _pad(y_ids, m_pad), _scalars(log_t, bias), jnp.full((1,), m, jnp.int32),
-                   bs=bs, n=n, mask_cols=m_pad != m, with_grads=False, interpret=interpret)
+                   _pad(y_ids, m_pad), _scalars(log_t, bias),
+                   jnp.array([0, m], jnp.int32), bs=bs, n=n, mask_cols=m_pad != m,
+                   with_grads=False, interpret=interpret, fast_math=fast_math)
   return jnp.sum(loss)
 
 
-def _value_and_grads(x, y, x_ids, y_ids, log_t, bias, bs: BlockSizes, interpret: bool):
-  """(loss sum, (dx, dy, dlog_t, dbias)), 6 n m D FLOPs; see the module docstring."""
+def _gemm(a, b, dims, wide):
+  """An XLA matmul with float32 output: bf16 on the tensor cores, or bf16x3 for float32
+  (three bf16 GEMMs; not XLA:GPU's TF32 default, not IEEE float32 on the CUDA cores)."""
+  if wide:
+    return _dot_bf16x3(a, b, dims)
+  return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+def _value_and_grads(x, y, x_ids, y_ids, log_t, bias, bs: BlockSizes, interpret: bool,
+                     fast_math: str | None = None):
+  """(loss sum, (dx, dy, dlog_t, dbias)), 6 n m D FLOPs; see the module docstring.
+
+  Text rows go in n_chunks = ceil(m / grad_chunk) chunks of C = m / n_chunks rounded up to
+  the tile's columns (so C <= grad_chunk). No copy of y is padded to a multiple of C:
+  chunk c starts at min(c * C, m - C), so the last one may overlap the one before it; its
+  columns below c * C are masked out of the loss and G, and their dY rows are kept from
+  the earlier chunk.
+  """
   n, d = x.shape
   m = y.shape[0]
   rows, cols = bs.grad_tile
-  bs = dataclasses.replace(bs, block_rows=rows, block_cols=cols)
+  bs = dataclasses.replace(bs, block_rows=rows, block_cols=cols,
+                           num_warps=bs.grad_num_warps or bs.num_warps)
   d_pad = _round_up(d, bs.block_k)
   n_pad = _round_up(n, bs.block_rows)
-  # As few chunks as grad_chunk allows, each as short as possible (little padding).
+  # As few chunks as grad_chunk allows, each as short as the tile allows.
   n_chunks = pl.cdiv(m, bs.grad_chunk)
   chunk = _round_up(pl.cdiv(m, n_chunks), bs.block_cols)
-  m_pad = n_chunks * chunk
+  m_y = max(m, chunk)                      # y is padded only when shorter than one chunk
   xp = _pad(x, n_pad, d_pad)
-  yp = _pad(y, m_pad, d_pad).reshape(n_chunks, chunk, d_pad)
+  yp = _pad(y, m_y, d_pad)
   xid = _pad(x_ids, n_pad)
-  yid = _pad(y_ids, m_pad).reshape(n_chunks, chunk)
+  yid = _pad(y_ids, m_y)
   scal = _scalars(log_t, bias)
-  t = jnp.exp(scal[0])
-  # float32 inputs: keep the gradient matmuls in float32 (XLA:GPU would use TF32).
-  precision = lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+  t = jnp.exp(jnp.asarray(log_t, jnp.float32))
+  wide = x.dtype == jnp.float32
+  mask_cols = m % chunk != 0 or m_y != m
 
-  def step(carry, chunk_in):
-    dx_acc, loss, dlt, db = carry
-    c, y_c, id_c = chunk_in
-    # Text rows of this chunk that are real (only the last chunk can be ragged).
-    m_valid = jnp.minimum(m - c * chunk, chunk).reshape(1)
-    loss_p, g, dlt_p, db_p = _tiles(xp, y_c, xid, id_c, scal, m_valid, bs=bs, n=n,
-                                    mask_cols=m_pad != m, with_grads=True,
-                                    interpret=interpret)
-    dx_acc = dx_acc + jnp.dot(g, y_c, precision=precision,
-                              preferred_element_type=jnp.float32)
-    dy_c = jnp.einsum("nc,nd->cd", g, xp, precision=precision,
-                      preferred_element_type=jnp.float32)
-    carry = (dx_acc, loss + jnp.sum(loss_p), dlt + jnp.sum(dlt_p), db + jnp.sum(db_p))
-    return carry, (t * dy_c).astype(y.dtype)
+  def step(carry, c):
+    dx_acc, dy, loss, dlt, db = carry
+    start = jnp.minimum(c * chunk, m_y - chunk)
+    lo = c * chunk - start                 # > 0 only for an overlapping last chunk
+    hi = jnp.minimum(m - start, chunk)     # < chunk only when y itself was padded
+    y_c = lax.dynamic_slice_in_dim(yp, start, chunk)
+    id_c = lax.dynamic_slice_in_dim(yid, start, chunk)
+    loss_p, g, dlt_p, db_p = _tiles(xp, y_c, xid, id_c, scal, jnp.stack([lo, hi]), bs=bs,
+                                    n=n, mask_cols=mask_cols, with_grads=True,
+                                    interpret=interpret, fast_math=fast_math)
+    dx_acc = dx_acc + _gemm(g, y_c, (((1,), (0,)), ((), ())), wide)
+    dy_c = (t * _gemm(g, xp, (((0,), (0,)), ((), ())), wide)).astype(dy.dtype)
+    if mask_cols:  # keep the rows an earlier chunk wrote
+      keep = lax.broadcasted_iota(jnp.int32, (chunk, 1), 0) < lo
+      dy_c = jnp.where(keep, lax.dynamic_slice_in_dim(dy, start, chunk), dy_c)
+    dy = lax.dynamic_update_slice_in_dim(dy, dy_c, start, 0)
+    carry = (dx_acc, dy, loss + jnp.sum(loss_p), dlt + jnp.sum(dlt_p), db + jnp.sum(db_p))
+    return carry, None
 
   zero = jnp.zeros((), jnp.float32)
-  init = (jnp.zeros((n_pad, d_pad), jnp.float32), zero, zero, zero)
+  init = (jnp.zeros((n_pad, d_pad), jnp.float32), jnp.zeros((m_y, d_pad), y.dtype), zero,
+          zero, zero)
   # Under shard_map the carry varies over the mesh axes the operands vary over.
   axes = frozenset().union(*map(vma.varying_axes, (x, y, x_ids, y_ids, scal)))
   init = tuple(vma.pvary(a, axes) for a in init)
-  (dx_acc, loss, dlt, db), dy = lax.scan(
-      step, init, (jnp.arange(n_chunks, dtype=jnp.int32), yp, yid))
+  (dx_acc, dy, loss, dlt, db), _ = lax.scan(step, init,
+                                             jnp.arange(n_chunks, dtype=jnp.int32))
   dx = (t * dx_acc[:n, :d]).astype(x.dtype)
-  dy = dy.reshape(m_pad, d_pad)[:m, :d]
+  dy = dy[:m, :d]
   return loss, (dx, dy, vma.sum_to_match(dlt, log_t), vma.sum_to_match(db, bias))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _block_loss_sum(x, y, x_ids, y_ids, log_t, bias, bs, interpret):
-  return _forward(x, y, x_ids, y_ids, log_t, bias, bs, interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _block_loss_sum(x, y, x_ids, y_ids, log_t, bias, bs, interpret, fast_math):
+  return _forward(x, y, x_ids, y_ids, log_t, bias, bs, interpret, fast_math)
 
 
-def _block_loss_sum_fwd(x, y, x_ids, y_ids, log_t, bias, bs, interpret):
+def _block_loss_sum_fwd(x, y, x_ids, y_ids, log_t, bias, bs, interpret, fast_math):
   # The loss is a scalar: its gradients come out of the value-and-grad pass and the
   # backward only scales them (6 B^2 D FLOPs in all, no second trip).
-  loss, grads = _value_and_grads(x, y, x_ids, y_ids, log_t, bias, bs, interpret)
+  loss, grads = _value_and_grads(x, y, x_ids, y_ids, log_t, bias, bs, interpret, fast_math)
   dlt, db = grads[2].astype(jnp.result_type(log_t)), grads[3].astype(jnp.result_type(bias))
   return loss, (grads[0], grads[1], dlt, db)
 
 
-def _block_loss_sum_bwd(bs, interpret, res, ct):
-  del bs, interpret
+def _block_loss_sum_bwd(bs, interpret, fast_math, res, ct):
+  del bs, interpret, fast_math
   dx, dy, dlt, db = ((g * ct).astype(g.dtype) for g in res)
   return dx, dy, None, None, dlt, db
 
@@ -454,25 +619,28 @@ _block_loss_sum.defvjp(_block_loss_sum_fwd, _block_loss_sum_bwd)
 
 
 def block_loss_sum(x, y, x_ids, y_ids, log_t, bias, *, block_sizes: BlockSizes | None = None,
-                   interpret: bool = False) -> jax.Array:
+                   interpret: bool = False, fast_math: str | None = None) -> jax.Array:
   """Fused ``reference.dense.block_loss_sum``: float32 scalar, differentiable in x, y,
   log_t and bias (custom VJP; the forward under ``grad`` runs the value-and-grad kernels).
 
   x: (n, D), y: (m, D), float32 or bfloat16 (same dtype); x_ids: (n,), y_ids: (m,) int32;
-  log_t, bias: floating scalars. ``interpret=True`` runs on CPU.
+  log_t, bias: floating scalars. ``interpret=True`` runs on CPU. ``fast_math`` (tests):
+  None picks "ptx" compiled and "exact" in interpret mode; "emulate" (interpret mode) applies
+  the PTX approximations' worst-case errors.
   """
   _check(x, y, x_ids, y_ids, log_t, bias)
   bs = _resolve(block_sizes, x, y)
-  return _block_loss_sum(x, y, x_ids, y_ids, log_t, bias, bs, interpret)
+  return _block_loss_sum(x, y, x_ids, y_ids, log_t, bias, bs, interpret, fast_math)
 
 
 def block_loss_sum_and_grads(x, y, x_ids, y_ids, log_t, bias, *,
-                             block_sizes: BlockSizes | None = None, interpret: bool = False):
+                             block_sizes: BlockSizes | None = None, interpret: bool = False,
+                             fast_math: str | None = None):
   """(loss sum, (dx, dy, dlog_t, dbias)) in one pass; dx, dy in the dtypes of x, y,
   dlog_t and dbias float32 scalars (``reference.ring.BlockOps`` contract)."""
   _check(x, y, x_ids, y_ids, log_t, bias)
   bs = _resolve(block_sizes, x, y)
-  return _value_and_grads(x, y, x_ids, y_ids, log_t, bias, bs, interpret)
+  return _value_and_grads(x, y, x_ids, y_ids, log_t, bias, bs, interpret, fast_math)
 
 
 def block_ops(*, interpret: bool = False, block_sizes: BlockSizes | None = None,

@@ -1,4 +1,5 @@
-"""The benchmark and the device check run end to end on CPU in their smoke modes."""
+"""The benchmark, the device check and the one GPU command (benchmarks/run_gpu.sh) run end
+to end on CPU in their smoke and dry-run modes."""
 
 import json
 import os
@@ -61,13 +62,64 @@ def test_bench_loss_smoke_interpreted_kernel_big_and_tune(tmp_path):
 
 
 @pytest.mark.slow
-def test_h100_check_smoke_interpreted():
-  proc = _run(["benchmarks.h100_check", "--cases", "48x32:float32:dup:api,40x16:bfloat16",
+def test_gpu_check_smoke_interpreted():
+  proc = _run(["benchmarks.gpu_check", "--cases", "48x32:float32:dup:api,40x16:bfloat16",
                "--interpret"], timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert "all passed" in proc.stdout
 
 
-def test_h100_check_refuses_without_gpu():
-  proc = _run(["benchmarks.h100_check"], timeout=120)
+def test_gpu_check_refuses_without_gpu():
+  proc = _run(["benchmarks.gpu_check"], timeout=120)
   assert proc.returncode == 2 and "no GPU" in proc.stdout
+
+
+def _run_gpu_sh(out_dir, timeout, **env):
+  """benchmarks/run_gpu.sh in its dry-run mode (CPU, interpret mode, tiny shapes)."""
+  full = dict(os.environ, JAX_PLATFORMS="cpu", SIGLIP_DRY_RUN="1", OUT=str(out_dir),
+              PYTHON=sys.executable, **env)
+  full.pop("XLA_FLAGS", None)
+  return subprocess.run(["bash", str(ROOT / "benchmarks" / "run_gpu.sh")], cwd=ROOT, env=full,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def test_run_gpu_sh_dry_run_end_to_end(tmp_path):
+  # The one prepared GPU command, end to end on this CPU: a broken script shows up here, not
+  # on the rarely lent GPU.
+  proc = _run_gpu_sh(tmp_path, timeout=400)
+  assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert summary["dry_run"] is True and summary["final_rc"] == 0
+  assert [s["stage"] for s in summary["stages"]] == ["install", "gpu_check", "bench_loss"]
+  assert all(s["rc"] == 0 for s in summary["stages"])
+  (name,) = summary["bench_json"]
+  assert name.startswith("bench_cpu_cpu_jax") and (tmp_path / name).is_file()
+  data = json.loads((tmp_path / name).read_text())
+  assert data["meta"]["device_kind"] and data["meta"]["jax"] and data["meta"]["date"]
+  impls = {(r["impl"], r["mode"]) for r in data["rows"]}
+  assert {("pallas_gpu", "fwd"), ("pallas_gpu", "vg"), ("xla", "vg"), ("matmul", "mm")} <= impls
+  assert all(r.get("ms") and r.get("finite") for r in data["rows"]), data["rows"]
+  goals = {g["goal"].split(" (")[0] for g in data["meta"]["goals"]}
+  assert {"vg <= 1.25x the 6B^2D floor", "fwd <= 1.1x one bf16 matmul",
+          "vg temp >= 50x below XLA dense", "vg runs at B=128, D=32"} <= goals
+  text = (tmp_path / "summary.txt").read_text()
+  assert "gpu_check: all passed" in text and "Goals at B=64, D=32" in text
+  assert "not performance figures" in text
+  for f in ("run.log", "gpu_check.log", "bench.log"):
+    assert (tmp_path / f).is_file()
+  assert "exit 0" in proc.stdout
+
+
+def test_run_gpu_sh_maps_its_own_timeouts_to_75(tmp_path):
+  # A stage killed by the script's own limit must not exit 124 (the tool's timeout code).
+  # Also the fallback when the install fails or siglip_fast's __init__ cannot import: the
+  # PYTHONPATH shim, whose package __init__ imports nothing.
+  proc = _run_gpu_sh(tmp_path, timeout=200, SIGLIP_STAGES="gpu_check", CHECK_S="1",
+                     SIGLIP_FORCE_SHIM="1")
+  assert proc.returncode == 75, proc.stdout[-3000:]
+  assert "using the shim" in proc.stdout
+  assert "killed by this script's own 1s limit" in proc.stdout
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert summary["final_rc"] == 75
+  assert [(s["stage"], s["rc"]) for s in summary["stages"]] == [("install", 0),
+                                                                ("gpu_check", 75)]

@@ -11,6 +11,7 @@ Pallas-to-Triton-IR lowering runs for real, so non-power-of-two tiles and unsupp
 fail here, without a GPU. Tests that need a GPU are skipped unless the backend is "gpu".
 """
 
+import dataclasses
 import functools
 import math
 
@@ -252,11 +253,14 @@ def test_triton_lowering_of_default_block_sizes(n, d, dtype):
   fwd = _lower_cuda(gpu.block_loss_sum, *args)
   vg = _lower_cuda(jax.value_and_grad(gpu.block_loss_sum, argnums=(0, 1, 4, 5)), *args)
   # One Triton kernel each, and no XLA matmul in the forward: it does no gradient work.
-  # The value-and-grad has exactly the two gradient matmuls (G_c @ Y_c, G_c^T @ X).
+  # The value-and-grad has exactly the two gradient matmuls (G_c @ Y_c, G_c^T @ X), each
+  # three bf16 matmuls (bf16x3) for float32 inputs, and no float32-operand matmul at all.
   assert fwd.count("__gpu$xla.gpu.triton") == 1
   assert "stablehlo.dot_general" not in fwd
   assert vg.count("__gpu$xla.gpu.triton") == 1
-  assert vg.count("stablehlo.dot_general") == 2
+  assert vg.count("stablehlo.dot_general") == (6 if dtype == F32 else 2)
+  dots = [line for line in vg.splitlines() if "stablehlo.dot_general" in line]
+  assert all("xf32>, tensor" not in line.split("->")[0] for line in dots), dots
 
 
 @pytest.mark.parametrize("schedule", ["unidirectional", "bidirectional"])
@@ -293,11 +297,15 @@ def test_triton_lowering_rejects_non_power_of_two_tiles():
 
 def test_default_block_sizes_by_shape():
   big = gpu.default_block_sizes(32768, 32768, 1152, BF16)
-  assert (big.block_rows, big.block_cols, big.block_k) == (128, 256, 64)
-  assert big.grad_tile == (128, 128)
-  # The G slab (n x C bf16) stays within 64 MiB, and C >= 1024 keeps dX += G_c @ Y_c
-  # compute-bound.
-  assert 32768 * big.grad_chunk * 2 <= 64 << 20 and big.grad_chunk >= 1024
+  # The largest tiles that compile for sm_90a with no spills (benchmarks/gpu_ptxas.py).
+  assert (big.block_rows, big.block_cols, big.block_k, big.num_warps) == (128, 128, 64, 8)
+  assert big.grad_tile == (128, 128) and big.grad_num_warps == 16
+  wide = gpu.default_block_sizes(32768, 32768, 1152, F32)
+  assert (wide.block_rows, wide.block_cols, wide.block_k, wide.num_warps) == (64, 128, 32, 8)
+  assert wide.grad_tile == (64, 128) and wide.grad_num_warps == 8
+  # C is at least 4 x the ridge (1200 text rows, rounded to the tile: 1280), so that the dX
+  # accumulator's traffic stays under the dX matmul's time.
+  assert big.grad_chunk >= gpu.min_grad_chunk(1152, BF16) == 1200
   small = gpu.default_block_sizes(20, 20, 40, F32)
   assert small.block_rows == small.block_cols == 32 and small.block_k == 32
   assert small.grad_tile == (32, 32) and small.grad_chunk == 32
@@ -308,6 +316,122 @@ def test_default_block_sizes_by_shape():
   # The dataclass's own defaults use one tile for both kernels.
   assert gpu.BlockSizes().grad_tile == (128, 128)
   assert gpu.BlockSizes(block_cols=64, grad_block_cols=32, grad_chunk=96).grad_tile == (128, 32)
+
+
+@pytest.mark.parametrize("d", [768, 1152])
+@pytest.mark.parametrize("dtype", [BF16, F32])
+def test_grad_plan_at_32768(d, dtype):
+  # Static: no arrays. The value-and-grad's live temp (G slab + float32 dX accumulator +
+  # one dY_c) is >= 50x below XLA dense's 12 B^2 bytes, and the accumulator's HBM traffic
+  # per step stays under the dX matmul's tensor-core time (ratio < 1 at the H100's ridge).
+  plan = gpu.grad_plan(32768, 32768, d, dtype)
+  assert plan["xla_dense_bytes"] / plan["temp_bytes"] >= 50, plan
+  assert plan["acc_over_matmul"] < 1, plan
+  assert plan["m_pad"] >= 32768 and plan["n_pad"] == 32768 and plan["d_pad"] == d
+  itemsize = jnp.dtype(dtype).itemsize
+  assert plan["slab_bytes"] == 32768 * plan["chunk"] * itemsize
+  assert plan["acc_bytes"] == 32768 * d * 4
+  if dtype == BF16:  # the slab and the number of steps at the benchmark's target shape
+    assert (plan["chunk"], plan["n_chunks"]) == ((1280, 26) if d == 1152 else (1920, 18))
+
+
+def test_grad_plan_at_one_million():
+  # B = 1,048,576, D = 768 bf16: the G slab is 1920 text rows (2048 would be 2^31 elements,
+  # past int32 indexing), the dX accumulator 3 GiB, and the grid fits CUDA's limits; XLA
+  # dense would need 12 TiB.
+  n = 1 << 20
+  bs = gpu.default_block_sizes(n, n, 768, BF16)
+  plan = gpu.grad_plan(n, n, 768, BF16, bs)
+  assert plan["chunk"] == 1920 and plan["n_chunks"] == 547
+  assert plan["slab_bytes"] == 3840 << 20 and plan["slab_elements"] < 2**31
+  assert plan["acc_bytes"] == 3 << 30 and plan["acc_over_matmul"] < 1
+  assert plan["xla_dense_bytes"] / plan["temp_bytes"] > 1000
+  assert n // bs.grad_tile[0] <= 65535 and n // bs.block_rows <= 65535
+  # The compiled lowering agrees (abstract shapes only).
+  text = _lower_cuda(gpu.block_loss_sum_and_grads, *_abstract(n, 768, BF16))
+  assert f"tensor<{n}x1920xbf16>" in text
+
+
+def test_partial_column_group_is_sliced_off():
+  # 5 column tiles in groups of 2: the grid has a third, partial group whose spare program
+  # writes no partial sum. Interpret mode zero-fills that slot; on a GPU it is garbage, so
+  # the caller must slice it off before summing: check that statically.
+  bs = dataclasses.replace(SMALL, fwd_group=2)
+  s = jax.ShapeDtypeStruct
+  xp, yp = s((64, 32), F32), s((160, 32), F32)
+  ids_x, ids_y = s((64,), jnp.int32), s((160,), jnp.int32)
+  scal, rng = s((2,), F32), s((2,), jnp.int32)
+  f = functools.partial(gpu._tiles, bs=bs, n=64, mask_cols=False, with_grads=False,
+                        interpret=True)
+  (loss,) = jax.eval_shape(f, xp, yp, ids_x, ids_y, scal, rng)
+  assert loss.shape == (2, 5)
+  jaxpr = jax.make_jaxpr(f)(xp, yp, ids_x, ids_y, scal, rng)
+  (call,) = [e for e in jaxpr.eqns if e.primitive.name == "pallas_call"]
+  assert call.outvars[0].aval.shape == (2, 6)   # 3 groups of 2: one spare program per row
+  assert tuple(call.params["grid_mapping"].grid) == (2, 2, 3)   # (group, rows, groups)
+
+
+@pytest.mark.parametrize("dtype,tol", [(F32, 1e-5), (BF16, 1e-2)])
+def test_fast_math_worst_case_ragged_multichunk(dtype, tol):
+  # Interpret mode has no PTX: "emulate" applies rcp.approx's 1 ulp and ex2.approx's 2 ulp
+  # (the PTX ISA's bounds) as one-sided steps on every element, so the errors add up
+  # instead of cancelling. Ragged n and m, three G chunks of 32 (the last overlapping the
+  # second), a partial column group, repeated ids; the same tolerances as exact math.
+  bs = gpu.BlockSizes(32, 32, 32, 4, 2, fwd_group=2, grad_chunk=32)
+  x, y, xi, yi = _inputs(1313, 70, 75, 48, dtype, n_ids=30)
+  lt, b = jnp.float32(LOG10), jnp.float32(-10.0)
+  ref_loss, ref_grads, scales = block_oracle(x, y, xi, yi, LOG10, -10.0, with_scales=True)
+  outs = {}
+  for mode in ("exact", "emulate"):
+    kw = dict(block_sizes=bs, interpret=True, fast_math=mode)
+    fwd = jax.jit(lambda *a: gpu.block_loss_sum(*a, **kw))(x, y, xi, yi, lt, b)
+    loss, grads = jax.jit(lambda *a: gpu.block_loss_sum_and_grads(*a, **kw))(
+        x, y, xi, yi, lt, b)
+    outs[mode] = (fwd, loss, grads)
+    assert rel_err(fwd, ref_loss) < 1e-5 and rel_err(loss, ref_loss) < 1e-5
+    assert rel_err(grads[0], ref_grads[0]) < tol and rel_err(grads[1], ref_grads[1]) < tol
+    for g, r, scale in zip(grads[2:], ref_grads[2:], scales):
+      assert abs(float(g) - r) / scale < 1e-5
+  # The emulated approximations move the float32 results, by about their ulps.
+  (f0, l0, g0), (f1, l1, g1) = outs["exact"], outs["emulate"]
+  assert float(f0) != float(f1)
+  assert rel_err(f1, np.asarray(f0, np.float64)) < 1e-6
+  if dtype == F32:
+    assert 0 < rel_err(g1[0], np.asarray(g0[0], np.float64)) < 1e-6
+
+
+def test_fast_math_mode_must_match_interpret():
+  x, y, xi, yi = _inputs(1414, 8, 8, 16, F32)
+  with pytest.raises(ValueError, match="'ptx' is for compiled kernels"):
+    gpu.block_loss_sum(x, y, xi, yi, 0.0, 0.0, interpret=True, fast_math="ptx")
+  with pytest.raises(ValueError, match="'exact' and 'emulate' for interpret mode"):
+    _lower_cuda(functools.partial(gpu.block_loss_sum, fast_math="exact"),
+                *_abstract(64, 32, F32))
+
+
+def test_bf16x3_dot_error_bound():
+  # bf16x3 keeps ~16 significant bits of each float32 operand and drops lo * lo: each product
+  # is within ~3 * 2^-17 relative, so a dot is within ~2^-15 of sum |a_k b_k| even with
+  # one-sided errors; random signs land far below (measured here: ~2^-18).
+  rng = np.random.default_rng(1515)
+  a = rng.standard_normal((64, 256)).astype(np.float32)
+  b = rng.standard_normal((48, 256)).astype(np.float32)
+  got = np.asarray(jax.jit(lambda a, b: gpu._dot_bf16x3(a, b, (((1,), (1,)), ((), ()))))(a, b),
+                   np.float64)
+  want = a.astype(np.float64) @ b.astype(np.float64).T
+  scale = np.abs(a.astype(np.float64)) @ np.abs(b.astype(np.float64)).T
+  assert np.max(np.abs(got - want) / scale) < 2.0**-15
+  assert np.mean(np.abs(got - want) / scale) < 2.0**-17
+  # ... and it is not plain bf16 (which is ~2^-9 per product).
+  bf = np.asarray(jnp.dot(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16).T,
+                          preferred_element_type=jnp.float32), np.float64)
+  assert np.max(np.abs(bf - want) / scale) > 2.0**-12
+
+
+def test_scalars_fold_log2e():
+  t2, b2 = np.asarray(gpu._scalars(jnp.float32(LOG10), jnp.float32(-10.0)), np.float64)
+  assert t2 == pytest.approx(10.0 / math.log(2.0), rel=1e-6)
+  assert b2 == pytest.approx(-10.0 / math.log(2.0), rel=1e-6)
 
 
 # --- errors --------------------------------------------------------------------------------
@@ -337,6 +461,7 @@ def test_bad_inputs(args, exc, match):
     (dict(num_stages=0), "num_stages must be a positive int"),
     (dict(grad_chunk=100), "grad_chunk must be a positive multiple of the value-and-grad"),
     (dict(grad_block_cols=48), "grad_block_cols must be a power of two"),
+    (dict(grad_num_warps=64), "grad_num_warps must be a power of two <= 32"),
 ])
 def test_bad_block_sizes(kwargs, match):
   with pytest.raises(ValueError, match=match):

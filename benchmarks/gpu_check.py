@@ -1,19 +1,23 @@
 """Full-size correctness of the Pallas GPU kernels against the XLA reference, on the GPU.
 
-    python -m benchmarks.h100_check                    # on the H100: the first step
-    python -m benchmarks.h100_check --cases 64x32:bfloat16 --interpret   # CPU smoke
+    python -m benchmarks.gpu_check                     # on the H100 / H200: the first step
+    python -m benchmarks.gpu_check --cases 64x32:bfloat16 --interpret    # CPU smoke
 
-For every case (B x D and dtype; by default B = 8192 and 16384 at D = 1152 in bf16 and f32,
-plus a ragged B with repeated pair ids) it runs, compiled:
+For every case (B x D and dtype; by default B = 32768 and 16384 at D = 1152 in bf16 and f32,
+plus ragged B with repeated pair ids) it runs, compiled:
   - ``kernels.gpu.block_loss_sum`` (the forward kernel) and ``block_loss_sum_and_grads``
     against ``reference.dense.block_loss_sum_and_grads``, at highest matmul precision so
-    that float32 is IEEE on both sides (XLA:GPU would otherwise use TF32);
+    that the float32 reference is IEEE (XLA:GPU would otherwise use TF32);
   - with ``:api``, also ``jax.value_and_grad`` of ``sigmoid_loss(...,
     implementation="pallas_gpu")`` under jit against the same of ``sigmoid_loss_dense``.
-Relative errors are printed. Tolerances: float32 1e-5 (loss, dx, dy); bfloat16 1e-2 for
-dx, dy (G is rounded to bf16) and 1e-5 for the loss (float32 epilogue on exact bf16
-products). dlog_t and dbias are sums of B^2 terms that can cancel, so their error is taken
-relative to the sum of the terms' magnitudes (computed by the reference), 1e-5 for both.
+Relative errors are printed. Tolerances: the loss 1e-5 (float32 epilogue; bf16 products are
+exact in float32); bfloat16 dx, dy 1e-2 (G is rounded to bf16); float32 dx, dy 2e-5: the
+kernel's float32 dots are bf16x3 (each operand kept to ~16 bits, lo * lo dropped: a dot of
+random-sign terms within ~2^-17 = 7.6e-6 of its size), and dx, dy go through two of them in
+sequence (the logits, then the gradient matmul), so ~1.5e-5 is the expected worst: 2e-5.
+(Interpret mode, where the same splits run on the CPU, passes 1e-5 on the test shapes.)
+dlog_t and dbias are sums of B^2 terms that can cancel, so their error is taken relative to
+the sum of the terms' magnitudes (computed by the reference), 1e-5 for both.
 Exits 1 if any check fails, 2 if no GPU (without --interpret).
 """
 
@@ -28,12 +32,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import siglip_fast
+from siglip_fast import loss as loss_api
 from siglip_fast.kernels import gpu
 from siglip_fast.reference import dense
 
-DEFAULT_CASES = ("8192x1152:bfloat16:api", "8192x1152:float32", "16384x1152:bfloat16",
-                 "16384x1152:float32", "12345x768:bfloat16:dup:api")
+# The benchmark's target shape first (B = 32768, D = 1152: XLA's dense reference needs 12 GiB),
+# then float32 (bf16x3) and ragged, duplicated ids through the public API.
+DEFAULT_CASES = ("32768x1152:bfloat16:api", "16384x1152:float32", "12345x768:bfloat16:dup:api",
+                 "8192x768:float32:dup")
 LOG_T, BIAS = math.log(10.0), -10.0
 
 
@@ -78,7 +84,7 @@ def check_case(batch, dim, dtype, dup, seed, interpret, with_api):
   pairs = [("block", (loss, grads), (ref_loss, ref_grads), 1)]
   if with_api:
     api = jax.jit(jax.value_and_grad(
-        lambda x, y, lt, b: siglip_fast.sigmoid_loss(x, y, lt, b, pair_ids=ids,
+        lambda x, y, lt, b: loss_api.sigmoid_loss(x, y, lt, b, pair_ids=ids,
                                                      implementation="pallas_gpu", **kw),
         argnums=(0, 1, 2, 3)))(x, y, lt, b)
     with jax.default_matmul_precision("highest"):
@@ -89,7 +95,7 @@ def check_case(batch, dim, dtype, dup, seed, interpret, with_api):
   jax.block_until_ready((fwd, pairs))
   secs = time.perf_counter() - t0
 
-  emb_tol = 1e-2 if dtype == jnp.bfloat16 else 1e-5
+  emb_tol = 1e-2 if dtype == jnp.bfloat16 else 2e-5
   errs, tols = {}, {}
 
   def scalar_err(a, r, scale):
@@ -120,7 +126,7 @@ def main(argv=None):
     print(f"no GPU (backend {jax.default_backend()!r}); pass --interpret for a CPU smoke run")
     return 2
   dev = jax.devices()[0]
-  print(f"h100_check: {getattr(dev, 'device_kind', dev)} jax {jax.__version__}", flush=True)
+  print(f"gpu_check: {getattr(dev, 'device_kind', dev)} jax {jax.__version__}", flush=True)
   failed = 0
   for k, case in enumerate(args.cases.split(",")):
     size, dtype_name, *flags = case.split(":")
@@ -138,7 +144,7 @@ def main(argv=None):
                       for name, e in errs.items())
     print(f"[{'ok' if ok else 'FAIL'}] {case} ({secs:.1f}s, finite={finite}): {worst}",
           flush=True)
-  print(f"h100_check: {'all passed' if not failed else f'{failed} case(s) FAILED'}")
+  print(f"gpu_check: {'all passed' if not failed else f'{failed} case(s) FAILED'}")
   return 1 if failed else 0
 
 
