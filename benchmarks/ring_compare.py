@@ -3,7 +3,7 @@
     python -m benchmarks.ring_compare [--topologies v5e:2x2 v4:2x2x1] [--batch 4096]
                                       [--dim 1152] [--out PATH]
 
-No TPU here: both rings are AOT-compiled for compile-only TPU slices (DESIGN.md section 5,
+No TPU here: both rings are AOT-compiled for compile-only TPU slices (docs/DESIGN.md section 5,
 level 2) under ``shard_map`` over one device per chip, forward and value-and-grad, bf16, at
 local batch ``--batch``. Recorded per (topology, schedule, implementation, pass):
 

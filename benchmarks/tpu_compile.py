@@ -2,7 +2,7 @@
 
     python -m benchmarks.tpu_compile [--batch 16384] [--dims 768 1152 1536] [--out PATH]
 
-Uses libtpu's compile-only topologies (DESIGN.md section 5, level 2): the real Mosaic and XLA
+Uses libtpu's compile-only topologies (docs/DESIGN.md section 5, level 2): the real Mosaic and XLA
 TPU compilers run, nothing executes. For every (generation, D, dtype) it compiles the forward
 (``loss_sum``) and the value-and-grad (``loss_sum_and_grads``) with the generation's default
 ``BlockSizes`` and records

@@ -192,7 +192,7 @@ def _inputs(shape: Shape, seed: int):
 
 
 def oracle(x, y, log_t, bias):
-  """Mean loss and (dx, dy, dlog_t, dbias) in float64 NumPy (DESIGN.md section 1)."""
+  """Mean loss and (dx, dy, dlog_t, dbias) in float64 NumPy (docs/DESIGN.md section 1)."""
   x = np.asarray(jnp.asarray(x, jnp.float32), np.float64)
   y = np.asarray(jnp.asarray(y, jnp.float32), np.float64)
   n = x.shape[0]

@@ -29,7 +29,7 @@ FLOPs, run on XLA's own tuned GEMMs (cuBLAS or XLA-Triton), and only an n x C sl
 (never n x m, never B x B) lives in HBM. Temp memory is that slab plus the float32 dX
 accumulator (n x D): O(B * (C + D)), against 3 * 4 * B^2 bytes for XLA's dense loss. C is
 sized so that the accumulator's traffic stays under the dX matmul's time and the temp stays
->= 50x below XLA dense's (``grad_plan``; docs/PERFORMANCE.md section 5 has the cost model).
+>= 50x below XLA dense's (``grad_plan``; docs/PERFORMANCE.md section 6 has the cost model).
 
 Triton constraints honoured: every loaded or computed tile has power-of-two shape (the refs
 are whole arrays, D only needs to be a multiple of BK), reductions are in-kernel

@@ -26,7 +26,7 @@ every grid step (``RevisitMode.ANY`` single-buffers it, serialising that DMA wit
 or a hand-written DMA pipeline; the second kernel costs 2 n m D FLOPs instead and keeps both
 grids parallel over row tiles.
 
-Positives are pairs with equal ids (DESIGN.md section 7), so the same kernel serves the diagonal
+Positives are pairs with equal ids (docs/DESIGN.md section 1), so the same kernel serves the diagonal
 block, any ring step, duplicate pairs, and padding (padded rows and columns are masked by
 position, whatever their ids).
 

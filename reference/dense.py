@@ -6,7 +6,7 @@ text rows ``y`` (m, D) and their pair ids,
     sum_ij softplus(-z_ij * (t * <x_i, y_j> + b)),   z_ij = +1 where x_ids[i] == y_ids[j] else -1,
 
 in float32 whatever the input dtype. The mean loss over a batch of B pairs is that sum over all
-blocks divided by B (DESIGN.md section 1). Positives come only from comparing ids (DESIGN.md
+blocks divided by B (docs/DESIGN.md section 1). Positives come only from comparing ids (DESIGN.md
 section 7), so the same function serves the diagonal block, off-diagonal ring steps and
 duplicate pairs.
 """

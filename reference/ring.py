@@ -1,4 +1,4 @@
-"""The chunked SigLIP loss over a ring of devices (paper section 3.3, DESIGN.md section 2).
+"""The chunked SigLIP loss over a ring of devices (paper section 3.3, docs/DESIGN.md section 2).
 
 Call inside ``shard_map`` over a named mesh axis. Each device keeps its image chunk; text
 chunks (with their pair ids) travel around the ring by ``lax.ppermute`` and each device adds

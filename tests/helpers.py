@@ -21,7 +21,7 @@ def random_inputs(seed, batch, dim, dtype=jnp.float32, normalise=True):
 
 
 def numpy_loss_and_grads(x, y, log_t, bias, ids=None):
-  """Mean loss and (dx, dy, dlog_t, dbias) in float64 NumPy, from DESIGN.md section 1.
+  """Mean loss and (dx, dy, dlog_t, dbias) in float64 NumPy, from docs/DESIGN.md section 1.
 
   Inputs are taken at their stored precision (bf16 values upcast exactly to float64).
   """

@@ -1,7 +1,7 @@
 """The Pallas TPU kernels (siglip_fast.kernels.tpu): TPU interpret-mode numerics against the
 float64 oracle and the XLA reference, and real Mosaic compiles on compile-only TPU topologies.
 
-Tolerances (DESIGN.md section 5): interpret-mode matmuls are exact float32 on CPU, so float32
+Tolerances (docs/DESIGN.md section 5): interpret-mode matmuls are exact float32 on CPU, so float32
 inputs are held to 1e-5 relative. With bf16 inputs the products are exact in the float32
 accumulator, so the loss and the two scalar gradients (computed in float32 from those) stay
 near float32 accuracy (1e-4), while dx and dy come back in bf16 and the gradient matmul takes

@@ -1,4 +1,4 @@
-"""The dense reference against an independent float64 NumPy computation (DESIGN.md section 1)."""
+"""The dense reference against an independent float64 NumPy computation (docs/DESIGN.md section 1)."""
 
 import math
 

@@ -8,13 +8,13 @@ run there is checked natively (Pallas TPU on a TPU, Pallas GPU on a GPU, XLA eve
 a CPU the kernels run in interpret mode up to B = ``SIGLIP_TEST_INTERPRET_MAX`` (default 1024).
 With several devices the ring (``sigmoid_loss_sharded`` over all of them, or
 ``SIGLIP_TEST_DEVICES``) is checked too; on CPU only the XLA ring (interpret-mode rings need
-tiny buffers, see DESIGN.md section 5).
+tiny buffers, see docs/DESIGN.md section 5).
 
 The oracle is float64 NumPy up to B = 4096; above that (its B x B float64 matrices would need
 gigabytes) it is the XLA reference on float32 copies of the inputs at HIGHEST matmul
 precision, on the device. Tolerances: bf16 inputs 1e-2 (bf16 rounding of the gradients);
 float32 inputs 1e-5 on CPU, 1e-2 on TPU / GPU, whose default float32 matmuls take bf16 / TF32
-passes (DESIGN.md section 5).
+passes (docs/DESIGN.md section 5).
 """
 
 import math

@@ -3,7 +3,7 @@
 Runs the CPU paths CI can run: the compile-only TPU report at a tiny shape (real Mosaic and
 XLA TPU compiles on a compile-only topology, numerics in interpret mode), the measured path on
 CPU devices, and a profiler trace. Figures are checked against the analytic FLOP counts of
-DESIGN.md section 1 and the roofline formulas, never against recorded numbers.
+docs/DESIGN.md section 1 and the roofline formulas, never against recorded numbers.
 """
 
 import dataclasses
@@ -116,7 +116,7 @@ def test_compile_only_numerics_in_interpret_mode(compile_only_report):
   blocks = _rows(report, kind="block")
   assert blocks
   for r in blocks:
-    # float32 inputs: interpret-mode matmuls on CPU are exact f32 (DESIGN.md section 5).
+    # float32 inputs: interpret-mode matmuls on CPU are exact f32 (docs/DESIGN.md section 5).
     assert r["rel_err"] < 1e-5, r
 
 
@@ -149,7 +149,7 @@ def test_measured_mode_on_cpu_devices(tmp_path):
 
 
 def test_model_row_reproduces_the_design_example():
-  # DESIGN.md section 2: TPU v4, b = 4096, D = 1152, bf16: a block's 6 b^2 D FLOPs take
+  # docs/DESIGN.md section 2: TPU v4, b = 4096, D = 1152, bf16: a block's 6 b^2 D FLOPs take
   # ~0.42 ms of MXU time and a forward chunk (2 b D bytes) ~0.2 ms on one ICI link.
   chip, b, dim, n = chips.CHIPS["v4"], 4096, 1152, 4
   row = {"kind": "ring", "pass": "vag", "batch": n * b, "dim": dim, "dtype": "bfloat16",
