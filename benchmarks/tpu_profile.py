@@ -34,14 +34,17 @@ A Pallas grid is a software-pipelined loop whose body is one grid step, so per k
 
 For the ring kernel (``ring_hop``) there is no grid: static cycles come from the loop tree,
 divided by the blocks one trip computes (one per device), against the modelled wire time of
-one hop's remote DMAs (chunk + ids, + the f32 dY chunk with gradients) over one ICI link
+one hop's remote DMAs (a bf16 chunk and its ids, per trip) over one ICI link
 (benchmarks/chips.py): ``hop_hidden_ratio`` = compute time per hop / wire time per hop, > 1
 means the permute can hide behind compute.
 
 These are STATIC figures, not measurements: they assume every bundle issues in one cycle.
 They leave out stalls on DMA waits (HBM and ICI), on semaphores, pipeline fill and drain,
-clock throttling and everything outside the kernel. A loop's forward branches (skipped
-regions) are counted as executed. If libtpu's dump format changes the parser raises
+clock throttling and everything outside the kernel. ``loop_bundles`` and the ``*_busy``
+fractions count every bundle of the loop body, including regions that run only on the first
+or last step and both sides of an if/else; the ``steady_*`` fields follow the shortest path
+through the body (``steady_path``): the common grid step, with one-off regions skipped and
+the lean tile body where a per-tile flag chooses between two. If libtpu's dump format changes the parser raises
 ``DumpFormatError`` naming the file and what it expected; it never reports a number it
 could not read.
 """
@@ -236,6 +239,39 @@ def parse_utilization(path) -> Utilization:
   return Utilization(str(path), dict(zip(UNITS, cap)), rows)
 
 
+def steady_path(sched: Schedule, loop: Loop) -> list[int]:
+  """The bundles of the shortest way through ``loop``'s body, taking every forward branch
+  that skips code: a grid step in the steady state, where the regions run only on the first
+  or last step (zeroing and writing back accumulators) are skipped, and of two alternative
+  bodies (an if/else on a per-tile flag) the shorter runs. Inner loops count once."""
+  lo, hi = loop.start, loop.end
+  best = [0] * (hi + 2)
+  take = [None] * (hi + 2)
+  region_starts = {}
+  for i in range(lo, hi + 1):
+    for r in _REGION_START_RE.findall(sched.texts[i]):
+      region_starts.setdefault(int(r), i)
+  for i in range(hi, lo - 1, -1):
+    best[i], take[i] = 1 + best[i + 1], i + 1
+    for _, _, region in _BRANCH_RE.findall(sched.texts[i]):
+      target = region_starts.get(int(region))
+      if target is not None and i + 1 < target <= hi and 1 + best[target] < best[i]:
+        best[i], take[i] = 1 + best[target], target
+  path, i = [], lo
+  while i <= hi:
+    path.append(i)
+    i = take[i]
+  return path
+
+
+def _busy_on(util: Utilization, bundles: list[int]) -> dict[str, float]:
+  sums = [0] * len(UNITS)
+  for b in bundles:
+    for k, v in enumerate(util.rows[b]):
+      sums[k] += v
+  return {u: sums[k] / (util.capacity[u] * len(bundles)) for k, u in enumerate(UNITS)}
+
+
 def _busy(util: Utilization, lo: int, hi: int) -> dict[str, float]:
   n = hi - lo + 1
   sums = [0] * len(UNITS)
@@ -256,6 +292,9 @@ class KernelSchedule:
   spill_frac: float       # loop-body bundles with a vector spill store
   static_cycles: int | None   # from the loop tree (trip counts of the exit tests)
   counts: dict[str, int]  # op counts in the loop body: matmul, transcendental, spill, dma
+  steady: list[int]       # the loop body's bundles on a steady-state step (steady_path)
+  steady_busy: dict[str, float]
+  steady_spill_frac: float
 
 
 _OPS = {"matmul": re.compile(r"= vmatmul"), "transcendental": re.compile(
@@ -278,8 +317,10 @@ def kernel_schedule(op: str, bundles_path, util_path) -> KernelSchedule:
   for l in sched.loops:
     c = l.cycles()
     total = None if c is None or total is None else total + c
+  steady = steady_path(sched, loop) if loop else list(range(lo, hi + 1))
+  steady_spill = sum(1 for b in steady if util.rows[b][spill_col] > 0) / len(steady)
   return KernelSchedule(op, len(sched.texts), loop, sched.loops, _busy(util, lo, hi), spill,
-                        total, counts)
+                        total, counts, steady, _busy_on(util, steady), steady_spill)
 
 
 _DUMP_NAME_RE = re.compile(r"^\d+-(.+)-(\d+)-(final_bundles|"
@@ -455,6 +496,11 @@ def profile_case(gen, kernel, batch, dim, case_dir, n_dev) -> list[dict]:
            "loop_trips": ks.loop.trips if ks.loop else None}
     row.update({_key(u): round(v, 4) for u, v in ks.busy.items()})
     row["spill_frac"] = round(ks.spill_frac, 4)
+    # The steady-state step: one-off regions (first / last step) and the longer of two
+    # alternative tile bodies skipped.
+    row["steady_bundles"] = len(ks.steady)
+    row.update({"steady_" + _key(u): round(v, 4) for u, v in ks.steady_busy.items()})
+    row["steady_spill_frac"] = round(ks.steady_spill_frac, 4)
     row["loop_op_counts"] = ks.counts
     # The kernel's CostEstimate; a program of one kernel whose call does not show it: the
     # program's cost analysis (the kernel's estimate plus a few scalar ops). None: unknown.
@@ -472,10 +518,13 @@ def profile_case(gen, kernel, batch, dim, case_dir, n_dev) -> list[dict]:
       if ks.loop.trips is not None and ks.loop.trips < steps and cores > 1:
         steps //= cores
         op_flops = op_flops / cores if op_flops else op_flops
-      row.update(grid=list(grid), grid_steps=steps, static_cycles=steps * ks.loop.bundles)
+      row.update(grid=list(grid), grid_steps=steps, static_cycles=steps * ks.loop.bundles,
+                 steady_static_cycles=steps * len(ks.steady))
+      row["steady_static_us"] = round(row["steady_static_cycles"] / clock * 1e6, 2)
       if op_flops:
         row["mxu_ideal_cycles"] = round(op_flops / steps / mxu_flops_per_cycle(gen), 1)
         row["mxu_ideal_ratio"] = round(row["mxu_ideal_cycles"] / ks.loop.bundles, 4)
+        row["steady_mxu_ideal_ratio"] = round(row["mxu_ideal_cycles"] / len(ks.steady), 4)
     else:     # no grid (the ring): the loop tree at its exit tests' trip counts
       row.update(grid=[], grid_steps=None, static_cycles=ks.static_cycles)
       if ks.static_cycles and op_flops:
@@ -497,10 +546,12 @@ def _key(unit: str) -> str:
 
 
 def _ring_hop(gen, kernel, batch, dim, n_dev, cycles, clock) -> dict:
-  """Compute per hop (one block of the trip per device) against one hop's wire time."""
+  """Compute per hop (one block of the trip per device) against one hop's wire time: each
+  trip (one kernel op; value-and-grad makes two) moves a bf16 chunk and its int32 ids."""
+  del kernel
   chip = chips_lib.CHIPS[gen]
   b = batch // n_dev
-  wire = b * dim * 2 + b * 4 + (b * dim * 4 if kernel == "ring_hop" else 0)
+  wire = b * dim * 2 + b * 4
   out = {"ring_devices": n_dev, "hop_wire_bytes": wire,
          "hop_wire_us": round(wire / chip.link_bw * 1e6, 2), "link_bw": chip.link_bw}
   if cycles:
@@ -568,7 +619,10 @@ _COLS = (("generation", "gen", "{}"), ("kernel", "kernel", "{}"), ("op", "op", "
          ("valu_busy", "VALU", "{:.2f}"), ("eup_busy", "EUP", "{:.2f}"),
          ("vpop_busy", "VPOP", "{:.2f}"), ("vstore_busy", "VST", "{:.2f}"),
          ("spill_frac", "spill", "{:.2f}"), ("mxu_ideal_ratio", "ideal/bundles", "{:.2f}"),
-         ("bound", "bound", "{}"), ("hop_hidden_ratio", "hop/wire", "{:.2f}"))
+         ("bound", "bound", "{}"), ("steady_bundles", "steady", "{}"),
+         ("steady_mxu_busy", "sMXU", "{:.2f}"), ("steady_valu_busy", "sVALU", "{:.2f}"),
+         ("steady_vstore_busy", "sVST", "{:.2f}"), ("steady_spill_frac", "sspill", "{:.2f}"),
+         ("hop_hidden_ratio", "hop/wire", "{:.2f}"))
 
 
 def format_table(rows) -> str:
