@@ -26,13 +26,19 @@ every grid step (``RevisitMode.ANY`` single-buffers it, serialising that DMA wit
 or a hand-written DMA pipeline; the second kernel costs 2 n m D FLOPs instead and keeps both
 grids parallel over row tiles.
 
-Positives are pairs with equal ids (docs/DESIGN.md section 1), so the same kernel serves the diagonal
-block, any ring step, duplicate pairs, and padding (padded rows and columns are masked by
-position, whatever their ids).
+Positives are pairs with equal ids (docs/DESIGN.md section 1), so the same kernel serves the
+diagonal block, any ring step, duplicate pairs, and padding (padded rows and columns are masked
+by position, whatever their ids). Most tiles hold neither a positive nor padding: the kernel
+gets each tile's id range (SMEM) and runs a lean body, without the id compare and the mask,
+wherever a row tile's and a column tile's ranges cannot share an id and neither is padded.
 
-Numerics: softplus(u) = max(u, 0) + log1p(e), sigmoid(u) = [1 or e] / (1 + e), with
-e = exp(-|u|) shared, all in float32. bf16 inputs stay bf16 on the MXU (the gradient matmul
-takes G rounded to bf16, as flash attention does with P); float32 inputs use
+Numerics, all in float32: the logits are computed in base-2 units, v = log2(e) * l (t and the
+bias are pre-scaled), so that exp and log are the EUP's exp2 and log2. With e = 2^-|v|,
+softplus(l) / ln 2 = max(v, 0) + log2(1 + e), the rounding of 1 + e added back (``_log2_1p``)
+so that tiny e (confident negatives) keep full relative accuracy, and a positive subtracts v
+(softplus(-l) = softplus(l) - l); the sum is scaled by ln 2 once, outside. G = sigmoid(l) -
+[positive], with sigmoid(l) = [1 or e] / (1 + e). bf16 inputs stay bf16 on the MXU (the
+gradient matmul takes G rounded to bf16, as flash attention does with P); float32 inputs use
 precision=HIGHEST, because the TPU's default f32 matmul goes through bf16 passes.
 """
 
@@ -53,6 +59,8 @@ from siglip_fast.reference import ring as ring_lib
 from siglip_fast.reference import vma
 
 _LANES = 128
+_LOG2_E = 1.4426950408889634
+_LN_2 = 0.6931471805599453
 _SUBLANES = 8
 _MiB = 1 << 20
 
@@ -76,6 +84,8 @@ _VMEM_BUDGET = 0.75
 _TENSORCORES = {"v4": 2, "v5p": 2}
 # Interpret mode (CPU) runs one Python-level step per grid point: fewer, larger tiles.
 _INTERPRET_TILES = (256, 256)
+# Columns of a tile whose elementwise chain is computed at once (see _tile_kernel).
+_STRIP = 256
 
 _DEVICE_KINDS = {
     "TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5e": "v5e", "TPU v5": "v5p", "TPU v5p": "v5p",
@@ -224,8 +234,18 @@ def _fold(v, rows, cols):
   return out
 
 
-def _tile_kernel(scal_ref, a_ids_ref, b_ids_ref, a_ref, b_ref, *refs, rows, cols, n_a, n_b,
-                 na_pad, nb_pad, with_loss, with_scalar_grads, with_grad, with_db, precision):
+def _log2_1p(e):
+  """log2(1 + e) for e in [0, 1], to float32 accuracy without a log1p: 1 + e rounds away up
+  to 2^-24 of e (all of it when e < 2^-24, where log2(1 + e) ~ e log2(e) is the whole
+  answer), and that rounding error, recovered exactly as e - ((1 + e) - 1), is added back
+  to first order."""
+  s = 1.0 + e
+  return jnp.log2(s) + (e - (s - 1.0)) * _LOG2_E
+
+
+def _tile_kernel(scal_ref, a_rng_ref, b_rng_ref, a_ids_ref, b_ids_ref, a_ref, b_ref, *refs, rows, cols, n_a, n_b,
+                 na_pad, nb_pad, with_loss, with_scalar_grads, with_grad, with_db, precision,
+                 strip):
   """One grid step: (a tile i, b tile j), or (split c, a tile i, b tile j) with a resident
   gradient of b, where a's row tile is c * (tiles per split) + i.
 
@@ -261,51 +281,86 @@ def _tile_kernel(scal_ref, a_ids_ref, b_ids_ref, a_ref, b_ref, *refs, rows, cols
     def _init_db():
       db_ref[...] = jnp.zeros_like(db_ref)
 
-  a, b = a_ref[...], b_ref[...]
-  s = lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=precision,
-                      preferred_element_type=jnp.float32)
-  logits = scal_ref[0] * s + scal_ref[1]
-  pos = a_ids_ref[...] == b_ids_ref[...]            # (rows, 1) == (1, cols)
-  u = jnp.where(pos, -logits, logits)               # the softplus argument, -z * logits
-  e = jnp.exp(-jnp.abs(u))
+  a = a_ref[...]
 
-  valid = None
-  if na_pad != n_a or nb_pad != n_b:               # static: only padded shapes pay the mask
-    r = row_tile * rows + lax.broadcasted_iota(jnp.int32, (rows, cols), 0)
-    col = j * cols + lax.broadcasted_iota(jnp.int32, (rows, cols), 1)
-    valid = (r < n_a) & (col < n_b)
-
-  k = 0
-  if with_loss:
-    sp = jnp.maximum(u, 0.0) + jnp.log1p(e)
-    if valid is not None:
-      sp = jnp.where(valid, sp, 0.0)
-    stats_ref[0, k] += _fold(sp, rows, cols)
-    k += 1
-  if with_scalar_grads or with_grad:
-    # d softplus(u) / d logits = -z * sigmoid(u).
-    sig = jnp.where(u >= 0.0, 1.0, e) / (1.0 + e)
-    g = jnp.where(pos, -sig, sig)
-    if valid is not None:
-      g = jnp.where(valid, g, 0.0)
+  def tile_body(full: bool):
+    """Accumulate this tile. ``full``: it may hold positives or padding, so it pays for the
+    id compare and the mask; most tiles hold neither and run the lean body."""
+    valid_rows = None
+    if full and na_pad != n_a:
+      valid_rows = row_tile * rows + lax.broadcasted_iota(jnp.int32, (rows, 1), 0) < n_a
+    loss_acc = jnp.zeros((_SUBLANES, _LANES), jnp.float32)
+    gs_acc = jnp.zeros((_SUBLANES, _LANES), jnp.float32)
+    g_acc = jnp.zeros((_SUBLANES, _LANES), jnp.float32)
+    # The forward takes the tile in column strips, so that each strip's elementwise chain
+    # is scheduled on its own; the gradient passes keep whole tiles (strip == cols), so the
+    # G @ b product accumulates on the MXU over all columns at once.
+    for c0 in range(0, cols, strip):
+      b = b_ref[pl.ds(c0, strip), :]
+      s = lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=precision,
+                          preferred_element_type=jnp.float32)
+      v = scal_ref[0] * s + scal_ref[1]                # the logits times log2(e)
+      e = jnp.exp2(-jnp.abs(v))
+      pos = valid = None
+      if full:
+        pos = a_ids_ref[...] == b_ids_ref[:, pl.ds(c0, strip)]   # (rows, 1) == (1, strip)
+        valid = valid_rows
+        if nb_pad != n_b:
+          col_ok = j * cols + c0 + lax.broadcasted_iota(jnp.int32, (1, strip), 1) < n_b
+          valid = col_ok if valid is None else valid & col_ok
+      if with_loss:
+        # softplus(-z l) / ln 2: softplus(l) = max(l, 0) + log1p(e); positives subtract l.
+        sp = jnp.maximum(v, 0.0) + _log2_1p(e)
+        if pos is not None:
+          sp = sp - jnp.where(pos, v, 0.0)
+        if valid is not None:
+          sp = jnp.where(valid, sp, 0.0)
+        loss_acc += _fold(sp, rows, strip)
+      if with_scalar_grads or with_grad:
+        # dL/dlogits = sigmoid(l) - [positive].
+        g = jnp.where(v >= 0.0, 1.0, e) / (1.0 + e)
+        if pos is not None:
+          g = jnp.where(pos, g - 1.0, g)
+        if valid is not None:
+          g = jnp.where(valid, g, 0.0)
+        if with_scalar_grads:
+          gs_acc += _fold(g * s, rows, strip)
+          g_acc += _fold(g, rows, strip)
+        if with_grad:
+          gc = g.astype(b.dtype)
+          acc_ref[...] += lax.dot_general(gc, b, (((1,), (0,)), ((), ())),
+                                          precision=precision,
+                                          preferred_element_type=jnp.float32)
+          if db_ref is not None:
+            # G^T @ a into this strip's rows of the resident gradient of b.
+            start = pl.multiple_of(j * cols + c0, strip)
+            db_ref[0, pl.ds(start, strip), :] += lax.dot_general(
+                gc, a, (((0,), (0,)), ((), ())), precision=precision,
+                preferred_element_type=jnp.float32)
+    k = 0
+    if with_loss:
+      stats_ref[0, k] += loss_acc
+      k += 1
     if with_scalar_grads:
-      stats_ref[0, k] += _fold(g * s, rows, cols)
-      stats_ref[0, k + 1] += _fold(g, rows, cols)
-    if with_grad:
-      gc = g.astype(b.dtype)
-      acc_ref[...] += lax.dot_general(gc, b, (((1,), (0,)), ((), ())), precision=precision,
-                                      preferred_element_type=jnp.float32)
-      if db_ref is not None:
-        # G^T @ a into this b tile's rows of the resident gradient of b.
-        start = pl.multiple_of(j * cols, cols)
-        db_ref[0, pl.ds(start, cols), :] += lax.dot_general(
-            gc, a, (((0,), (0,)), ((), ())), precision=precision,
-            preferred_element_type=jnp.float32)
+      stats_ref[0, k] += gs_acc
+      stats_ref[0, k + 1] += g_acc
 
+  # Positives are possible only where the tiles' id ranges overlap; padding only in the
+  # last row or column tile.
+  full = ((a_rng_ref[0, row_tile] <= b_rng_ref[1, j])
+          & (b_rng_ref[0, j] <= a_rng_ref[1, row_tile]))
+  if na_pad != n_a:
+    full = full | (row_tile == na_pad // rows - 1)
+  if nb_pad != n_b:
+    full = full | (j == last_j)
+  pl.when(full)(lambda: tile_body(True))
+  pl.when(jnp.logical_not(full))(lambda: tile_body(False))
+
+  if with_grad:
       @pl.when(j == last_j)
       def _finish():
         # d logits / d a = t * b: apply t once per row tile rather than per tile element.
-        da_ref[...] = (scal_ref[0] * acc_ref[...]).astype(da_ref.dtype)
+        da_ref[...] = (scal_ref[2] * acc_ref[...]).astype(da_ref.dtype)
 
 
 def _tile_pass(a, b, a_ids, b_ids, scal, *, rows, cols, with_loss, with_scalar_grads,
@@ -339,11 +394,18 @@ def _tile_pass(a, b, a_ids, b_ids, scal, *, rows, cols, with_loss, with_scalar_g
 
   a_ids_col = jnp.pad(a_ids, (0, na_pad - n_a), constant_values=-1).reshape(na_pad, 1)
   b_ids_row = jnp.pad(b_ids, (0, nb_pad - n_b), constant_values=-2).reshape(1, nb_pad)
-  operands, axes = vma.match_varying((scal, a_ids_col, b_ids_row, a, b))
+  # Per tile, [min id, max id]: the kernel runs its lean body where the ranges of a row tile
+  # and a column tile cannot share an id (see _tile_kernel).
+  tile_range = lambda ids, size: jnp.stack([ids.reshape(-1, size).min(axis=1),
+                                            ids.reshape(-1, size).max(axis=1)])
+  a_rng, b_rng = tile_range(a_ids_col, rows), tile_range(b_ids_row, cols)
+  operands, axes = vma.match_varying((scal, a_rng, b_rng, a_ids_col, b_ids_row, a, b))
   out_struct = lambda shape, dtype: vma.shape_struct(shape, dtype, axes)
 
   in_specs = [
-      pl.BlockSpec(memory_space=pltpu.SMEM),                 # [t, bias]
+      pl.BlockSpec(memory_space=pltpu.SMEM),                 # [t, bias] * log2(e), t
+      pl.BlockSpec(memory_space=pltpu.SMEM),                 # id range per row tile
+      pl.BlockSpec(memory_space=pltpu.SMEM),                 # id range per column tile
       pl.BlockSpec((rows, 1), lambda *g: (row(*g), 0)),
       pl.BlockSpec((1, cols), lambda *g: (0, col(*g))),
       pl.BlockSpec((rows, dim), lambda *g: (row(*g), 0)),
@@ -383,7 +445,7 @@ def _tile_pass(a, b, a_ids, b_ids, scal, *, rows, cols, with_loss, with_scalar_g
   precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
   kernel = functools.partial(
       _tile_kernel, rows=rows, cols=cols, n_a=n_a, n_b=n_b, na_pad=na_pad, nb_pad=nb_pad,
-      with_loss=with_loss,
+      with_loss=with_loss, strip=cols if with_grad else min(cols, _STRIP),
       with_scalar_grads=with_scalar_grads, with_grad=with_grad, with_db=with_db,
       precision=precision)
   # Row tiles are independent (megacore may split them) unless they share the resident
@@ -405,6 +467,8 @@ def _tile_pass(a, b, a_ids, b_ids, scal, *, rows, cols, with_loss, with_scalar_g
   )(*operands)
   outs = list(outs)
   stats = jnp.sum(outs.pop(0), axis=(0, 2, 3)) if n_stats else None
+  if with_loss:  # the kernel sums softplus / ln 2
+    stats = stats * jnp.array([_LN_2] + [1.0] * (n_stats - 1), jnp.float32)
   da = outs.pop(0) if with_grad else None
   db = jnp.sum(outs.pop(0), axis=0) if with_db else None
   return stats, da, db
@@ -435,8 +499,11 @@ def _pad_rows(a, multiple):
 
 
 def _scalars(log_t, bias):
+  """t, and the kernel's scalars [t log2(e), bias log2(e), t]: its logits are in base-2
+  units, so that exp and log are the EUP's exp2 and log2 with no per-element rescaling."""
   t = jnp.exp(jnp.reshape(log_t, ()).astype(jnp.float32))
-  return t, jnp.stack([t, jnp.reshape(bias, ()).astype(jnp.float32)])
+  bias = jnp.reshape(bias, ()).astype(jnp.float32)
+  return t, jnp.stack([t * _LOG2_E, bias * _LOG2_E, t])
 
 
 def _common(bs, interpret):
