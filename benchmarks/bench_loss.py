@@ -61,12 +61,17 @@ DEFAULT_SIZES = ("4096x768", "4096x1152", "8192x768", "8192x1152", "16384x768", 
                  "32768x768", "32768x1152")
 TARGET = (32768, 1152)
 GOAL_VG_FLOOR, GOAL_FWD_MATMUL, GOAL_TEMP = 1.25, 1.1, 50
-KERNEL_FOR_BACKEND = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 LOG_T, BIAS = math.log(10.0), -10.0
 
 
 # --- the implementations ------------------------------------------------------------------
+
+
+def _kernel_for(backend):
+  """The registry's default kernel for a backend, or None where it has only "xla"."""
+  name = api.default_implementation(backend)
+  return None if name == "xla" else name
 
 def chunked_loss(x, y, log_t, bias, chunk=1024):
   """Mean loss by lax.map over row chunks, each under jax.checkpoint (the usual memory fix
@@ -367,7 +372,7 @@ def bench_tune(runner, batch, dim):
 
 def goals_at(runner, batch, dim):
   """The goals at one (B, D), from this run's rows: [dict(goal, ok, ratio, detail)]."""
-  kernel = KERNEL_FOR_BACKEND.get(runner.backend) or (
+  kernel = _kernel_for(runner.backend) or (
       "pallas_gpu" if runner.args.interpret else None)
   get = lambda impl, mode: next((r for r in runner.rows if r["impl"] == impl and
                                  r["mode"] == mode and r["B"] == batch and r["D"] == dim
@@ -491,7 +496,7 @@ def main(argv=None):
   args = p.parse_args(argv)
 
   backend = jax.default_backend()
-  kernel = KERNEL_FOR_BACKEND.get(backend)
+  kernel = _kernel_for(backend)
   if args.interpret and kernel is None:
     kernel = "pallas_gpu"
   if args.impls is None:

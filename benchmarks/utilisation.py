@@ -70,6 +70,7 @@ except ImportError:  # run as a file (python benchmarks/utilisation.py): add the
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
   from benchmarks import chips as chips_lib
 
+from siglip_fast.loss import REGISTRY
 from siglip_fast.reference import ring as ring_lib
 
 AXIS = "ring"
@@ -77,10 +78,15 @@ PASSES = ("fwd", "vag")
 DEFAULT_SHAPES = "16384,1152,bfloat16"
 DEFAULT_RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 _MODEL_FLOPS_PER_B2D = {"fwd": 2, "vag": 6}
-# Kernel implementations: (module under siglip_fast.kernels, backend, kinds it serves).
-_KERNELS = {"pallas_tpu": ("tpu", "tpu", ("block", "ring")),
-            "pallas_gpu": ("gpu", "gpu", ("block", "ring")),
-            "pallas_tpu_ring": ("tpu_ring", "tpu", ("ring",))}
+# Kernel implementations, from the registry: (module under siglip_fast.kernels, platform,
+# kinds it serves). A whole-ring kernel is its own row, "<name>_ring", serving the ring.
+_KERNELS = {}
+for _impl in REGISTRY.values():
+  if _impl.block_module is not None:
+    _KERNELS[_impl.name] = (_impl.block_module, _impl.platform, ("block", "ring"))
+  if _impl.ring_module is not None:
+    _KERNELS[f"{_impl.name}_ring"] = (_impl.ring_module, _impl.platform, ("ring",))
+del _impl
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,6 +27,7 @@ import pytest
 from jax.sharding import Mesh
 
 import siglip_fast
+from siglip_fast.loss import REGISTRY
 from benchmarks.utilisation import parse_shapes
 from tests.helpers import numpy_loss_and_grads, random_inputs, rel_err
 
@@ -35,7 +36,6 @@ SHAPES = parse_shapes(_ENV) if _ENV.strip() else []
 INTERPRET_MAX = int(os.environ.get("SIGLIP_TEST_INTERPRET_MAX", "1024"))
 ORACLE_MAX = 4096
 LT, BIAS = math.log(10.0), -10.0
-_KERNEL_BACKEND = {"pallas_tpu": "tpu", "pallas_gpu": "gpu"}
 
 pytestmark = pytest.mark.skipif(
     not SHAPES, reason='set SIGLIP_TEST_SHAPES="B,D[,dtype];..." to check your shapes')
@@ -52,7 +52,7 @@ def _run_mode(impl: str, batch: int):
   if impl == "xla":
     return False, None
   backend = jax.default_backend()
-  if backend == _KERNEL_BACKEND[impl]:
+  if backend == REGISTRY[impl].platform:
     return False, None
   if backend != "cpu":
     return False, f"{impl} does not run on {backend}"
