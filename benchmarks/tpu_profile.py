@@ -240,27 +240,68 @@ def parse_utilization(path) -> Utilization:
 
 
 def steady_path(sched: Schedule, loop: Loop) -> list[int]:
-  """The bundles of the shortest way through ``loop``'s body, taking every forward branch
-  that skips code: a grid step in the steady state, where the regions run only on the first
-  or last step (zeroing and writing back accumulators) are skipped, and of two alternative
-  bodies (an if/else on a per-tile flag) the shorter runs. Inner loops count once."""
+  """The bundles of ``loop``'s body that a steady-state grid step runs.
+
+  A grid step's body holds regions guarded by forward branches: the pipeline's guard around
+  the step's work, one-off regions of the first and last steps (zeroing accumulators,
+  writing them back), and an if/else on a per-tile flag (the lean and the full tile body).
+  The steady step runs every region that holds a matmul, skips the regions without one, and
+  of an if/else (``if p goto T; A; T: if !p goto Y; B; Y:``) runs the shorter side. Inner
+  loops count once.
+  """
   lo, hi = loop.start, loop.end
-  best = [0] * (hi + 2)
-  take = [None] * (hi + 2)
-  region_starts = {}
+  region_at = {}
   for i in range(lo, hi + 1):
     for r in _REGION_START_RE.findall(sched.texts[i]):
-      region_starts.setdefault(int(r), i)
+      region_at.setdefault(int(r), i)
+  branches = {}   # bundle -> [(negated, predicate, target bundle)], forward, inside the body
+  for i in range(lo, hi + 1):
+    for neg, pred, region in _BRANCH_RE.findall(sched.texts[i]):
+      target = region_at.get(int(region))
+      if target is not None and i + 1 < target <= hi:
+        branches.setdefault(i, []).append((neg, pred, target))
+  matmul = [bool(_OPS["matmul"].search(t)) for t in sched.texts]
+  prefix = [0]
+  for i in range(len(matmul)):
+    prefix.append(prefix[-1] + matmul[i])
+  has_matmul = lambda a, b: prefix[b] - prefix[a] > 0   # in bundles [a, b)
+
+  def partner(i, neg, pred, target):
+    """The else-branch at ``target`` of an if at ``i``: (its target) or None."""
+    for n2, p2, y in branches.get(target, []):
+      if p2 == pred and n2 != neg:
+        return y
+    return None
+
+  elses = set()   # bundles whose branch is the else of an if/else pair
+  for i, bs in branches.items():
+    for neg, pred, target in bs:
+      if partner(i, neg, pred, target) is not None:
+        elses.add(target)
+  best = [0] * (hi + 2)
+  nxt = [None] * (hi + 2)
   for i in range(hi, lo - 1, -1):
-    best[i], take[i] = 1 + best[i + 1], i + 1
-    for _, _, region in _BRANCH_RE.findall(sched.texts[i]):
-      target = region_starts.get(int(region))
-      if target is not None and i + 1 < target <= hi and 1 + best[target] < best[i]:
-        best[i], take[i] = 1 + best[target], target
+    best[i], nxt[i] = 1 + best[i + 1], i + 1
+    for neg, pred, target in branches.get(i, []):
+      y = partner(i, neg, pred, target)
+      if i in elses and y is None:
+        # Reached by falling through the if-side: the else branch is taken, B is skipped.
+        best[i], nxt[i] = 1 + best[target], target
+      elif y is not None:
+        # if/else: skipping A means running bundle ``target`` (not its jump) and then B.
+        via_b = 2 + best[target + 1]
+        if via_b < best[i]:
+          best[i], nxt[i] = via_b, -target      # marks: visit target, then target + 1
+      elif not has_matmul(i + 1, target) and 1 + best[target] < best[i]:
+        best[i], nxt[i] = 1 + best[target], target
   path, i = [], lo
-  while i <= hi:
+  while i is not None and i <= hi:
     path.append(i)
-    i = take[i]
+    step = nxt[i]
+    if step is not None and step < 0:
+      path.append(-step)
+      step = -step + 1
+    i = step
   return path
 
 
@@ -328,14 +369,15 @@ _DUMP_NAME_RE = re.compile(r"^\d+-(.+)-(\d+)-(final_bundles|"
 
 
 def find_kernels(dump_dir, prefix: str = KERNEL_PREFIX) -> dict[str, tuple[str, str]]:
-  """{op name: (final_bundles path, utilization path)} of the ops named ``prefix*``.
+  """{op name: (final_bundles path, utilization path)} of the ops named ``prefix*`` (or
+  ``jvp_prefix*``: a kernel in the forward of a custom VJP under ``grad``).
 
   An op compiled twice in one dump (two programs) keeps the later file under ``op#2``.
   """
   found: dict[tuple[str, str], dict[str, str]] = {}
   for p in sorted(pathlib.Path(dump_dir).iterdir()):
     m = _DUMP_NAME_RE.match(p.name)
-    if m and m.group(1).startswith(prefix):
+    if m and m.group(1).removeprefix("jvp_").startswith(prefix):
       stamp = p.name.split("-", 1)[0]
       found.setdefault((stamp, m.group(1)), {})[m.group(3)] = str(p)
   out: dict[str, tuple[str, str]] = {}
