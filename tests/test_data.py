@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from siglip_fast import data, evaluate
-from siglip_fast.tokenizer import ByteTokenizer
+from siglip_fast.train import data, evaluate
+from siglip_fast.train.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer(48)
 

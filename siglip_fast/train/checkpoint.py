@@ -10,6 +10,7 @@ evaluated on its own; ``meta`` holds the step, the config, the tokenizer and the
 from __future__ import annotations
 
 import os
+import re
 
 import jax
 import orbax.checkpoint as ocp
@@ -68,3 +69,64 @@ def read_meta(path: str, step: int | None = None) -> tuple[int, dict]:
   meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
   mngr.close()
   return step, meta
+
+
+# Config keys that decide the shapes and structure of the saved parameters and optimiser
+# state: a checkpoint written with other values cannot be restored into this run's model.
+# (t' and b's initial values do not matter once trained; grad_clip only by being on or off.)
+STATE_KEYS = ("model", "tokenizer", "data.image_size", "lock_image", "optim.grad_clip")
+_IGNORED = ("model.log_t_init", "model.bias_init")
+
+
+def _flatten(d, prefix=""):
+  out = {}
+  for k, v in (d or {}).items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[prefix + k] = v
+  return out
+
+
+def config_diff(saved: dict, current: dict) -> list[str]:
+  """``["model.embed_dim: 16 in the checkpoint, 24 now", ...]`` over ``STATE_KEYS``."""
+  a, b = _flatten(saved), _flatten(current)
+  relevant = lambda k: (k not in _IGNORED
+                        and any(k == p or k.startswith(p + ".") for p in STATE_KEYS))
+  diffs = []
+  for k in sorted(k for k in set(a) | set(b) if relevant(k)):
+    x, y = a.get(k), b.get(k)
+    if k == "optim.grad_clip":
+      x, y = bool(x), bool(y)
+    if x != y:
+      diffs.append(f"{k}: {a.get(k)!r} in the checkpoint, {b.get(k)!r} now")
+  return diffs
+
+
+def _chain(e: BaseException):
+  seen = []
+  while e is not None and e not in seen:
+    seen.append(e)
+    e = e.__cause__ or e.__context__
+  return seen
+
+
+def describe_failure(e: BaseException, directory: str, step: int,
+                     item: str | None = None) -> tuple[str, str]:
+  """(file, reason) for a failed restore of ``step``: the file under the step's folder that
+  the error names (else the item, or the step folder), and the innermost error's first line."""
+  step_dir = os.path.join(os.path.abspath(directory), str(step))
+  text = "\n".join(str(x) for x in _chain(e))
+  m = re.search(re.escape(step_dir) + r"(/[^\s'\"\],:;)]*)?", text)
+  if m and m.group(1):
+    where = os.path.join(str(step), m.group(1).lstrip("/"))
+  elif item:
+    where = os.path.join(str(step), item)
+  else:
+    where = str(step)
+  inner = _chain(e)[-1]
+  reason = (str(inner).strip().splitlines() or [type(inner).__name__])[0]
+  reason = f"{type(inner).__name__}: {reason}"
+  if len(reason) > 160:
+    reason = reason[:157] + "..."
+  return where, reason
