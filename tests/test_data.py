@@ -152,6 +152,24 @@ def test_manifest_corrupt_image_names_the_file(tmp_path):
     data.Manifest(tmp_path / "m.csv", 8, TOK)
 
 
+def test_manifest_with_a_byte_order_mark(tmp_path):
+  """Spreadsheet exports ("CSV UTF-8") start with a BOM; the header is read all the same."""
+  names = _write_images(tmp_path, 2)
+  text = f"image , caption\r\n{names[0]},één\r\n{names[1]},二\r\n"
+  (tmp_path / "m.csv").write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+  m = data.Manifest(tmp_path / "m.csv", 8, TOK)
+  assert len(m) == 2 and m.captions_all == ["één", "二"]
+
+
+def test_manifest_missing_image_names_the_line(tmp_path):
+  names = _write_images(tmp_path, 1)
+  # The second row's caption spans two lines, so the missing image is on line 4.
+  (tmp_path / "m.csv").write_text(
+      f'image,caption\n{names[0]},"two\nlines"\nnot_there.png,lost\n')
+  with pytest.raises(data.DataError, match=r"m.csv line 4: image file not found: .*not_there"):
+    data.Manifest(tmp_path / "m.csv", 8, TOK)
+
+
 def test_manifest_bad_header(tmp_path):
   (tmp_path / "m.csv").write_text("path,text\na.png,x\n")
   with pytest.raises(data.DataError, match="'image' and 'caption'"):

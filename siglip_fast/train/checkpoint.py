@@ -9,6 +9,7 @@ evaluated on its own; ``meta`` holds the step, the config, the tokenizer and the
 
 from __future__ import annotations
 
+import json
 import os
 import re
 
@@ -111,22 +112,53 @@ def _chain(e: BaseException):
   return seen
 
 
+def _invalid_json(step_dir: str) -> str | None:
+  """The first of the step's JSON metadata files that does not parse, if any."""
+  for root, _, files in sorted(os.walk(step_dir)):
+    for name in sorted(files):
+      if name in ("_CHECKPOINT_METADATA", "_METADATA", "metadata"):
+        path = os.path.join(root, name)
+        try:
+          with open(path) as f:
+            json.load(f)
+        except (ValueError, OSError):
+          return path
+  return None
+
+
 def describe_failure(e: BaseException, directory: str, step: int,
                      item: str | None = None) -> tuple[str, str]:
   """(file, reason) for a failed restore of ``step``: the file under the step's folder that
-  the error names (else the item, or the step folder), and the innermost error's first line."""
-  step_dir = os.path.join(os.path.abspath(directory), str(step))
+  broke it (named by the error, found by the size the error reports for a truncated array
+  file, or a metadata file that is not valid JSON), and a one-line reason. The file is
+  relative to ``directory``'s parent (the workdir)."""
+  directory = os.path.abspath(directory)
+  step_dir = os.path.join(directory, str(step))
   text = "\n".join(str(x) for x in _chain(e))
-  m = re.search(re.escape(step_dir) + r"(/[^\s'\"\],:;)]*)?", text)
-  if m and m.group(1):
-    where = os.path.join(str(step), m.group(1).lstrip("/"))
-  elif item:
-    where = os.path.join(str(step), item)
-  else:
-    where = str(step)
   inner = _chain(e)[-1]
-  reason = (str(inner).strip().splitlines() or [type(inner).__name__])[0]
-  reason = f"{type(inner).__name__}: {reason}"
-  if len(reason) > 160:
-    reason = reason[:157] + "..."
+  reason = (str(inner).strip().splitlines() or [""])[0]
+  reason = f"{type(inner).__name__}: {reason}" if reason else type(inner).__name__
+  path = None
+  m = re.search(re.escape(step_dir) + r"(/[^\s'\"\],:;)]*)?", text)
+  if m and m.group(1) and m.group(1).strip("/"):
+    path = os.path.join(step_dir, m.group(1).strip("/"))
+  t = re.search(r'Error reading "([^"]+)".*?Requested byte range \[(\d+), (\d+)\) is not '
+                r"valid for value of size (\d+)", text, re.S)
+  if t:
+    key, _, hi, size = t.groups()
+    reason = f"truncated: {size} bytes, array {key!r} needs bytes up to {hi}"
+    if path and os.path.isdir(path):  # an OCDBT database: its data file of that size
+      hits = [os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs
+              if os.path.getsize(os.path.join(r, f)) == int(size)]
+      if len(hits) == 1:
+        path = hits[0]
+  if path is None or os.path.isdir(path):
+    bad_json = _invalid_json(step_dir)
+    if bad_json:
+      path, reason = bad_json, f"corrupt metadata, not valid JSON ({reason})"
+  if path is None:
+    path = os.path.join(step_dir, item) if item else step_dir
+  where = os.path.relpath(path, os.path.dirname(directory))
+  if len(reason) > 200:
+    reason = reason[:197] + "..."
   return where, reason
