@@ -625,7 +625,8 @@ def train_loop(run: Run, *, profile: bool = False) -> Run:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(cfg.to_json_best_effort(indent=2))
     run.tok.save(os.path.join(workdir, "tokenizer.json"))
-  interp = " (Pallas interpret mode)" if cfg.get("loss_interpret") else ""
+  interp = (" (Pallas interpret mode)"
+            if cfg.get("loss_interpret") and run.implementation != "xla" else "")
   log(f"{jax.process_count()} process(es), {mesh.size} device(s) ({jax.default_backend()}), "
       f"global batch {cfg.batch_size}, loss '{run.implementation}'{interp} ring over "
       f"{mesh.size} device(s); {run.n_params:,} trainable params"

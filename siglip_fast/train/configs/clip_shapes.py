@@ -29,6 +29,9 @@ def get_config(arg=None):
 
   # The loss: the ring over the mesh's batch axis (DESIGN.md section 2).
   c.loss_implementation = config_dict.placeholder(str)  # None: best for the backend
+  # True: run the Pallas kernel of loss_implementation ("pallas_tpu", "pallas_gpu") in
+  # interpret mode, e.g. to train through the kernel on a CPU (slow; for checking).
+  c.loss_interpret = False
   c.loss_schedule = "bidirectional"
   c.positives = "attributes"  # or "diagonal": which pairs in a batch count as matches
 
