@@ -30,6 +30,7 @@ from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from siglip_fast.train import data as data_lib  # noqa: E402
 from siglip_fast.train import trainer  # noqa: E402
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "clip_shapes.py")
@@ -58,7 +59,7 @@ def main(argv):
     trainer.setup_distributed(F.coordinator_address, F.num_processes, F.process_id,
                               F.distributed_auto, F.distributed_timeout)
     trainer.train_and_evaluate(F.config, F.workdir, profile=F.profile)
-  except trainer.UserError as e:
+  except (trainer.UserError, data_lib.DataError) as e:  # what the user can fix: one line
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
 
