@@ -1,6 +1,6 @@
 """The trainer through each Pallas kernel, in interpret mode on CPU: same seed, same data,
 the ring over 2 simulated devices (as the trainer runs it); the parameters after a few steps
-agree with the XLA implementation's to float32 rounding."""
+agree with the XLA implementation's to float32 rounding (~1e-5 relative)."""
 
 from __future__ import annotations
 
@@ -52,11 +52,14 @@ def test_kernel_in_interpret_mode_trains_like_xla(xla_run, tmp_path_factory, cap
   # Same programs but the loss block: the kernels sum the B x B logits in another order
   # (tiles), so the loss and gradients differ by float32 rounding (~1e-7 relative). Adam
   # divides each gradient entry by its running RMS, which keeps relative differences of
-  # ordinary entries at that level; the whole parameter vector then agrees to 1e-5 after a
-  # few steps (the bound the multi-host test uses too). A real bug (a wrong tile, a dropped
-  # block, a wrong scale) moves parameters by the learning rate, 1e-3 relative or more.
+  # ordinary entries at that level; the whole parameter vector then agrees to about 1e-5 after a
+  # few steps. Measured (2-core x86 CPU, jax 0.10.2): 5e-8 for pallas_tpu, 7e-6 for
+  # pallas_gpu (whose backward goes through a dL/dlogits slab and two matmuls); the bound,
+  # 2e-5, leaves room for other CPUs. A real bug (a wrong tile, a dropped block, a wrong
+  # scale) moves parameters by the learning rate: 1e-3 relative or more (checked below).
   err = rel_err(_flat(r["params"]), _flat(xla_run["params"]))
-  assert err < 1e-5, err
+  print(f"{implementation} (interpret) vs xla after {STEPS} steps: relative error {err:.2e}")
+  assert err < 2e-5, err
   # and not trivially: training did move the parameters
   init = train.set_up(tiny_shapes.get_config(), str(tmp_path_factory.mktemp("init")),
                       verbose=False)
