@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from siglip_fast import data, evaluate
-from siglip_fast.tokenizer import ByteTokenizer
+from siglip_fast.train import data, evaluate
+from siglip_fast.train.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer(48)
 
@@ -149,6 +149,24 @@ def test_manifest_corrupt_image_names_the_file(tmp_path):
   (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
   (tmp_path / "m.csv").write_text(f"image,caption\n{names[0]},ok\nbroken.png,bad\n")
   with pytest.raises(data.DataError, match="broken.png"):
+    data.Manifest(tmp_path / "m.csv", 8, TOK)
+
+
+def test_manifest_with_a_byte_order_mark(tmp_path):
+  """Spreadsheet exports ("CSV UTF-8") start with a BOM; the header is read all the same."""
+  names = _write_images(tmp_path, 2)
+  text = f"image , caption\r\n{names[0]},één\r\n{names[1]},二\r\n"
+  (tmp_path / "m.csv").write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+  m = data.Manifest(tmp_path / "m.csv", 8, TOK)
+  assert len(m) == 2 and m.captions_all == ["één", "二"]
+
+
+def test_manifest_missing_image_names_the_line(tmp_path):
+  names = _write_images(tmp_path, 1)
+  # The second row's caption spans two lines, so the missing image is on line 4.
+  (tmp_path / "m.csv").write_text(
+      f'image,caption\n{names[0]},"two\nlines"\nnot_there.png,lost\n')
+  with pytest.raises(data.DataError, match=r"m.csv line 4: image file not found: .*not_there"):
     data.Manifest(tmp_path / "m.csv", 8, TOK)
 
 

@@ -18,10 +18,10 @@ import jax
 import numpy as np
 import pytest
 
-from siglip_fast import train
+from siglip_fast.train import trainer as train
 from tests.helpers import (numpy_loss_and_grads, persistent_compilation_cache, random_inputs,
                            rel_err)
-from siglip_fast.configs import tiny_shapes
+from siglip_fast.train.configs import tiny_shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 240
@@ -89,7 +89,8 @@ def _run_pair(make_cmd, tmp_path, env) -> list[str]:
 _WORKER = r"""
 import json, sys
 import jax, jax.numpy as jnp, numpy as np
-from siglip_fast import sigmoid_loss_sharded, train
+from siglip_fast import sigmoid_loss_sharded
+from siglip_fast.train import trainer as train
 from tests.helpers import random_inputs
 pid, port, batch, dim = map(int, sys.argv[1:5])
 train.setup_distributed(f"localhost:{port}", 2, pid, timeout=120)

@@ -11,11 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from siglip_fast import checkpoint as ckpt
-from siglip_fast import models, train
-from siglip_fast.configs import tiny_shapes
+from siglip_fast.train import checkpoint as ckpt
+from siglip_fast.train import models
+from siglip_fast.train import trainer as train
+from siglip_fast.train.configs import tiny_shapes
 from siglip_fast.reference import dense
-from siglip_fast.tokenizer import ByteTokenizer
+from siglip_fast.train.tokenizer import ByteTokenizer
 
 from tests.helpers import persistent_compilation_cache, rel_err
 

@@ -230,25 +230,36 @@ class Manifest:
       raise DataError(f"manifest not found: {path}")
     delimiter = "\t" if path.lower().endswith((".tsv", ".tab")) else ","
     root = os.path.dirname(os.path.abspath(path))
-    with open(path, newline="", encoding="utf-8") as f:
+    # utf-8-sig: spreadsheet exports often start with a byte-order mark, which plain utf-8
+    # would keep as part of the first column's name.
+    with open(path, newline="", encoding="utf-8-sig") as f:
       reader = csv.DictReader(f, delimiter=delimiter)
+      if reader.fieldnames:
+        reader.fieldnames = [n.strip() for n in reader.fieldnames]
       fields = reader.fieldnames or []
       if "image" not in fields or "caption" not in fields:
-        raise DataError(f"{path}: the header must name 'image' and 'caption' columns, "
-                        f"got {fields}")
-      rows = list(reader)
+        sep = "tab" if delimiter == "\t" else "comma"
+        raise DataError(f"{path}: the header (line 1, {sep}-separated) must name 'image' and "
+                        f"'caption' columns, got {fields}")
+      # (line number in the file, row): a quoted caption may span several lines.
+      rows = []
+      for row in reader:
+        rows.append((reader.line_num, row))
     if not rows:
       raise DataError(f"{path}: no rows")
     self.path, self.tokenizer = path, tokenizer
     self.captions_all = []
     self.label_names = None
     images, raw_labels = [], []
-    for line, row in enumerate(rows, start=2):
+    for line, row in rows:
       img, cap = (row.get("image") or "").strip(), row.get("caption")
       if not img or cap is None:
         raise DataError(f"{path} line {line}: empty image path or caption")
       full = img if os.path.isabs(img) else os.path.join(root, img)
-      images.append(_decode_image(full, image_size))
+      try:
+        images.append(_decode_image(full, image_size))
+      except DataError as e:
+        raise DataError(f"{path} line {line}: {e}") from None
       self.captions_all.append(cap)
       if "label" in fields:
         raw_labels.append(row["label"])

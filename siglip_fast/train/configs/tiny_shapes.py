@@ -1,12 +1,12 @@
 r"""A smoke run: tiny towers, tiny images, four steps; seconds, not minutes.
 
-  python -m siglip_fast.train --config siglip_fast/configs/tiny_shapes.py --workdir /tmp/smoke
+  python -m siglip_fast.train --config siglip_fast/train/configs/tiny_shapes.py --workdir /tmp/smoke
 
 With ``:lit`` it is the LiT variant (set ``--config.image_init`` to a finished run's workdir,
 e.g. the smoke run above). The tests use these configs.
 """
 
-from siglip_fast.configs import clip_shapes, lit_shapes
+from siglip_fast.train.configs import clip_shapes, lit_shapes
 
 
 def get_config(arg=None):

@@ -1,15 +1,15 @@
 r"""LiT: a locked image tower from a finished CLIP run, a text tower trained from scratch.
 
-First run the main job (siglip_fast/configs/clip_shapes.py), then:
+First run the main job (siglip_fast/train/configs/clip_shapes.py), then:
 
-  python -m siglip_fast.train --config siglip_fast/configs/lit_shapes.py \
+  python -m siglip_fast.train --config siglip_fast/train/configs/lit_shapes.py \
       --config.image_init=/tmp/siglip_clip --workdir /tmp/siglip_lit
 
 The image tower (architecture and weights) comes from the latest checkpoint under
 ``image_init``; it gets no gradients and no optimiser state.
 """
 
-from siglip_fast.configs import clip_shapes
+from siglip_fast.train.configs import clip_shapes
 
 
 def get_config(arg=None):

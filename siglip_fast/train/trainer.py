@@ -1,62 +1,40 @@
 r"""Train SigLIP two towers, CLIP-style from scratch or LiT with a locked image tower.
 
-The main job (embedded coloured-shapes data, nothing downloaded):
+The command line is ``python -m siglip_fast.train`` (``__main__.py``); this module is the run:
+``train_and_evaluate(cfg, workdir)`` = ``set_up`` (mesh, data, model, optimiser, fresh
+parameters) -> ``restore`` (the newest intact checkpoint of the workdir, if any) ->
+``train_loop`` -> ``finish`` (held-out evaluation, eval.json and plots).
 
-  python -m siglip_fast.train --workdir /tmp/siglip_clip
-
-LiT from that run's image tower:
-
-  python -m siglip_fast.train --config siglip_fast/configs/lit_shapes.py \
-      --config.image_init=/tmp/siglip_clip --workdir /tmp/siglip_lit
-
-Any config field can be overridden (``--config.total_steps=20``). Running again with the same
-workdir resumes from its latest checkpoint. Data parallel over every device of every process:
-the batch is split over a 1-D mesh axis ``batch`` and the loss runs as the ring over it.
-Several hosts: start one process per host with ``--coordinator_address=HOST:PORT
---num_processes=N --process_id=I`` (``jax.distributed``), or ``--distributed_auto`` on
-clusters JAX detects by itself (Cloud TPU, SLURM, ...).
+Data parallel over every device of every process: the batch is split over a 1-D mesh axis
+``batch`` and the loss runs as the ring over it. Running again with the same workdir resumes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import queue
+import shutil
 import sys
 import threading
 import time
+from typing import Any, Callable
 
-from absl import app
-from absl import flags
-from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
-from ml_collections import config_flags
 import numpy as np
 import optax
 
 import siglip_fast
-from siglip_fast import checkpoint as ckpt
-from siglip_fast import data as data_lib
-from siglip_fast import evaluate
-from siglip_fast import models
-from siglip_fast import plots
-from siglip_fast.tokenizer import ByteTokenizer
-
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "clip_shapes.py")
-config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Training configuration file.",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
-flags.DEFINE_bool("profile", False, "Capture a jax.profiler trace of a few steps into "
-                  "WORKDIR/profile (config.profile_steps steps, after compilation).")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
-flags.DEFINE_integer("num_processes", 1, "Number of processes (multi-host).")
-flags.DEFINE_integer("process_id", 0, "This process's index (multi-host).")
-flags.DEFINE_bool("distributed_auto", False,
-                  "Call jax.distributed.initialize() with cluster auto-detection.")
-flags.DEFINE_integer("distributed_timeout", 300, "Seconds to wait for all processes.")
+from siglip_fast.train import checkpoint as ckpt
+from siglip_fast.train import data as data_lib
+from siglip_fast.train import evaluate
+from siglip_fast.train import models
+from siglip_fast.train import plots
+from siglip_fast.train.tokenizer import ByteTokenizer
 
 AXIS = "batch"
 
@@ -68,7 +46,20 @@ def _fast_compile(enabled=True):
           if enabled and jax.default_backend() == "cpu" else None)
 
 
-class NonFiniteLossError(FloatingPointError):
+class UserError(Exception):
+  """A problem the user can fix (config, checkpoints, numerics); the command line prints it
+  as one ``error:`` line, without a traceback."""
+
+
+class ConfigError(UserError, ValueError):
+  """An invalid config value: names the key and the valid range."""
+
+
+class CheckpointError(UserError, RuntimeError):
+  """No usable checkpoint in the workdir (unreadable, or written with another config)."""
+
+
+class NonFiniteLossError(UserError, FloatingPointError):
   """Training produced a NaN/inf loss or gradient; the last checkpoint is left intact."""
 
 
@@ -88,6 +79,90 @@ def setup_distributed(coordinator_address=None, num_processes=1, process_id=0, a
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes, process_id=process_id,
                                initialization_timeout=timeout)
+
+
+# ---------------------------------------------------------------------------------------
+# Config validation: before anything is written or any device is touched.
+
+
+def _check(cfg, key, ok, valid):
+  node = cfg
+  for part in key.split("."):
+    node = node[part]
+  if isinstance(node, bool) or not ok(node):
+    raise ConfigError(f"config.{key}={node!r} is invalid: must be {valid}")
+
+
+def validate_config(cfg, workdir: str | None = None) -> None:
+  """Raise ``ConfigError`` naming the key and its valid range for any value the run would
+  trip over later (often with a misleading message, after writing to the workdir)."""
+  integer = lambda lo, hi=None: (lambda v: isinstance(v, int) and v >= lo
+                                 and (hi is None or v <= hi))
+  number = lambda lo, hi, lo_open=False, hi_open=False: (
+      lambda v: isinstance(v, (int, float)) and math.isfinite(v)
+      and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi))
+  if not workdir:
+    raise ConfigError("--workdir is required: the directory for checkpoints, metrics and plots")
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f"--workdir={workdir} exists and is not a directory")
+  for key in ("total_steps", "batch_size", "log_every", "ckpt_every", "keep_ckpts",
+              "eval_batch_size", "profile_steps", "model.embed_dim", "tokenizer.max_len",
+              "data.n_train", "data.n_val", "data.n_test"):
+    _check(cfg, key, integer(1), "an integer >= 1")
+  for key in ("stop_at_step", "num_devices", "eval_every", "plot_pairs", "seed", "data.seed",
+              "optim.warmup_steps"):
+    _check(cfg, key, integer(0), "an integer >= 0")
+  for tower in ("image", "text"):
+    for k in ("width", "depth", "heads", "patch"):
+      _check(cfg, f"model.{tower}.{k}", integer(1), "an integer >= 1")
+    t = cfg.model[tower]
+    if t.width % t.heads:
+      raise ConfigError(f"config.model.{tower}.width={t.width} must be a multiple of "
+                        f"config.model.{tower}.heads={t.heads}")
+  if cfg.tokenizer.max_len % cfg.model.text.patch:
+    raise ConfigError(f"config.tokenizer.max_len={cfg.tokenizer.max_len} must be a multiple "
+                      f"of config.model.text.patch={cfg.model.text.patch}")
+  _check(cfg, "data.image_size", integer(16), "a multiple of 4, >= 16")
+  if cfg.data.image_size % 4 or cfg.data.image_size % cfg.model.image.patch:
+    raise ConfigError(f"config.data.image_size={cfg.data.image_size} must be a multiple of 4 "
+                      f"and of config.model.image.patch={cfg.model.image.patch}")
+  if cfg.model.image.get("posemb") == "sincos2d" and cfg.model.image.width % 4:
+    raise ConfigError(f"config.model.image.width={cfg.model.image.width} must be a multiple "
+                      "of 4 with posemb='sincos2d'")
+  _check(cfg, "optim.lr", number(0, math.inf, lo_open=True), "a number > 0")
+  _check(cfg, "optim.end_lr_frac", number(0, 1), "a number in [0, 1]")
+  _check(cfg, "optim.b1", number(0, 1, hi_open=True), "a number in [0, 1)")
+  _check(cfg, "optim.b2", number(0, 1, hi_open=True), "a number in [0, 1)")
+  _check(cfg, "optim.weight_decay", number(0, math.inf), "a number >= 0")
+  _check(cfg, "optim.grad_clip", number(0, math.inf), "a number >= 0 (0 disables)")
+  choices = {"positives": ("attributes", "diagonal"), "data.kind": ("shapes", "manifest"),
+             "loss_schedule": ("bidirectional", "unidirectional"),
+             "model.dtype": ("float32", "bfloat16"),
+             "loss_implementation": (None, *siglip_fast.IMPLEMENTATIONS)}
+  for key, allowed in choices.items():
+    _check(cfg, key, lambda v, a=allowed: v in a, f"one of {allowed}")
+  if not isinstance(cfg.get("loss_interpret", False), bool):
+    raise ConfigError(f"config.loss_interpret={cfg.loss_interpret!r} must be True or False")
+  if cfg.stop_at_step and cfg.stop_at_step > cfg.total_steps:
+    raise ConfigError(f"config.stop_at_step={cfg.stop_at_step} must be 0 (off) or at most "
+                      f"config.total_steps={cfg.total_steps}")
+  if cfg.data.kind == "manifest":
+    for key in ("train_manifest", "eval_manifest"):
+      path = cfg.data[key]
+      if not path:
+        raise ConfigError(f"data.kind='manifest' needs data.train_manifest and "
+                          f"data.eval_manifest (CSV/TSV files of image,caption); "
+                          f"config.data.{key} is empty")
+      if not os.path.isfile(path):
+        raise ConfigError(f"config.data.{key}={path!r}: no such file")
+  if cfg.lock_image and not cfg.image_init and not _has_checkpoint(workdir):
+    raise ConfigError("config.lock_image=True (LiT) needs config.image_init: the workdir or "
+                      "checkpoint folder of a finished run whose image tower to lock")
+
+
+def _has_checkpoint(workdir):
+  d = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
 
 
 # ---------------------------------------------------------------------------------------
@@ -182,7 +257,8 @@ def make_loss_fn(model, mesh, cfg):
     zimg, ztxt, log_t, bias = model.apply({"params": params}, image, text)
     return siglip_fast.sigmoid_loss(
         zimg, ztxt, log_t, bias, pair_ids=ids if use_ids else None, axis_name=AXIS,
-        implementation=cfg.loss_implementation, schedule=cfg.loss_schedule)
+        implementation=cfg.loss_implementation, schedule=cfg.loss_schedule,
+        interpret=bool(cfg.get("loss_interpret", False)))
 
   def loss_fn(trainable, frozen, batch):
     params = {**frozen, **trainable}
@@ -235,7 +311,9 @@ class Progress:
       self.tw, self.window_start = now, step
     if not self.enabled:
       return
-    frac = (step - self.start) / max(self.total - self.start, 1)
+    # The bar and the count are of the whole run (a resumed run starts part-way along);
+    # the rate and the ETA are of the steps this process has run.
+    frac = step / max(self.total, 1)
     eta = (self.total - step) * self.batch / self.rate if self.rate == self.rate else 0
     bar = "#" * int(24 * frac) + "-" * (24 - int(24 * frac))
     line = (f"[{bar}] {step}/{self.total} loss {m['loss']:.4f} t {m['t']:.2f} "
@@ -361,41 +439,73 @@ def _cfgdict(d):
   return ml_collections.ConfigDict(d)
 
 
-def train_and_evaluate(cfg, workdir: str, *, profile: bool = False, verbose: bool = True):
-  """Train (or resume) in ``workdir``, then evaluate on the held-out split.
+@dataclasses.dataclass
+class Run:
+  """Everything ``set_up`` builds; ``restore`` and ``train_loop`` advance it."""
+  cfg: Any
+  workdir: str
+  log: Callable[[str], None]
+  is_main: bool
+  verbose: bool
+  mesh: Any
+  mngr: Any
+  tok: ByteTokenizer
+  data: Any
+  model: Any
+  tx: Any
+  schedule: Any
+  trainable: dict
+  frozen: dict
+  opt: Any
+  n_params: int
+  n_frozen: int
+  start: int = 0
+  resumed_from: int | None = None
+  seconds_before: float = 0.0  # training time of the earlier parts of a resumed run
+  end: int = 0
+  train_seconds: float = 0.0  # this part's training time
+  writer: Any = None
 
-  Returns a dict: ``step``, ``resumed_from`` (None or a step), ``eval`` (held-out metrics;
-  absent when stopped early), ``params`` (the full parameter tree), ``opt`` (the optimiser
-  state, of the trainable parameters only), ``train_seconds``.
-  """
+  @property
+  def params(self):
+    return {**self.frozen, **self.trainable}
 
+  @property
+  def implementation(self):
+    return self.cfg.loss_implementation or siglip_fast.default_implementation()
+
+  def meta_at(self, step):
+    return {"step": step, "config": json.loads(self.cfg.to_json_best_effort()),
+            "tokenizer": self.tok.to_dict(),
+            "data": {"seed": self.cfg.data.seed, "batch_size": self.cfg.batch_size,
+                     "next_step": step},
+            "train_seconds": self.seconds_before + self.train_seconds}
+
+
+def set_up(cfg, workdir: str, *, verbose: bool = True) -> Run:
+  """Validate, make the workdir, the mesh, data, model, optimiser and fresh parameters (or
+  a locked image tower from ``cfg.image_init``). Nothing is read from the workdir's
+  checkpoints but the config of a LiT run's locked tower."""
+  validate_config(cfg, workdir)
   is_main = jax.process_index() == 0
 
   def log(msg):
     if verbose and is_main:
       print(msg, flush=True)
 
-  if not workdir:
-    raise ValueError("--workdir is required")
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   mesh = make_mesh(cfg)
-  P = jax.sharding.PartitionSpec
-  repl = jax.sharding.NamedSharding(mesh, P())
-  data_sharding = jax.sharding.NamedSharding(mesh, P(AXIS))
-  n_proc, proc = jax.process_count(), jax.process_index()
+  repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  mngr = ckpt.manager(os.path.join(workdir, "checkpoints"), keep=cfg.keep_ckpts)
 
   # A workdir that holds a checkpoint resumes from it; a locked image tower then comes
   # from that checkpoint too, so a LiT run resumes even if image_init has gone.
-  mngr = ckpt.manager(os.path.join(workdir, "checkpoints"), keep=cfg.keep_ckpts)
-  resumed_from = mngr.latest_step()
   image_tower, src = None, None
-  if cfg.lock_image and not cfg.image_init and resumed_from is None:
-    raise ValueError("config.lock_image=True (LiT) needs config.image_init: the workdir or "
-                     "checkpoint folder of a finished run whose image tower to lock")
-  if resumed_from is not None and cfg.image_init:
-    src = ckpt.read_meta(workdir, resumed_from)[1]["config"]
-  elif cfg.image_init:
+  if cfg.image_init and mngr.all_steps():
+    src = _any_readable_meta(workdir, mngr.all_steps())
+    src = src["config"] if src else None
+  if src is None and cfg.image_init:
     image_tower, src = _load_image_tower(cfg, mesh, log)
   if src is not None:
     with cfg.unlocked():  # the image tower's shape is the checkpoint's, not ours
@@ -420,52 +530,130 @@ def train_and_evaluate(cfg, workdir: str, *, profile: bool = False, verbose: boo
     params["img"] = image_tower
   trainable, frozen = split_params(params, cfg.lock_image)
   opt = jax.jit(tx.init, out_shardings=repl, compiler_options=_fast_compile())(trainable)
-  n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(trainable))
-  n_frozen = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(frozen))
+  count = lambda t: sum(int(np.prod(a.shape)) for a in jax.tree.leaves(t))
+  return Run(cfg=cfg, workdir=workdir, log=log, is_main=is_main, verbose=verbose, mesh=mesh,
+             mngr=mngr, tok=tok, data=data, model=model, tx=tx, schedule=schedule,
+             trainable=trainable, frozen=frozen, opt=opt, n_params=count(trainable),
+             n_frozen=count(frozen))
 
-  start = 0
-  if resumed_from is not None:
-    params, opt, meta = ckpt.restore(mngr, resumed_from, {**frozen, **trainable}, opt)
-    trainable, frozen = split_params(params, cfg.lock_image)
-    start = int(meta["step"])
-    old = meta.get("data", {})
-    if old.get("seed") != cfg.data.seed or old.get("batch_size") != cfg.batch_size:
-      log(f"warning: data seed/batch size changed since the checkpoint ({old}); the data "
-          "order will differ from the interrupted run")
-    log(f"resumed from step {start}")
 
-  if is_main:
+def _any_readable_meta(workdir, steps):
+  for step in sorted(steps, reverse=True):
+    try:
+      return ckpt.read_meta(workdir, step)[1]
+    except Exception:  # pylint: disable=broad-except  # restore() reports it
+      continue
+  return None
+
+
+def restore(run: Run) -> Run:
+  """Continue from the newest intact checkpoint of the workdir, if it has any.
+
+  An unreadable checkpoint (a truncated array file, corrupt metadata) is moved to
+  ``<workdir>/unreadable_checkpoints/`` (so the resumed run can write that step again) and
+  reported in one line with the file and the step resumed from. A checkpoint written with a
+  different model config raises ``CheckpointError`` naming the keys that differ; so does a
+  workdir whose checkpoints are all unreadable (nothing is moved then)."""
+  cfg = run.cfg
+  steps = sorted(run.mngr.all_steps(), reverse=True)
+  if not steps:
+    return run
+  directory = os.path.join(run.workdir, "checkpoints")
+  like = run.params, run.opt
+  bad = []  # (step, file, reason)
+  for step in steps:
+    try:
+      _, meta = ckpt.read_meta(run.workdir, step)
+    except Exception as e:  # pylint: disable=broad-except
+      bad.append((step, *ckpt.describe_failure(e, directory, step, "meta")))
+      continue
+    diff = ckpt.config_diff(meta.get("config", {}), json.loads(cfg.to_json_best_effort()))
+    if diff:
+      raise CheckpointError(
+          f"checkpoint at step {step} was written with a different config: "
+          f"{'; '.join(diff)}. Use the checkpoint's values (its config is in "
+          f"{run.workdir}/config.json), or a new --workdir to start afresh.")
+    try:
+      params, opt, meta = ckpt.restore(run.mngr, step, *like)
+    except Exception as e:  # pylint: disable=broad-except
+      bad.append((step, *ckpt.describe_failure(e, directory, step)))
+      continue
+    break
+  else:
+    what = "; ".join(f"step {s}: {f} ({why})" for s, f, why in bad)
+    raise CheckpointError(
+        f"no intact checkpoint in {directory}: {what}. Move or delete that folder to start "
+        f"afresh (or use a new --workdir), or restore it from a backup.")
+
+  run.trainable, run.frozen = split_params(params, cfg.lock_image)
+  run.opt = opt
+  run.start = run.resumed_from = int(meta["step"])
+  run.seconds_before = float(meta.get("train_seconds", 0.0))
+  if bad:
+    moved = os.path.join(run.workdir, "unreadable_checkpoints")
+    if run.is_main:
+      os.makedirs(moved, exist_ok=True)
+      for s, _, _ in bad:
+        dest = os.path.join(moved, str(s))
+        if os.path.exists(dest):
+          dest += f".{int(time.time())}"
+        shutil.move(os.path.join(directory, str(s)), dest)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      multihost_utils.sync_global_devices("siglip_fast.train: unreadable checkpoints moved")
+    run.mngr.close()
+    run.mngr = ckpt.manager(directory, keep=cfg.keep_ckpts)
+    for s, f, why in bad:
+      # Always said, even with verbose=False: files were moved.
+      if run.is_main:
+        print(f"warning: checkpoint at step {s} is unreadable ({f}: {why}); moved it to "
+              f"{moved}/ and resumed from step {run.start}", file=sys.stderr, flush=True)
+  old = meta.get("data", {})
+  if old.get("seed") != cfg.data.seed or old.get("batch_size") != cfg.batch_size:
+    run.log(f"warning: data seed/batch size changed since the checkpoint ({old}); the data "
+            "order will differ from the interrupted run")
+  run.log(f"resumed from step {run.start} ({run.seconds_before:.1f} s of training before); "
+          f"{cfg.total_steps - run.start} steps to go")
+  return run
+
+
+def train_loop(run: Run, *, profile: bool = False) -> Run:
+  """Train from ``run.start`` to the end (``total_steps``, or ``stop_at_step``), saving
+  checkpoints and metrics; raises ``NonFiniteLossError`` on a NaN/inf loss or gradient."""
+  cfg, mesh, workdir, log = run.cfg, run.mesh, run.workdir, run.log
+  if run.is_main:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(cfg.to_json_best_effort(indent=2))
-    tok.save(os.path.join(workdir, "tokenizer.json"))
-  impl = cfg.loss_implementation or siglip_fast.default_implementation()
-  log(f"{n_proc} process(es), {mesh.size} device(s) ({jax.default_backend()}), global batch "
-      f"{cfg.batch_size}, loss '{impl}' ring over {mesh.size} device(s); "
-      f"{n_params:,} trainable params" + (f", {n_frozen:,} locked" if n_frozen else ""))
+    run.tok.save(os.path.join(workdir, "tokenizer.json"))
+  interp = (" (Pallas interpret mode)"
+            if cfg.get("loss_interpret") and run.implementation != "xla" else "")
+  log(f"{jax.process_count()} process(es), {mesh.size} device(s) ({jax.default_backend()}), "
+      f"global batch {cfg.batch_size}, loss '{run.implementation}'{interp} ring over "
+      f"{mesh.size} device(s); {run.n_params:,} trainable params"
+      + (f", {run.n_frozen:,} locked" if run.n_frozen else ""))
 
-  def meta_at(step):
-    return {"step": step, "config": json.loads(cfg.to_json_best_effort()),
-            "tokenizer": tok.to_dict(),
-            "data": {"seed": cfg.data.seed, "batch_size": cfg.batch_size,
-                     "next_step": step}}
-
-  train_step = make_train_step(model, tx, mesh, cfg)
-  writer = MetricWriter(workdir, is_main, resumed_from)
-  end = cfg.total_steps if not cfg.stop_at_step else min(cfg.stop_at_step, cfg.total_steps)
-  bar = Progress(start, cfg.total_steps, cfg.batch_size, enabled=verbose and is_main)
-  last_ckpt = resumed_from
-  profile_at = start + 2 if profile else None
+  data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
+  n_proc, proc = jax.process_count(), jax.process_index()
+  train_step = make_train_step(run.model, run.tx, mesh, cfg)
+  run.writer = writer = MetricWriter(workdir, run.is_main, run.resumed_from)
+  run.end = end = (cfg.total_steps if not cfg.stop_at_step
+                   else min(cfg.stop_at_step, cfg.total_steps))
+  bar = Progress(run.start, cfg.total_steps, cfg.batch_size,
+                 enabled=run.verbose and run.is_main)
+  last_ckpt = run.resumed_from
+  profile_at = run.start + 2 if profile else None
   profile_dir = os.path.join(workdir, "profile")
   tracing = False
+  trainable, frozen, opt = run.trainable, run.frozen, run.opt
 
   def to_global(local):
     return {k: jax.make_array_from_process_local_data(data_sharding, v)
             for k, v in local.items()}
 
-  make = lambda step: data.train_batch(step, proc, n_proc)
+  make = lambda step: run.data.train_batch(step, proc, n_proc)
   t_start = time.perf_counter()
   try:
-    for step, local in _prefetch(make, range(start, end)):
+    for step, local in _prefetch(make, range(run.start, end)):
       if step == profile_at:
         jax.profiler.start_trace(profile_dir)
         tracing = True
@@ -486,53 +674,90 @@ def train_and_evaluate(cfg, workdir: str, *, profile: bool = False, verbose: boo
             f"non-finite training loss or gradient at step {done} (loss={m['loss']}, "
             f"grad_norm={m['grad_norm']}); stopped without saving. {where}. Try a lower "
             "config.optim.lr or config.optim.grad_clip.")
-      m["lr"] = float(schedule(step))
+      m["lr"] = float(run.schedule(step))
       bar.update(done, m)
+      run.train_seconds = time.perf_counter() - t_start
       if done % cfg.log_every == 0 or done == end:
         rate = bar.rate if math.isfinite(bar.rate) else None
         writer.write(done, "train", {**m, "examples_per_s": rate})
       if done % cfg.ckpt_every == 0 or done == end:
-        ckpt.save(mngr, done, {**frozen, **trainable}, opt, meta_at(done), force=True)
+        ckpt.save(run.mngr, done, {**frozen, **trainable}, opt, run.meta_at(done), force=True)
         last_ckpt = done
       if cfg.eval_every and done % cfg.eval_every == 0 and done != end:
-        ev, _, _ = _evaluate(model, {**frozen, **trainable}, tok, data, cfg, "val")
+        ev, _, _ = _evaluate(run.model, {**frozen, **trainable}, run.tok, run.data, cfg, "val")
         writer.write(done, "val", ev)
+  except BaseException:
+    writer.close()
+    raise
   finally:
     if tracing:  # stopped mid-trace
       jax.profiler.stop_trace()
-    mngr.wait_until_finished()
-    mngr.close()
-  train_time = time.perf_counter() - t_start
-  params = {**frozen, **trainable}
+    run.mngr.wait_until_finished()
+    run.mngr.close()
+    run.trainable, run.opt = trainable, opt
+  run.train_seconds = time.perf_counter() - t_start
+  return run
 
-  result = {"step": end, "resumed_from": resumed_from, "params": params, "opt": opt,
-            "train_seconds": train_time}
-  if end < cfg.total_steps:
-    log(f"stopped at step {end} (config.stop_at_step); run again to resume")
+
+def finish(run: Run) -> dict:
+  """The held-out evaluation, eval.json and the plots (when the run reached total_steps);
+  the result dict of ``train_and_evaluate``."""
+  cfg, workdir, log = run.cfg, run.workdir, run.log
+  total_seconds = run.seconds_before + run.train_seconds
+  result = {"step": run.end, "resumed_from": run.resumed_from, "params": run.params,
+            "opt": run.opt, "train_seconds": run.train_seconds,
+            "train_seconds_total": total_seconds}
+  writer = run.writer
+  if run.end < cfg.total_steps:
+    log(f"stopped at step {run.end} (config.stop_at_step); run again to resume")
     writer.close()
     return result
 
-  ev, zi, zt = _evaluate(model, params, tok, data, cfg, "test")
-  ev["train_seconds"] = train_time
-  writer.write(end, "test", ev)
+  ev, zi, zt = _evaluate(run.model, run.params, run.tok, run.data, cfg, "test")
+  # Training time over all parts of the run (a resumed run adds the time before the
+  # interruption, from the checkpoint); this part's time alongside.
+  ev["train_seconds"] = total_seconds
+  ev["train_seconds_this_part"] = run.train_seconds
+  writer.write(run.end, "test", ev)
   writer.close()
   result["eval"] = ev
-  if is_main:
+  if run.is_main:
     with open(os.path.join(workdir, "eval.json"), "w") as f:
       json.dump(ev, f, indent=2)
     rows = writer.read("train")
     if rows:
       plots.loss_curve([r["step"] for r in rows], [r["loss"] for r in rows],
                        os.path.join(workdir, "loss.png"))
-    eb = data.eval_batch("test")
+    eb = run.data.eval_batch("test")
     k = min(cfg.plot_pairs, len(zi))
     plots.similarity_matrix(zi[:k], zt[:k], eb["caption"][:k],
                             os.path.join(workdir, "similarity.png"), images=eb["image"][:k])
-  log(f"held-out evaluation after {end} steps ({ev['n_eval']} pairs):\n"
+  trained = (f"{run.train_seconds:.1f} s" if run.resumed_from is None else
+             f"{run.train_seconds:.1f} s since resuming at step {run.resumed_from}, "
+             f"{total_seconds:.1f} s in all")
+  log(f"held-out evaluation after {run.end} steps ({ev['n_eval']} pairs; trained {trained}):\n"
       + evaluate.summary(ev))
   log(f"outputs in {workdir}: checkpoints/, metrics.jsonl, eval.json, loss.png, "
       "similarity.png")
   return result
+
+
+def train_and_evaluate(cfg, workdir: str, *, profile: bool = False, verbose: bool = True):
+  """Train (or resume) in ``workdir``, then evaluate on the held-out split.
+
+  Returns a dict: ``step``, ``resumed_from`` (None or a step), ``eval`` (held-out metrics;
+  absent when stopped early), ``params`` (the full parameter tree), ``opt`` (the optimiser
+  state, of the trainable parameters only), ``train_seconds`` (this part's training time)
+  and ``train_seconds_total`` (all parts of a resumed run).
+  """
+  run = set_up(cfg, workdir, verbose=verbose)
+  try:
+    restore(run)
+  except BaseException:
+    run.mngr.close()
+    raise
+  train_loop(run, profile=profile)
+  return finish(run)
 
 
 def _evaluate(model, params, tok, data, cfg, split):
@@ -540,23 +765,3 @@ def _evaluate(model, params, tok, data, cfg, split):
                                                          cfg.eval_batch_size)
   return evaluate.evaluate_pairs(embed_images, embed_texts, data.eval_batch(split),
                                  data.class_names, data.templates)
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  F = flags.FLAGS
-  if not F["verbosity"].present:  # keep orbax's INFO chatter out of the progress output
-    logging.set_verbosity(logging.WARNING)
-  setup_distributed(F.coordinator_address, F.num_processes, F.process_id,
-                    F.distributed_auto, F.distributed_timeout)
-  try:
-    train_and_evaluate(F.config, F.workdir, profile=F.profile)
-  except NonFiniteLossError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
-
-
-if __name__ == "__main__":
-  flags.mark_flags_as_required(["workdir"])
-  app.run(main)

@@ -27,8 +27,11 @@ def get_config(arg=None):
   c.stop_at_step = 0  # > 0: stop there as if pre-empted (resume later with the same command)
   c.num_devices = 0  # 0: every device; n: the first n (single process only)
 
-  # The loss: the ring over the mesh's batch axis (DESIGN.md section 2).
+  # The loss: the paper's chunked ring over the mesh's batch axis (section 3.3).
   c.loss_implementation = config_dict.placeholder(str)  # None: best for the backend
+  # True: run the Pallas kernel of loss_implementation ("pallas_tpu", "pallas_gpu") in
+  # interpret mode, e.g. to train through the kernel on a CPU (slow; for checking).
+  c.loss_interpret = False
   c.loss_schedule = "bidirectional"
   c.positives = "attributes"  # or "diagonal": which pairs in a batch count as matches
 
