@@ -32,14 +32,13 @@ by position, whatever their ids). Most tiles hold neither a positive nor padding
 gets each tile's id range (SMEM) and runs a lean body, without the id compare and the mask,
 wherever a row tile's and a column tile's ranges cannot share an id and neither is padded.
 
-Numerics, all in float32: the logits are computed in base-2 units, v = log2(e) * l (t and the
-bias are pre-scaled), so that exp and log are the EUP's exp2 and log2. With e = 2^-|v|,
-softplus(l) / ln 2 = max(v, 0) + log2(1 + e), the rounding of 1 + e added back (``_log2_1p``)
-so that tiny e (confident negatives) keep full relative accuracy, and a positive subtracts v
-(softplus(-l) = softplus(l) - l); the sum is scaled by ln 2 once, outside. G = sigmoid(l) -
-[positive], with sigmoid(l) = [1 or e] / (1 + e). bf16 inputs stay bf16 on the MXU (the
-gradient matmul takes G rounded to bf16, as flash attention does with P); float32 inputs use
-precision=HIGHEST, because the TPU's default f32 matmul goes through bf16 passes.
+Numerics, all in float32 (``mosaic_common``, shared with the ring kernel): the logits are
+computed in base-2 units (t and the bias pre-scaled by log2(e)), so that exp and log are the
+EUP's exp2 and log2; softplus adds back the rounding of 1 + e, so that confident negatives
+keep full relative accuracy without a log1p; the loss sum is scaled by ln 2 once, outside.
+bf16 inputs stay bf16 on the MXU (the gradient matmul takes G rounded to bf16, as flash
+attention does with P); float32 inputs use precision=HIGHEST, because the TPU's default f32
+matmul goes through bf16 passes.
 """
 
 from __future__ import annotations
@@ -54,18 +53,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from siglip_fast import target as target_lib
+from siglip_fast.kernels import mosaic_common as mc
 from siglip_fast import validate
 from siglip_fast.reference import ring as ring_lib
 from siglip_fast.reference import vma
 
-_LANES = 128
-_LOG2_E = 1.4426950408889634
-_LN_2 = 0.6931471805599453
-_SUBLANES = 8
-_MiB = 1 << 20
+_LANES, _SUBLANES, _MiB = mc.LANES, mc.SUBLANES, mc.MiB
 
-# Per-TensorCore VMEM (bytes) of the generations with tuned defaults.
-VMEM_CAPACITY = {"v4": 16 * _MiB, "v5e": 128 * _MiB, "v5p": 64 * _MiB, "v6e": 128 * _MiB}
+VMEM_CAPACITY = mc.VMEM_CAPACITY
 
 # Candidate (block_rows, block_cols) per generation, best first; the default is the first whose
 # modelled VMEM (``vmem_bytes``, calibrated against Mosaic by benchmarks/tpu_compile.py) fits
@@ -183,7 +178,7 @@ def vmem_bytes(rows: int, cols: int, dim: int, dtype, *, with_grad: bool,
   the compiler's own figures (benchmarks/tpu_compile.py records both).
   """
   isz = jnp.dtype(dtype).itemsize
-  d = _round_up(dim, _LANES)
+  d = mc.round_up(dim, _LANES)
   blocks = 2 * (rows + cols) * d * isz                 # owned and streamed embedding tiles
   blocks += 2 * rows * _LANES * 4 + 2 * _SUBLANES * cols * 4   # (rows, 1) and (1, cols) ids
   blocks += 2 * n_stats * _SUBLANES * _LANES * 4       # partial-sum outputs
@@ -206,7 +201,7 @@ def _vmem_limit(est: int, generation: str | None, override: int | None) -> int:
     return override
   # Headroom for Mosaic's internal scratch and layout padding; never below the 16 MiB scoped
   # default of v4/v5e, never above the chip.
-  limit = _round_up(max(int(est * 1.25) + 4 * _MiB, 16 * _MiB), _MiB)
+  limit = mc.round_up(max(int(est * 1.25) + 4 * _MiB, 16 * _MiB), _MiB)
   if generation is not None:
     cap = VMEM_CAPACITY[generation]
     if est > cap:
@@ -217,8 +212,6 @@ def _vmem_limit(est: int, generation: str | None, override: int | None) -> int:
   return limit
 
 
-def _round_up(v: int, m: int) -> int:
-  return -(-v // m) * m
 
 
 # ------------------------------------------------------------------------------------------
@@ -232,15 +225,6 @@ def _fold(v, rows, cols):
   for k in range(1, cols // _LANES):
     out = out + v[:, k * _LANES:(k + 1) * _LANES]
   return out
-
-
-def _log2_1p(e):
-  """log2(1 + e) for e in [0, 1], to float32 accuracy without a log1p: 1 + e rounds away up
-  to 2^-24 of e (all of it when e < 2^-24, where log2(1 + e) ~ e log2(e) is the whole
-  answer), and that rounding error, recovered exactly as e - ((1 + e) - 1), is added back
-  to first order."""
-  s = 1.0 + e
-  return jnp.log2(s) + (e - (s - 1.0)) * _LOG2_E
 
 
 def _tile_kernel(scal_ref, a_rng_ref, b_rng_ref, a_ids_ref, b_ids_ref, a_ref, b_ref, *refs, rows, cols, n_a, n_b,
@@ -300,7 +284,6 @@ def _tile_kernel(scal_ref, a_rng_ref, b_rng_ref, a_ids_ref, b_ids_ref, a_ref, b_
       s = lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=precision,
                           preferred_element_type=jnp.float32)
       v = scal_ref[0] * s + scal_ref[1]                # the logits times log2(e)
-      e = jnp.exp2(-jnp.abs(v))
       pos = valid = None
       if full:
         pos = a_ids_ref[...] == b_ids_ref[:, pl.ds(c0, strip)]   # (rows, 1) == (1, strip)
@@ -308,21 +291,11 @@ def _tile_kernel(scal_ref, a_rng_ref, b_rng_ref, a_ids_ref, b_ids_ref, a_ref, b_
         if nb_pad != n_b:
           col_ok = j * cols + c0 + lax.broadcasted_iota(jnp.int32, (1, strip), 1) < n_b
           valid = col_ok if valid is None else valid & col_ok
+      sp, g = mc.tile_terms(v, pos=pos, valid=valid, with_loss=with_loss,
+                            with_grad=with_scalar_grads or with_grad)
       if with_loss:
-        # softplus(-z l) / ln 2: softplus(l) = max(l, 0) + log1p(e); positives subtract l.
-        sp = jnp.maximum(v, 0.0) + _log2_1p(e)
-        if pos is not None:
-          sp = sp - jnp.where(pos, v, 0.0)
-        if valid is not None:
-          sp = jnp.where(valid, sp, 0.0)
         loss_acc += _fold(sp, rows, strip)
-      if with_scalar_grads or with_grad:
-        # dL/dlogits = sigmoid(l) - [positive].
-        g = jnp.where(v >= 0.0, 1.0, e) / (1.0 + e)
-        if pos is not None:
-          g = jnp.where(pos, g - 1.0, g)
-        if valid is not None:
-          g = jnp.where(valid, g, 0.0)
+      if g is not None:
         if with_scalar_grads:
           gs_acc += _fold(g * s, rows, strip)
           g_acc += _fold(g, rows, strip)
@@ -442,7 +415,7 @@ def _tile_pass(a, b, a_ids, b_ids, scal, *, rows, cols, with_loss, with_scalar_g
                          + 4 * n_row_tiles * n_stats * _SUBLANES * _LANES))
   est = vmem_bytes(rows, cols, dim, a.dtype, with_grad=with_grad, n_stats=max(n_stats, 1),
                    resident_rows=nb_pad if with_db else 0)
-  precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+  precision = mc.precision(a.dtype)
   kernel = functools.partial(
       _tile_kernel, rows=rows, cols=cols, n_a=n_a, n_b=n_b, na_pad=na_pad, nb_pad=nb_pad,
       with_loss=with_loss, strip=cols if with_grad else min(cols, _STRIP),
@@ -468,7 +441,7 @@ def _tile_pass(a, b, a_ids, b_ids, scal, *, rows, cols, with_loss, with_scalar_g
   outs = list(outs)
   stats = jnp.sum(outs.pop(0), axis=(0, 2, 3)) if n_stats else None
   if with_loss:  # the kernel sums softplus / ln 2
-    stats = stats * jnp.array([_LN_2] + [1.0] * (n_stats - 1), jnp.float32)
+    stats = stats * jnp.array([mc.LN_2] + [1.0] * (n_stats - 1), jnp.float32)
   da = outs.pop(0) if with_grad else None
   db = jnp.sum(outs.pop(0), axis=0) if with_db else None
   return stats, da, db
@@ -489,21 +462,13 @@ def _tile(n: int, block: int, multiple: int = 1) -> int:
   """Rows per tile for n rows and tiles of at most ``block``: the fewest tiles that block
   allows (a multiple of ``multiple``), split evenly and rounded up to lanes, so that padding
   stays under one tile (896 rows with 512-row tiles: 2 x 512, not 4 x 512)."""
-  k = _round_up(-(-n // block), multiple)
-  return _round_up(-(-n // k), _LANES)
+  k = mc.round_up(-(-n // block), multiple)
+  return mc.round_up(-(-n // k), _LANES)
 
 
 def _pad_rows(a, multiple):
   n = a.shape[0]
-  return jnp.pad(a, ((0, _round_up(n, multiple) - n), (0, 0)))
-
-
-def _scalars(log_t, bias):
-  """t, and the kernel's scalars [t log2(e), bias log2(e), t]: its logits are in base-2
-  units, so that exp and log are the EUP's exp2 and log2 with no per-element rescaling."""
-  t = jnp.exp(jnp.reshape(log_t, ()).astype(jnp.float32))
-  bias = jnp.reshape(bias, ()).astype(jnp.float32)
-  return t, jnp.stack([t * _LOG2_E, bias * _LOG2_E, t])
+  return jnp.pad(a, ((0, mc.round_up(n, multiple) - n), (0, 0)))
 
 
 def _common(bs, interpret):
@@ -534,7 +499,7 @@ def loss_sum(x, y, x_ids, y_ids, log_t, bias, *, block_sizes: BlockSizes | None 
       None if interpret else _generation(target, x), dim=x.shape[1], dtype=x.dtype,
       interpret=interpret)
   rows, cols = _tile(x.shape[0], bs.block_rows), _tile(y.shape[0], bs.block_cols)
-  _, scal = _scalars(log_t, bias)
+  _, scal = mc.kernel_scalars(log_t, bias)
   stats, _, _ = _tile_pass(_pad_rows(x, rows), _pad_rows(y, cols), x_ids, y_ids, scal,
                            rows=rows, cols=cols, with_loss=True, with_scalar_grads=False,
                            with_grad=False, name="siglip_fwd", **_common(bs, interpret))
@@ -549,7 +514,7 @@ def _fused_plan(bs, n, m, dim, dtype):
     return False, splits
   rows, cols = _tile(n, bs.block_rows, splits), _tile(m, bs.block_cols)
   need = vmem_bytes(rows, cols, dim, dtype, with_grad=True, n_stats=3,
-                    resident_rows=_round_up(m, cols))
+                    resident_rows=mc.round_up(m, cols))
   if bs.fuse_dy is None:
     return need <= _VMEM_BUDGET * VMEM_CAPACITY[bs.generation], splits
   return True, splits
@@ -583,7 +548,7 @@ def loss_sum_and_grads(x, y, x_ids, y_ids, log_t, bias, *,
   n, m, dim = x.shape[0], y.shape[0], x.shape[1]
   bs = block_sizes or grad_block_sizes(None if interpret else _generation(target, x), n, m,
                                        dim, x.dtype, interpret=interpret)
-  t, scal = _scalars(log_t, bias)
+  t, scal = mc.kernel_scalars(log_t, bias)
   common = _common(bs, interpret)
   fuse, splits = _fused_plan(bs, n, m, dim, x.dtype)
   if fuse:

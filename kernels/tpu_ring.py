@@ -9,7 +9,7 @@ One kernel, run as one or two trips round the ring. Each device *owns* an operan
 local (b, D) chunk, read from its own HBM) while the other operand B travels, with its pair
 ids, from neighbour to neighbour. At each hop the device computes the (b x b) block of
 (A_local, B_visiting) tile by tile in VMEM and accumulates into outputs that stay local:
-  - the loss sum and the statistics sum G * t S and sum G (dlog_t and dbias), and
+  - the loss sum and the statistics sum G * S and sum G (dlog_t and dbias), and
   - optionally dA, in float32 in HBM, updated tile by tile once per hop.
 A loss-only call is one trip (A = x, B = y: loss sum only), 2 b^2 D FLOPs per block. Value
 and gradients are two trips: (A = x, B = y) for the loss, the statistics and dX = t G @ Y;
@@ -53,10 +53,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from siglip_fast import validate
+from siglip_fast.kernels import mosaic_common as mc
 from siglip_fast.reference import vma
 from siglip_fast.reference.ring import SCHEDULES, global_mean
 
-_DTYPES = (jnp.float32, jnp.bfloat16)
 _COLLECTIVE_ID = 7
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 _TN = (((0,), (0,)), ((), ()))  # a.T @ b
@@ -106,18 +107,12 @@ def _vmem_bytes(tm, tn, dim, itemsize, with_grads):
   return tiles + grads + temps
 
 
-def _sublanes(dtype):
-  return 8 * (4 // jnp.dtype(dtype).itemsize)
-
-
-def _round_up(a, m):
-  return -(-a // m) * m
 
 
 def _fit_tile(b, tile, sub):
   """The tile for a local batch b and a largest tile ``tile`` (see ``BlockSizes``)."""
   if b <= tile:
-    return _round_up(b, sub)
+    return mc.round_up(b, sub)
   for t in range(tile, tile // 2 - 1, -sub):
     if b % t == 0:
       return t
@@ -125,36 +120,25 @@ def _fit_tile(b, tile, sub):
 
 
 def _check_inputs(x, y, x_ids, y_ids, log_t, bias, block_sizes):
-  for arg, a in (("x", x), ("y", y)):
-    if getattr(a, "ndim", None) != 2:
-      raise ValueError(f"{arg} must be a (b, D) array, got shape {getattr(a, 'shape', None)}")
-    if a.dtype not in _DTYPES:
-      raise TypeError(f"{arg} must be float32 or bfloat16, got {a.dtype}")
-  if x.shape != y.shape or x.dtype != y.dtype:
-    raise ValueError(f"x and y must have the same shape and dtype, got {x.shape} {x.dtype} "
-                     f"and {y.shape} {y.dtype}")
-  b, dim = x.shape
-  if b == 0 or dim == 0:
-    raise ValueError(f"x and y must be non-empty, got shape {x.shape}")
-  for arg, a in (("x_ids", x_ids), ("y_ids", y_ids)):
-    if getattr(a, "shape", None) != (b,) or a.dtype != jnp.int32:
-      raise ValueError(f"{arg} must be int32 of shape ({b},), got "
-                       f"{getattr(a, 'dtype', None)} {getattr(a, 'shape', None)}")
-  for arg, a in (("log_t", log_t), ("bias", bias)):
-    if jnp.shape(a) not in ((), (1,)):
-      raise ValueError(f"{arg} must be a scalar, got shape {jnp.shape(a)}")
+  """The shared validator's checks, plus the ring's own: one (b, D) shape on every device
+  and tiles that are whole vregs. Returns the int32 ids, the float32 scalars and the
+  block sizes (defaults filled in)."""
+  checked = validate.check_block_inputs(x, y, x_ids, y_ids, log_t, bias)
+  if x.shape != y.shape:
+    raise ValueError(f"x and y must have the same shape (b, D) in the ring, got {x.shape} and "
+                     f"{y.shape}")
   if block_sizes is None:
-    block_sizes = BlockSizes.get_default(dim, x.dtype)
-  if not all(isinstance(getattr(block_sizes, f, None), int)
-             for f in ("block_rows", "block_cols")):
-    raise TypeError(f"block_sizes must be a tpu_ring.BlockSizes, got {block_sizes!r}")
-  sub = _sublanes(x.dtype)
+    block_sizes = BlockSizes.get_default(x.shape[1], x.dtype)
+  if not isinstance(block_sizes, BlockSizes):
+    raise TypeError(f"block_sizes must be a siglip_fast.kernels.tpu_ring.BlockSizes, got "
+                    f"{block_sizes!r}")
+  sub = mc.sublanes(x.dtype)
   for arg in ("block_rows", "block_cols"):
     t = getattr(block_sizes, arg)
-    if t <= 0 or t % sub:
+    if not isinstance(t, int) or t <= 0 or t % sub:
       raise ValueError(f"block_sizes.{arg} must be a positive multiple of {sub} for "
                        f"{x.dtype} inputs (the sublanes of a vreg), got {t}")
-  return block_sizes
+  return checked, block_sizes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,7 +158,7 @@ class _Plan:
   tm: int  # image-row tile
   tn: int  # text-row tile
   dtype: jnp.dtype
-  stats: int  # sums rows kept: 0, 1 (loss) or 3 (loss, sum G * t S, sum G)
+  stats: int  # sums rows kept: 0, 1 (loss) or 3 (loss, sum G * S, sum G)
   grad: bool  # accumulate dA = t * G @ B (or t * G^T @ B when transposed) in float32
   transposed: bool
   hops: tuple  # per stream (right, then left if bidirectional): number of hops H_s
@@ -202,11 +186,6 @@ def _ring_hops(n_dev, schedule):
   return (rounds + (n_dev % 2 == 0), rounds)
 
 
-def _precision(a):
-  # A TPU's default f32 matmul rounds the operands to bf16; f32 inputs ask for f32 products.
-  return lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-
-
 def _remote_copy(kind, offset, src, dst, send_sem, recv_sem, device_id):
   """A remote DMA to ``device_id`` (a {axis: index} dict), ``offset`` (a Python int)
   places away in the ring. ``kind`` names the traffic ("chunk", "chunk_ids"); the tests
@@ -221,24 +200,15 @@ def _take_credit(sem):
   pl.semaphore_wait(sem, 1)
 
 
-def _tile(x, y, xid, yid, t, bias, valid=None):
-  """Loss, and (g, t * s) for the gradients, of one (tm, tn) logits tile, all f32.
-
-  ``valid``: None, or a (tm, tn) bool mask of the pairs that are not batch padding.
-  """
-  ts = t * lax.dot_general(x, y, _NT, precision=_precision(x),
-                           preferred_element_type=jnp.float32)
-  logits = ts + bias
-  pos = xid == yid  # (tm, 1) == (1, tn)
-  # softplus(-z * l) with z = +1 on positives: u = -l there, +l elsewhere; |u| = |l|.
-  e = jnp.exp(-jnp.abs(logits))
-  u = jnp.where(pos, -logits, logits)
-  loss = jnp.maximum(u, 0.0) + jnp.log1p(e)
-  sig = jnp.where(logits >= 0, 1.0, e) / (1.0 + e)
-  g = sig - pos.astype(jnp.float32)
-  if valid is not None:
-    loss, g = jnp.where(valid, loss, 0.0), jnp.where(valid, g, 0.0)
-  return loss, g, ts
+def _tile(x, y, xid, yid, params, valid=None):
+  """Loss terms (log2 units), G and the similarity s of one (tm, tn) logits tile, all f32
+  (``mosaic_common.tile_terms``). ``valid``: None, or a (tm, tn) bool mask of the pairs that
+  are not batch padding."""
+  s = lax.dot_general(x, y, _NT, precision=mc.precision(x.dtype),
+                      preferred_element_type=jnp.float32)
+  v = params[0] * s + params[1]
+  loss, g = mc.tile_terms(v, pos=xid == yid, valid=valid, with_loss=True, with_grad=True)
+  return loss, g, s
 
 
 @dataclasses.dataclass(frozen=True)
@@ -328,7 +298,6 @@ def _sweep(plan: _Plan, r: _Refs, b_blk, b_ids_blk, first):
   ta, tb, tr = plan.ta, plan.tb, plan.transposed
   n_outer, n_inner = plan.b // ta, plan.b // tb
   n_steps = n_outer * n_inner
-  t, bias = r.params[0], r.params[1]
   outer = ((lambda o: _rows(r.a, ta, o), r.a_tile),
            (lambda o: _id_rows(r.a_ids, ta, o, not tr), r.a_id_tile))
   inner = ((lambda q: _rows(b_blk, tb, q), r.b_tile),
@@ -365,19 +334,19 @@ def _sweep(plan: _Plan, r: _Refs, b_blk, b_ids_blk, first):
       x_val, xid, y_val, yid, i, j = b_val, _column(b_id[...]), a_val, a_id[...], q, o
     else:
       x_val, xid, y_val, yid, i, j = a_val, a_id[...], b_val, b_id[...], o, q
-    loss, g, ts = _tile(x_val, y_val, xid, yid, t, bias, _valid(plan, i, j))
+    loss, g, s = _tile(x_val, y_val, xid, yid, r.params, _valid(plan, i, j))
     if plan.stats:
       r.sums[0:1, :] += jnp.sum(loss, axis=0, keepdims=True)
     if plan.stats > 1:
-      r.sums[1:2, :] += jnp.sum(g * ts, axis=0, keepdims=True)
+      r.sums[1:2, :] += jnp.sum(g * s, axis=0, keepdims=True)
       r.sums[2:3, :] += jnp.sum(g, axis=0, keepdims=True)
     if not grad:
       return None
-    gt = (g * t).astype(b_val.dtype)
+    gt = (g * r.params[2]).astype(b_val.dtype)
     if tr:  # dY tile = t * G^T @ X
-      return lax.dot_general(gt, b_val, _TN, precision=_precision(b_val),
+      return lax.dot_general(gt, b_val, _TN, precision=mc.precision(b_val.dtype),
                              preferred_element_type=jnp.float32)
-    return jnp.dot(gt, b_val, precision=_precision(b_val),
+    return jnp.dot(gt, b_val, precision=mc.precision(b_val.dtype),
                    preferred_element_type=jnp.float32)
 
   def step(c, carry):
@@ -604,16 +573,14 @@ def _trip(x, y, x_ids, y_ids, log_t, bias, axis_name, schedule, interpret, block
   device's partial sums (not summed over the ring)."""
   n_dev = 1 if axis_name is None else lax.axis_size(axis_name)
   b_valid, dim = x.shape
-  sub = _sublanes(x.dtype)
+  sub = mc.sublanes(x.dtype)
   tm = _fit_tile(b_valid, block_sizes.block_rows, sub)
   tn = _fit_tile(b_valid, block_sizes.block_cols, sub)
-  b = _round_up(b_valid, math.lcm(tm, tn))
+  b = mc.round_up(b_valid, math.lcm(tm, tn))
   if b != b_valid:  # Zero rows, masked out in the kernel; their ids never matter.
     pad = lambda a: jnp.pad(a, [(0, b - b_valid)] + [(0, 0)] * (a.ndim - 1))
     x, y, x_ids, y_ids = map(pad, (x, y, x_ids, y_ids))
-  f32 = jnp.float32
-  params = jnp.stack([jnp.exp(jnp.reshape(log_t, ()).astype(f32)),
-                      jnp.reshape(bias, ()).astype(f32)])
+  t, params = mc.kernel_scalars(log_t, bias)
   # Image ids as rows of a logits tile, text ids as its columns; ids that travel (the image
   # ids in the transposed trip) lane-dense, as the text ids.
   xid = x_ids.reshape(b, 1)
@@ -632,19 +599,22 @@ def _trip(x, y, x_ids, y_ids, log_t, bias, axis_name, schedule, interpret, block
   if not with_grads:
     sums, _ = call(plan(stats=1, grad=False, transposed=False), a=x, a_ids=xid, bm=y,
                    b_ids=yid, name="siglip_ring_fwd")
-    return jnp.sum(sums[0])
+    return jnp.sum(sums[0]) * mc.LN_2
   sums, dx = call(plan(stats=3, grad=True, transposed=False), a=x, a_ids=xid, bm=y,
                   b_ids=yid, name="siglip_ring_fwd_bwd_dx")
   # The transposed block: y owned, x travelling with its ids; the same logits tiles.
   _, dy = call(plan(stats=0, grad=True, transposed=True), a=y, a_ids=yid, bm=x, b_ids=xid_t,
                name="siglip_ring_fwd_bwd_dy")
-  return jnp.sum(sums[0]), (dx[:b_valid], dy[:b_valid], jnp.sum(sums[1]), jnp.sum(sums[2]))
+  # The kernel sums softplus / ln 2 and G * s; d/dlog_t of t s is t s.
+  return jnp.sum(sums[0]) * mc.LN_2, (dx[:b_valid], dy[:b_valid], t * jnp.sum(sums[1]),
+                                      jnp.sum(sums[2]))
 
 
 
 def _checked_trip(x, y, x_ids, y_ids, log_t, bias, with_grads, *, axis_name, schedule,
                   interpret, block_sizes):
-  block_sizes = _check_inputs(x, y, x_ids, y_ids, log_t, bias, block_sizes)
+  (x_ids, y_ids, log_t, bias), block_sizes = _check_inputs(x, y, x_ids, y_ids, log_t, bias,
+                                                           block_sizes)
   return _trip(x, y, x_ids, y_ids, log_t, bias, axis_name, schedule, interpret, block_sizes,
                with_grads)
 

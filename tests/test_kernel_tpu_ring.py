@@ -409,11 +409,11 @@ def test_bad_arguments(kwargs, exc, match):
 
 
 @pytest.mark.parametrize("args,exc,match", [
-    (lambda x, y, i: (x, y[:16], i, i), ValueError, "same shape"),
-    (lambda x, y, i: (x, y.astype(jnp.bfloat16), i, i), ValueError, "dtype"),
+    (lambda x, y, i: (x, y[:16], i, i[:16]), ValueError, "same shape"),
+    (lambda x, y, i: (x, y.astype(jnp.bfloat16), i, i), TypeError, "dtype"),
     (lambda x, y, i: (x.astype(jnp.int32), y.astype(jnp.int32), i, i), TypeError, "float32"),
-    (lambda x, y, i: (x, y, i.astype(jnp.float32), i), ValueError, "x_ids"),
-    (lambda x, y, i: (x, y, i, i[:5]), ValueError, "y_ids"),
+    (lambda x, y, i: (x, y, i.astype(jnp.float32), i), TypeError, "x_ids must be integers"),
+    (lambda x, y, i: (x, y, i, i[:5]), ValueError, "y_ids must have shape"),
 ])
 def test_bad_inputs(args, exc, match):
   x, y = random_inputs(802, 32, 16)

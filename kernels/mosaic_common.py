@@ -1,0 +1,83 @@
+"""What the Mosaic TPU kernels share: the elementwise math of a logits tile, the kernel
+scalars, and the chips' vector-register and VMEM facts (``tpu.py`` blocks, ``tpu_ring.py``).
+
+The tile math works in base-2 units: the kernels receive t * log2(e) and bias * log2(e), so
+their logits tile is v = log2(e) * l and exp and log are the EUP's exp2 and log2 with no
+per-element rescaling. With e = 2^-|v|:
+
+    softplus(l) / ln 2 = max(v, 0) + log2(1 + e)       (the loss of a negative pair)
+    softplus(-l)       = softplus(l) - l               (a positive subtracts v)
+    sigmoid(l)         = [1 if v >= 0 else e] / (1 + e)
+    G                  = sigmoid(l) - [positive]
+
+The loss sums come out in log2 units and are scaled by ln 2 once, outside the kernel.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+
+LANES = 128
+SUBLANES = 8
+MiB = 1 << 20
+LOG2_E = 1.4426950408889634
+LN_2 = 0.6931471805599453
+
+# Per-TensorCore VMEM (bytes) of the generations with tuned defaults.
+VMEM_CAPACITY = {"v4": 16 * MiB, "v5e": 128 * MiB, "v5p": 64 * MiB, "v6e": 128 * MiB}
+
+
+def round_up(v: int, m: int) -> int:
+  return -(-v // m) * m
+
+
+def sublanes(dtype) -> int:
+  """Rows of a vreg for ``dtype``: 8 for 32-bit, 16 for bf16 (packed)."""
+  return SUBLANES * (4 // jnp.dtype(dtype).itemsize)
+
+
+def precision(dtype):
+  """A TPU's default f32 matmul rounds the operands to bf16: f32 inputs ask for f32
+  products; bf16 inputs stay bf16 on the MXU with f32 accumulation."""
+  return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def kernel_scalars(log_t, bias):
+  """(t, [t log2(e), bias log2(e), t]): t for the caller, the three SMEM scalars for the
+  kernels (the third is t itself, for gradients d logits / d a = t b)."""
+  t = jnp.exp(jnp.reshape(log_t, ()).astype(jnp.float32))
+  bias = jnp.reshape(bias, ()).astype(jnp.float32)
+  return t, jnp.stack([t * LOG2_E, bias * LOG2_E, t])
+
+
+def log2_1p(e):
+  """log2(1 + e) for e in [0, 1], to float32 accuracy without a log1p: 1 + e rounds away up
+  to 2^-24 of e (all of it when e < 2^-24, where log2(1 + e) ~ e log2(e) is the whole
+  answer), and that rounding error, recovered exactly as e - ((1 + e) - 1), is added back
+  to first order."""
+  s = 1.0 + e
+  return jnp.log2(s) + (e - (s - 1.0)) * LOG2_E
+
+
+def tile_terms(v, *, pos=None, valid=None, with_loss: bool, with_grad: bool):
+  """(loss terms / ln 2, G) of a float32 tile of base-2 logits ``v``; either may be None.
+
+  pos: None (no positive in the tile) or a bool mask broadcastable to v; valid: None (no
+  padding) or a bool mask of the real pairs. Tiles with neither skip those selects.
+  """
+  e = jnp.exp2(-jnp.abs(v))
+  sp = g = None
+  if with_loss:
+    sp = jnp.maximum(v, 0.0) + log2_1p(e)
+    if pos is not None:
+      sp = sp - jnp.where(pos, v, 0.0)
+    if valid is not None:
+      sp = jnp.where(valid, sp, 0.0)
+  if with_grad:
+    g = jnp.where(v >= 0.0, 1.0, e) / (1.0 + e)
+    if pos is not None:
+      g = jnp.where(pos, g - 1.0, g)
+    if valid is not None:
+      g = jnp.where(valid, g, 0.0)
+  return sp, g
