@@ -79,8 +79,6 @@ _VMEM_BUDGET = 0.75
 _TENSORCORES = {"v4": 2, "v5p": 2}
 # Interpret mode (CPU) runs one Python-level step per grid point: fewer, larger tiles.
 _INTERPRET_TILES = (256, 256)
-# Columns of a tile whose elementwise chain is computed at once (see _tile_kernel).
-_STRIP = 256
 
 _DEVICE_KINDS = {
     "TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5e": "v5e", "TPU v5": "v5p", "TPU v5p": "v5p",
@@ -228,8 +226,7 @@ def _fold(v, rows, cols):
 
 
 def _tile_kernel(scal_ref, a_rng_ref, b_rng_ref, a_ids_ref, b_ids_ref, a_ref, b_ref, *refs, rows, cols, n_a, n_b,
-                 na_pad, nb_pad, with_loss, with_scalar_grads, with_grad, with_db, precision,
-                 strip):
+                 na_pad, nb_pad, with_loss, with_scalar_grads, with_grad, with_db, precision):
   """One grid step: (a tile i, b tile j), or (split c, a tile i, b tile j) with a resident
   gradient of b, where a's row tile is c * (tiles per split) + i.
 
@@ -265,58 +262,45 @@ def _tile_kernel(scal_ref, a_rng_ref, b_rng_ref, a_ids_ref, b_ids_ref, a_ref, b_
     def _init_db():
       db_ref[...] = jnp.zeros_like(db_ref)
 
-  a = a_ref[...]
-
   def tile_body(full: bool):
     """Accumulate this tile. ``full``: it may hold positives or padding, so it pays for the
     id compare and the mask; most tiles hold neither and run the lean body."""
+    # Loaded here, not before the branch: a tile read ahead of it would be held in vector
+    # registers across the branch and spilled.
+    a = a_ref[...]
     valid_rows = None
     if full and na_pad != n_a:
       valid_rows = row_tile * rows + lax.broadcasted_iota(jnp.int32, (rows, 1), 0) < n_a
-    loss_acc = jnp.zeros((_SUBLANES, _LANES), jnp.float32)
-    gs_acc = jnp.zeros((_SUBLANES, _LANES), jnp.float32)
-    g_acc = jnp.zeros((_SUBLANES, _LANES), jnp.float32)
-    # The forward takes the tile in column strips, so that each strip's elementwise chain
-    # is scheduled on its own; the gradient passes keep whole tiles (strip == cols), so the
-    # G @ b product accumulates on the MXU over all columns at once.
-    for c0 in range(0, cols, strip):
-      b = b_ref[pl.ds(c0, strip), :]
-      s = lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=precision,
-                          preferred_element_type=jnp.float32)
-      v = scal_ref[0] * s + scal_ref[1]                # the logits times log2(e)
-      pos = valid = None
-      if full:
-        pos = a_ids_ref[...] == b_ids_ref[:, pl.ds(c0, strip)]   # (rows, 1) == (1, strip)
-        valid = valid_rows
-        if nb_pad != n_b:
-          col_ok = j * cols + c0 + lax.broadcasted_iota(jnp.int32, (1, strip), 1) < n_b
-          valid = col_ok if valid is None else valid & col_ok
-      sp, g = mc.tile_terms(v, pos=pos, valid=valid, with_loss=with_loss,
-                            with_grad=with_scalar_grads or with_grad)
-      if with_loss:
-        loss_acc += _fold(sp, rows, strip)
-      if g is not None:
-        if with_scalar_grads:
-          gs_acc += _fold(g * s, rows, strip)
-          g_acc += _fold(g, rows, strip)
-        if with_grad:
-          gc = g.astype(b.dtype)
-          acc_ref[...] += lax.dot_general(gc, b, (((1,), (0,)), ((), ())),
-                                          precision=precision,
-                                          preferred_element_type=jnp.float32)
-          if db_ref is not None:
-            # G^T @ a into this strip's rows of the resident gradient of b.
-            start = pl.multiple_of(j * cols + c0, strip)
-            db_ref[0, pl.ds(start, strip), :] += lax.dot_general(
-                gc, a, (((0,), (0,)), ((), ())), precision=precision,
-                preferred_element_type=jnp.float32)
+    b = b_ref[...]
+    s = lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=precision,
+                        preferred_element_type=jnp.float32)
+    v = scal_ref[0] * s + scal_ref[1]                  # the logits times log2(e)
+    pos = valid = None
+    if full:
+      pos = a_ids_ref[...] == b_ids_ref[...]             # (rows, 1) == (1, cols)
+      valid = valid_rows
+      if nb_pad != n_b:
+        col_ok = j * cols + lax.broadcasted_iota(jnp.int32, (1, cols), 1) < n_b
+        valid = col_ok if valid is None else valid & col_ok
+    sp, g = mc.tile_terms(v, pos=pos, valid=valid, with_loss=with_loss,
+                          with_grad=with_scalar_grads or with_grad)
     k = 0
     if with_loss:
-      stats_ref[0, k] += loss_acc
+      stats_ref[0, k] += _fold(sp, rows, cols)
       k += 1
     if with_scalar_grads:
-      stats_ref[0, k] += gs_acc
-      stats_ref[0, k + 1] += g_acc
+      stats_ref[0, k] += _fold(g * s, rows, cols)
+      stats_ref[0, k + 1] += _fold(g, rows, cols)
+    if with_grad:
+      gc = g.astype(b.dtype)
+      acc_ref[...] += lax.dot_general(gc, b, (((1,), (0,)), ((), ())), precision=precision,
+                                      preferred_element_type=jnp.float32)
+      if db_ref is not None:
+        # G^T @ a into this b tile's rows of the resident gradient of b.
+        start = pl.multiple_of(j * cols, cols)
+        db_ref[0, pl.ds(start, cols), :] += lax.dot_general(
+            gc, a, (((0,), (0,)), ((), ())), precision=precision,
+            preferred_element_type=jnp.float32)
 
   # Positives are possible only where the tiles' id ranges overlap; padding only in the
   # last row or column tile.
@@ -418,7 +402,7 @@ def _tile_pass(a, b, a_ids, b_ids, scal, *, rows, cols, with_loss, with_scalar_g
   precision = mc.precision(a.dtype)
   kernel = functools.partial(
       _tile_kernel, rows=rows, cols=cols, n_a=n_a, n_b=n_b, na_pad=na_pad, nb_pad=nb_pad,
-      with_loss=with_loss, strip=cols if with_grad else min(cols, _STRIP),
+      with_loss=with_loss,
       with_scalar_grads=with_scalar_grads, with_grad=with_grad, with_db=with_db,
       precision=precision)
   # Row tiles are independent (megacore may split them) unless they share the resident
