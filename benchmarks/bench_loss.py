@@ -192,9 +192,12 @@ class Runner:
               "grad time / three such matmuls (the 6 B^2 D floor)."))
     safe = re.sub(r"[^A-Za-z0-9]+", "-", str(self.card)).strip("-").lower()
     day = datetime.date.today().isoformat()
-    out_dir = pathlib.Path(args.out_dir) if args.out_dir else RESULTS
-    out_dir.mkdir(parents=True, exist_ok=True)
-    self.path = out_dir / f"bench_{self.backend}_{safe}_jax{jax.__version__}_{day}.json"
+    # Results are written only where asked: a smoke run leaves the tree alone.
+    self.path = None
+    if args.out_dir:
+      out_dir = pathlib.Path(args.out_dir)
+      out_dir.mkdir(parents=True, exist_ok=True)
+      self.path = out_dir / f"bench_{self.backend}_{safe}_jax{jax.__version__}_{day}.json"
 
   def elapsed(self):
     return time.perf_counter() - self.start
@@ -210,7 +213,8 @@ class Runner:
   def write(self):
     payload = dict(meta=self.meta, rows=self.rows, skipped=self.skipped,
                    elapsed_s=round(self.elapsed(), 1))
-    self.path.write_text(json.dumps(payload, indent=1, default=str))
+    if self.path is not None:
+      self.path.write_text(json.dumps(payload, indent=1, default=str))
 
   def add(self, row):
     self.rows.append(row)
@@ -491,8 +495,8 @@ def main(argv=None):
                  help="start no new work after this many seconds (0: no limit)")
   p.add_argument("--interpret", action="store_true",
                  help="run the Pallas kernel in interpret mode (CPU smoke tests only)")
-  p.add_argument("--out-dir", default=None, help="where the JSON goes (default "
-                 "benchmarks/results/)")
+  p.add_argument("--out-dir", default=None, help="write the JSON here (e.g. "
+                 "benchmarks/results/); nothing is written without it")
   args = p.parse_args(argv)
 
   backend = jax.default_backend()
@@ -537,7 +541,8 @@ def main(argv=None):
   print_table(runner)
   summary(runner)
   runner.write()
-  print(f"\nwrote {runner.path} ({runner.elapsed():.0f} s)")
+  print(f"\n{f'wrote {runner.path}' if runner.path else 'no --out-dir: nothing written'} "
+        f"({runner.elapsed():.0f} s)")
   return 0
 
 

@@ -41,7 +41,7 @@ from jax.experimental import topologies  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
 from siglip_fast.kernels import tpu_ring  # noqa: E402
-from siglip_fast.reference import ring as ring_lib  # noqa: E402
+from siglip_fast.reference import ring as reference_ring  # noqa: E402
 
 from benchmarks.chips import CHIPS, one_device_per_chip  # noqa: E402
 
@@ -61,7 +61,7 @@ def _block_ops():
   try:
     from siglip_fast.kernels import tpu
   except ImportError:
-    return ring_lib.REFERENCE_OPS
+    return reference_ring.REFERENCE_OPS
   return tpu.block_ops()
 
 
@@ -71,7 +71,7 @@ def _ring_fn(impl, schedule, mesh, check_vma):
   def local(x, y, ids, lt, b):
     if impl == "in_kernel":
       return tpu_ring.ring_loss(x, y, ids, ids, lt, b, axis_name="x", schedule=schedule)
-    return ring_lib.ring_loss(x, y, ids, ids, lt, b, axis_name="x", schedule=schedule,
+    return reference_ring.ring_loss(x, y, ids, ids, lt, b, axis_name="x", schedule=schedule,
                               ops=ops)
 
   return jax.shard_map(local, mesh=mesh, in_specs=(P("x"), P("x"), P("x"), P(), P()),

@@ -71,7 +71,8 @@ except ImportError:  # run as a file (python benchmarks/utilisation.py): add the
   from benchmarks import chips as chips_lib
 
 from siglip_fast.loss import REGISTRY
-from siglip_fast.reference import ring as ring_lib
+from siglip_fast import ring as ring_lib
+from siglip_fast.reference import ring as reference_ring
 
 AXIS = "ring"
 PASSES = ("fwd", "vag")
@@ -148,7 +149,7 @@ def available_implementations(backend: str) -> list[str]:
 
 def _block_ops(impl: str, generation: str | None, interpret: bool) -> ring_lib.BlockOps:
   if impl == "xla":
-    return ring_lib.REFERENCE_OPS
+    return reference_ring.REFERENCE_OPS
   module = kernel_module(impl)
   block_sizes = None
   # Compiling for a TPU generation from a CPU host: the kernel cannot see the chip, so ask
@@ -167,7 +168,7 @@ def loss_function(impl: str, kind: str, pass_: str, *, mesh=None, generation=Non
   if impl == "pallas_tpu_ring":
     ring_loss = functools.partial(kernel_module(impl).ring_loss, interpret=interpret)
   else:
-    ring_loss = functools.partial(ring_lib.ring_loss,
+    ring_loss = functools.partial(reference_ring.ring_loss,
                                   ops=_block_ops(impl, generation, interpret))
 
   def local(x, y, ids, log_t, bias):

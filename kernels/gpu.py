@@ -53,8 +53,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu_triton
 
-from siglip_fast.reference import ring as ring_lib
-from siglip_fast.reference import vma
+from siglip_fast import ring as ring_lib
+from siglip_fast import vma
 
 # Triton tensor-core dots need every dimension >= 16.
 _MIN_TILE = 16
@@ -637,7 +637,7 @@ def block_loss_sum_and_grads(x, y, x_ids, y_ids, log_t, bias, *,
                              block_sizes: BlockSizes | None = None, interpret: bool = False,
                              fast_math: str | None = None):
   """(loss sum, (dx, dy, dlog_t, dbias)) in one pass; dx, dy in the dtypes of x, y,
-  dlog_t and dbias float32 scalars (``reference.ring.BlockOps`` contract)."""
+  dlog_t and dbias float32 scalars (``siglip_fast.ring.BlockOps`` contract)."""
   _check(x, y, x_ids, y_ids, log_t, bias)
   bs = _resolve(block_sizes, x, y)
   return _value_and_grads(x, y, x_ids, y_ids, log_t, bias, bs, interpret, fast_math)
@@ -645,7 +645,7 @@ def block_loss_sum_and_grads(x, y, x_ids, y_ids, log_t, bias, *,
 
 def block_ops(*, interpret: bool = False, block_sizes: BlockSizes | None = None,
               target=None) -> ring_lib.BlockOps:
-  """The GPU kernels as a ``BlockOps`` for ``reference.ring`` / ``siglip_fast.sigmoid_loss``.
+  """The GPU kernels as a ``BlockOps`` for ``siglip_fast.ring`` / ``siglip_fast.sigmoid_loss``.
 
   block_sizes=None picks ``default_block_sizes`` for each block's shape (the defaults
   depend on the shape only, not on ``target``, the ``siglip_fast.target.Target``).

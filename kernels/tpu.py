@@ -55,8 +55,8 @@ from jax.experimental.pallas import tpu as pltpu
 from siglip_fast import target as target_lib
 from siglip_fast.kernels import mosaic_common as mc
 from siglip_fast import validate
-from siglip_fast.reference import ring as ring_lib
-from siglip_fast.reference import vma
+from siglip_fast import ring as ring_lib
+from siglip_fast import vma
 
 _LANES, _SUBLANES, _MiB = mc.LANES, mc.SUBLANES, mc.MiB
 

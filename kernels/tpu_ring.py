@@ -55,8 +55,8 @@ from jax.experimental.pallas import tpu as pltpu
 
 from siglip_fast import validate
 from siglip_fast.kernels import mosaic_common as mc
-from siglip_fast.reference import vma
-from siglip_fast.reference.ring import SCHEDULES, global_mean
+from siglip_fast import vma
+from siglip_fast.ring import SCHEDULES, global_mean
 
 _COLLECTIVE_ID = 7
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
@@ -180,7 +180,7 @@ def _ring_hops(n_dev, schedule):
   """Hops per stream: the right copy (+1), then under bidirectional the left copy (-1)."""
   if schedule == "unidirectional" or n_dev <= 2:
     return (n_dev - 1,) if n_dev > 1 else ()
-  # As reference.ring: ceil((n - 1) / 2) rounds; with an even count the last round meets
+  # As siglip_fast.ring: ceil((n - 1) / 2) rounds; with an even count the last round meets
   # the chunk n / 2 away, which only the right copy brings.
   rounds = (n_dev - 1) // 2
   return (rounds + (n_dev % 2 == 0), rounds)
@@ -621,7 +621,7 @@ def _checked_trip(x, y, x_ids, y_ids, log_t, bias, with_grads, *, axis_name, sch
 
 def ring_trip(*, axis_name, schedule="bidirectional", interpret=False,
               block_sizes: BlockSizes | None = None):
-  """This kernel as a trip for ``siglip_fast.reference.ring.global_mean``: per device, the
+  """This kernel as a trip for ``siglip_fast.ring.global_mean``: per device, the
   loss sum and d(global sum)/d(local inputs); the psum and 1/B stay outside its VJP."""
   if schedule not in SCHEDULES:
     raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")

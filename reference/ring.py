@@ -1,223 +1,26 @@
-"""The chunked SigLIP loss over a ring of devices (paper section 3.3, docs/DESIGN.md section 2).
+"""The pure-JAX ring: the reference the distributed kernels are held to.
 
-Call inside ``shard_map`` over a named mesh axis. Each device keeps its image chunk; text
-chunks (with their pair ids) travel around the ring by ``lax.ppermute`` and each device adds
-the loss of the (b x b) block it can see at every step. Nothing of size B x B, nor anything
-that grows with the device count, is ever held.
-
-The block computation is pluggable (``BlockOps``): the pure-XLA reference here, or a Pallas
-kernel. The gradient is a custom VJP rather than autodiff through the loop, because autodiff
-through a loop of permutes keeps every step's travelling chunk (and, without remat, its
-logits) for the backward pass; that is the memory growth big_vision and open_clip report. Here
-the forward pass under ``jax.grad`` computes the loss and all gradients in one trip around the
-ring (6 B^2 D FLOPs with the XLA block; 6 or 8 with a kernel block), the text gradient
-travelling with its chunk and sent home at the end, and the backward pass only scales them by
-the cotangent. A call without ``grad`` runs the
-loss-only trip (2 B^2 D FLOPs).
-
-With ``axis_name=None`` the ring has one device and this is the dense loss.
+The shared ring driver (``siglip_fast.ring``) with the dense block of Algorithm 1
+(``siglip_fast.reference.dense``): text chunks travel by ``lax.ppermute``, gradients by the
+shared custom VJP. This is what ``implementation="xla"`` runs.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-from typing import Callable
+from siglip_fast import ring as ring_lib
+from siglip_fast.reference import dense
 
-import jax
-import jax.numpy as jnp
-from jax import lax
-
-from siglip_fast.reference import dense, vma
-
-SCHEDULES = ("unidirectional", "bidirectional")
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockOps:
-  """How one implementation computes a block; see ``dense.block_loss_sum`` for the contract.
-
-  loss_sum(x, y, x_ids, y_ids, log_t, bias) -> float32 scalar
-  loss_sum_and_grads(...) -> (float32 scalar, (dx, dy, dlog_t, dbias))
-
-  dx and dy have the dtypes of x and y; dlog_t and dbias are float32 scalars.
-  """
-
-  name: str
-  loss_sum: Callable
-  loss_sum_and_grads: Callable
-
-
-REFERENCE_OPS = BlockOps("xla", dense.block_loss_sum, dense.block_loss_sum_and_grads)
-
-
-def _shift(tree, axis_name, n_dev, shift):
-  """Send every device's value to device (i + shift) mod n_dev."""
-  perm = [(i, (i + shift) % n_dev) for i in range(n_dev)]
-  return lax.ppermute(tree, axis_name, perm)
-
-
-def _axis_size(axis_name):
-  return 1 if axis_name is None else lax.axis_size(axis_name)
-
-
-def _block(ops: BlockOps, with_grads, x, y, x_ids, y_ids, log_t, bias):
-  """A block's loss sum and, if asked for, its (dx, dy, dlog_t, dbias) in float32."""
-  if not with_grads:
-    return ops.loss_sum(x, y, x_ids, y_ids, log_t, bias), None
-  loss, grads = ops.loss_sum_and_grads(x, y, x_ids, y_ids, log_t, bias)
-  return loss, tuple(g.astype(jnp.float32) for g in grads)
-
-
-def _trip(x, y, x_ids, y_ids, log_t, bias, with_grads, *, axis_name, schedule, ops):
-  """One trip around the ring: this device's loss sum, and its float32 grads if asked for.
-
-  The text gradient of a chunk travels with the chunk (None on a loss-only trip) and is
-  sent home once the chunk has been seen by every device.
-  """
-  n_dev = _axis_size(axis_name)
-  if axis_name is not None:
-    # Marked varying, the replicated scalars get per-device block gradients, summed once
-    # at the end; left replicated, autodiff in every block would all-reduce them per step.
-    log_t, bias = vma.pvary(log_t, {axis_name}), vma.pvary(bias, {axis_name})
-  f32_zeros = lambda a: jnp.zeros(jnp.shape(a), jnp.float32)
-  # zeros_like keeps y's varying-over-the-axis type, as the loop carries require.
-  no_dy = jnp.zeros_like(y, jnp.float32) if with_grads else None
-  # acc: the loss sum, or (loss sum, dx, dlog_t, dbias) when with_grads.
-  acc = tuple(map(f32_zeros, (0.0, x, log_t, bias))) if with_grads else f32_zeros(0.0)
-
-  def step(acc, chunk):
-    y_c, ids_c, dy_c = chunk
-    loss, grads = _block(ops, with_grads, x, y_c, x_ids, ids_c, log_t, bias)
-    if grads is None:
-      return acc + loss, chunk
-    dx, dy, dlt, db = grads
-    acc = (acc[0] + loss, acc[1] + dx, acc[2] + dlt, acc[3] + db)
-    return acc, (y_c, ids_c, dy_c + dy)
-
-  def hop(chunk, shift):
-    return _shift(chunk, axis_name, n_dev, shift)
-
-  acc, own = step(acc, (y, y_ids, no_dy))
-
-  if schedule == "unidirectional":
-    # Chunk j sits on device j + s at step s; after the last step it is one hop from home.
-    def body(_, carry):
-      acc, chunk = carry
-      return step(acc, hop(chunk, 1))
-
-    dy_home = own[2]
-    if n_dev > 1:
-      acc, chunk = lax.fori_loop(0, n_dev - 1, body, (acc, own))
-      dy_home = hop(chunk[2], 1) if with_grads else None
-  elif schedule == "bidirectional":
-    # Two copies of each chunk travel, one each way, so both directions of every link are
-    # busy and each round covers two new chunks: ceil((n_dev - 1) / 2) rounds instead of
-    # n_dev - 1. With an even device count the last round meets the chunk n_dev / 2 away,
-    # which only the rightward copy computes.
-    rounds = (n_dev - 1) // 2
-
-    def body(_, carry):
-      acc, right, left = carry
-      acc, right = step(acc, hop(right, 1))
-      acc, left = step(acc, hop(left, -1))
-      return acc, right, left
-
-    right, left = own, (y, y_ids, no_dy)
-    if rounds:
-      acc, right, left = lax.fori_loop(0, rounds, body, (acc, right, left))
-    right_hops = rounds
-    if n_dev % 2 == 0 and n_dev > 1:
-      acc, right = step(acc, hop(right, 1))
-      right_hops += 1
-    dy_home = right[2]
-    if with_grads and right_hops:
-      dy_home = hop(dy_home, -right_hops)
-    if with_grads and rounds:
-      dy_home = dy_home + hop(left[2], rounds)
-  else:
-    raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-
-  if not with_grads:
-    return acc
-  loss, dx, dlt, db = acc
-  return loss, (dx, dy_home, dlt, db)
-
-
-def _psum(v, axis_name):
-  return v if axis_name is None else lax.psum(v, axis_name)
-
-
-# ------------------------------------------------------------------------------------------
-# The custom-VJP shell every implementation shares.
-#
-# A trip returns this device's loss SUM (its image rows against every text row) and, asked
-# for gradients, d(global sum)/d(its x), d(global sum)/d(its y) and its own partial sums of
-# d/dlog_t and d/dbias. The custom VJP covers only that per-device sum; the psum over the
-# ring and the 1/B stay outside it, as ordinary JAX operations. JAX then transposes them
-# with its own rules, so the gradients are what autodiff of the same loss written with
-# standard collectives gives under every set-up: shard_map with check_vma=True or False,
-# grad inside or outside shard_map, pmap. Inside the VJP the cotangent is the same on every
-# device (it comes through the psum), which is what lets one device's gradient of y collect
-# the other devices' contributions.
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _local_sum(trip, x, y, x_ids, y_ids, log_t, bias):
-  return trip(x, y, x_ids, y_ids, log_t, bias, False)
-
-
-def _local_sum_fwd(trip, x, y, x_ids, y_ids, log_t, bias):
-  # The loss is a scalar: the forward pass makes every gradient now; the backward scales.
-  total, grads = trip(x, y, x_ids, y_ids, log_t, bias, True)
-  # Empty arrays carry the primals' dtypes (residuals must be arrays).
-  dtypes = tuple(jnp.zeros((0,), jnp.result_type(p)) for p in (x, y, log_t, bias))
-  return total, (tuple(g.astype(jnp.float32) for g in grads), dtypes)
-
-
-def _local_sum_bwd(trip, res, ct):
-  del trip
-  grads, dtypes = res
-  dx, dy, dlt, db = ((g * ct).astype(dt.dtype) for g, dt in zip(grads, dtypes))
-  return dx, dy, None, None, dlt, db
-
-
-_local_sum.defvjp(_local_sum_fwd, _local_sum_bwd)
-
-
-def local_sum(trip: Callable, x, y, x_ids, y_ids, log_t, bias):
-  """This device's loss sum, differentiable through ``trip``'s gradients (see above)."""
-  return _local_sum(trip, x, y, x_ids, y_ids, log_t, bias)
-
-
-def block_trip(*, axis_name, schedule, ops: BlockOps) -> Callable:
-  """The reference ring over ``ops``' blocks, as a trip for ``global_mean``."""
-  if schedule not in SCHEDULES:
-    raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-  return functools.partial(_trip, axis_name=axis_name, schedule=schedule, ops=ops)
-
-
-def global_mean(trip: Callable, x, y, x_ids, y_ids, log_t, bias, axis_name):
-  """The mean loss over the ring: psum of ``trip``'s per-device sums over the global batch.
-
-  ``trip(x, y, x_ids, y_ids, log_t, bias, with_grads)`` is a static callable with the
-  contract above; log_t and bias are float32 scalars, replicated.
-  """
-  if axis_name is not None:
-    # Varying before the VJP, so the per-device dlog_t, dbias it returns are typed as such,
-    # and the transpose of this cast (a psum) adds them up.
-    log_t, bias = vma.pvary(log_t, {axis_name}), vma.pvary(bias, {axis_name})
-  local = local_sum(trip, x, y, x_ids, y_ids, log_t, bias)
-  return _psum(local, axis_name) / (x.shape[0] * _axis_size(axis_name))
+REFERENCE_OPS = ring_lib.BlockOps("xla", dense.block_loss_sum, dense.block_loss_sum_and_grads)
 
 
 def ring_loss(x, y, x_ids, y_ids, log_t, bias, *, axis_name=None,
-              schedule="bidirectional", ops: BlockOps = REFERENCE_OPS):
+              schedule="bidirectional", ops: ring_lib.BlockOps = REFERENCE_OPS):
   """Mean SigLIP loss over the ring on ``axis_name`` (or one device when None).
 
   x, y: this device's (b, D) image and text chunks. x_ids, y_ids: their (b,) int32 pair ids,
-  compared across devices. log_t, bias: float32 scalars, replicated. Differentiable w.r.t.
-  x, y, log_t and bias; the global batch is b times the axis size.
+  compared across devices. log_t, bias: float32 scalars, replicated. ``ops``: the block
+  computation (default: the dense reference). Differentiable w.r.t. x, y, log_t and bias;
+  the global batch is b times the axis size.
   """
-  trip = block_trip(axis_name=axis_name, schedule=schedule, ops=ops)
-  return global_mean(trip, x, y, x_ids, y_ids, log_t, bias, axis_name)
+  trip = ring_lib.block_trip(axis_name=axis_name, schedule=schedule, ops=ops)
+  return ring_lib.global_mean(trip, x, y, x_ids, y_ids, log_t, bias, axis_name)

@@ -10,10 +10,10 @@ Implementations (``implementation=``), one registry entry each (``REGISTRY``):
 None picks the registry's default for the platform being compiled for.
 
 An implementation provides block ops (the loss of one image-rows x text-rows block, and its
-gradients), which run in the reference ring (``reference.ring``; with ``axis_name=None`` the
+gradients), which run in the shared ring driver (``siglip_fast.ring``; with ``axis_name=None`` the
 ring has one device and this is the dense loss), and may provide a whole-ring kernel, which
 replaces that ring when ``axis_name`` is given. Either way the custom VJP covers only the
-per-device loss sum; the psum and the 1/B are plain JAX (``reference.ring.global_mean``).
+per-device loss sum; the psum and the 1/B are plain JAX (``siglip_fast.ring.global_mean``).
 
 The platform is the one the call is traced for (``siglip_fast.target``): the devices of the
 arguments' shardings or of the enclosing mesh, else the default backend; so the public API
@@ -30,7 +30,8 @@ import jax.numpy as jnp
 
 from siglip_fast import target as target_lib
 from siglip_fast import validate
-from siglip_fast.reference import ring as ring_lib
+from siglip_fast import ring as ring_lib
+from siglip_fast.reference import ring as reference_ring
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +42,7 @@ class Implementation:
   block_module: module under ``siglip_fast.kernels`` with ``BlockSizes`` and
     ``block_ops(*, interpret, block_sizes, target)``; None means the reference block.
   ring_module: module under ``siglip_fast.kernels`` with ``BlockSizes`` and
-    ``ring_trip(...)`` running the whole ring in one kernel; None: the reference ring.
+    ``ring_trip(...)`` running the whole ring in one kernel; None: the shared ring driver.
   default_on: platforms where ``implementation=None`` picks it.
   """
 
@@ -127,7 +128,7 @@ def block_ops(implementation: str | None = None, *, interpret: bool = False,
   impl = _resolve(implementation, interpret, target)
   _check_block_sizes(impl, impl.block_module, block_sizes, ring=False)
   if impl.block_module is None:
-    return ring_lib.REFERENCE_OPS
+    return reference_ring.REFERENCE_OPS
   return _kernel_module(impl.block_module).block_ops(
       interpret=interpret, block_sizes=block_sizes, target=target)
 
