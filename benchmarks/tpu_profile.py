@@ -695,7 +695,10 @@ def plot(rows, path):
   fig.subplots_adjust(top=1 - 0.45 / height, bottom=0.1 / height, hspace=0.9 / (1 + 0.3 * n))
   for ax, dim in zip(axes[:, 0], dims):
     sel = [r for r in ok if r["dim"] == dim]
-    data = [[r.get(k) if r.get(k) is not None else float("nan") for k, _ in cols] for r in sel]
+    # The steady-state step where the row has it (see steady_path), else the whole loop.
+    value = lambda r, k: r.get("steady_" + k, r.get(k))
+    data = [[value(r, k) if value(r, k) is not None else float("nan") for k, _ in cols]
+            for r in sel]
     im = ax.imshow(data, cmap="viridis", vmin=0, vmax=1, aspect="auto")
     for i, line in enumerate(data):
       for j, v in enumerate(line):
@@ -710,9 +713,10 @@ def plot(rows, path):
                         for r in sel], fontsize=7)
     ax.set_ylabel(f"D = {dim}", fontsize=9)
   fig.colorbar(im, ax=axes[:, 0].tolist(), shrink=0.6, label="busy fraction (static)")
-  fig.suptitle(f"Static unit occupancy of each kernel's loop body, B = {ok[0]['batch']}, "
-               "bf16\n(libtpu's VLIW schedule, compile-only; not measured. ideal/bndl: MXU "
-               "cycles of the FLOPs / bundles)", fontsize=9, y=1 + 0.55 / height)
+  fig.suptitle(f"Static unit occupancy of each kernel's steady-state grid step, B = "
+               f"{ok[0]['batch']}, bf16\n(libtpu's VLIW schedule, compile-only; not measured. "
+               "ideal/bndl: MXU cycles of the FLOPs / bundles)", fontsize=9,
+               y=1 + 0.55 / height)
   fig.savefig(path, dpi=90, bbox_inches="tight")
   plt.close(fig)
 

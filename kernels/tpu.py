@@ -67,12 +67,15 @@ VMEM_CAPACITY = mc.VMEM_CAPACITY
 # in _VMEM_BUDGET of the chip. The owned tile (rows) sets the arithmetic intensity: the
 # forward pass reads a (cols, D) tile per 2 * rows * cols * D FLOPs, i.e. `rows` FLOP per byte
 # of bf16, against a ridge (peak / HBM bandwidth) of about 220 (v4), 240 (v5e), 190 (v5p) and
-# 560 (v6e) FLOP/byte; the value-and-grad kernels do twice the FLOPs per byte.
+# 560 (v6e) FLOP/byte; the value-and-grad kernels do twice the FLOPs per byte. v6e's
+# forward is bound by its vector units, not the MXU, so wider column tiles (fewer, longer
+# elementwise passes per row tile) come first: 1024 x 1024 takes 6% fewer bundles per pair
+# than 1024 x 512 in the static profile (docs/PERFORMANCE.md section 5).
 _CANDIDATE_TILES = {
     "v4": ((512, 256), (256, 256), (256, 128), (128, 128)),
     "v5e": ((512, 512), (512, 256), (256, 256), (128, 128)),
     "v5p": ((512, 512), (512, 256), (256, 256), (128, 128)),
-    "v6e": ((1024, 512), (512, 512), (512, 256), (256, 256), (128, 128)),
+    "v6e": ((1024, 1024), (1024, 512), (512, 512), (512, 256), (256, 256), (128, 128)),
 }
 _VMEM_BUDGET = 0.75
 # TensorCores per jax device (megacore): the fused kernel keeps one dY copy per core.

@@ -76,6 +76,29 @@ def test_nested_loops_and_trip_counts():
   assert outer.cycles() == 5 * (3 + 3 * 2)
 
 
+def test_steady_path_skips_one_off_regions_and_takes_the_shorter_body():
+  # A grid step: an init region without matmuls (first step only), then an if/else between
+  # a long and a short tile body (both with matmuls), then the back edge.
+  b = lambda addr, marker, body, region="": (
+      f"{addr:#6x} {marker or '  '}: > {{ {body} }}" + (f" /* Start region {region} */"
+                                                      if region else ""))
+  lines = ["= control target key start", "LB: loop body", "= control target key end", ""]
+  lines.append(b(0, "LB", "%s1 = sadd.s32 1, %s0", 1))
+  lines.append(b(1, "", "%2 = sbr.rel (%p9) target = $region3"))          # skip init
+  lines += [b(2 + k, "", "%v = vst [vmem:[#allocation1]] %v0") for k in range(5)]
+  lines.append(b(7, "", "%3 = sbr.rel (%p4) target = $region5", 3))        # if p goto else
+  lines += [b(8 + k, "", "%v = vmatmul.bf16 %v1") for k in range(6)]       # long body (A)
+  lines.append(b(14, "PF", "%5 = sbr.rel (!%p4) target = $region7", 5))    # else: skip B
+  lines += [b(15 + k, "", "%v = vmatmul.bf16 %v1") for k in range(3)]      # short body (B)
+  lines.append(b(18, "PF", "%p8 = scmp.ge.s32.totalorder %s1, 4 /* loop exit test */", 7))
+  lines.append(b(19, "", "%6 = sbr.rel (!%p8) target = $region1"))
+  sched = _write_and_parse("\n".join(lines))
+  (loop,) = sched.loops
+  assert (loop.start, loop.end, loop.trips) == (0, 19, 4)
+  # 0, 1 (init skipped), 7, 14 (A skipped, the else bundle runs), B = 15..17, 18, 19.
+  assert tp.steady_path(sched, loop) == [0, 1, 7, 14, 15, 16, 17, 18, 19]
+
+
 def _write_and_parse(text, tmp=None):
   import tempfile
   with tempfile.TemporaryDirectory() as d:
