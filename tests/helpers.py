@@ -79,3 +79,4 @@ def persistent_compilation_cache(cache_dir):
     for n, v in old.items():
       jax.config.update(n, v)
     cc.reset_cache()
+

@@ -21,17 +21,11 @@ import pytest
 from siglip_fast.train import trainer as train
 from tests.helpers import (numpy_loss_and_grads, persistent_compilation_cache, random_inputs,
                            rel_err)
-from siglip_fast.train.configs import tiny_shapes
+from tests.train_helpers import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 240
 
-
-def tiny(**top):
-  c = tiny_shapes.get_config()
-  for k, v in top.items():
-    c[k] = v
-  return c
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -157,7 +151,7 @@ def _losses(path):
 
 @pytest.mark.slow
 def test_trainer_on_two_processes(tmp_path):
-  cfg = tiny(num_devices=0)
+  cfg = tiny_config(num_devices=0)
   workdir = tmp_path / "multihost"
   out = _run_pair(lambda pid, port: [
       sys.executable, "-m", "siglip_fast.train", f"--workdir={workdir}",
@@ -167,9 +161,10 @@ def test_trainer_on_two_processes(tmp_path):
   assert "held-out evaluation" in out[0] and "held-out evaluation" not in out[1]
 
   # The same global batch on four devices of this one process.
-  ref = train.train_and_evaluate(tiny(num_devices=4), str(tmp_path / "one"), verbose=False)
+  ref = train.train_and_evaluate(tiny_config(num_devices=4), str(tmp_path / "one"),
+                                 verbose=False)
   # Reopening the multi-host workdir restores its final checkpoint (nothing left to train).
-  multi = train.train_and_evaluate(tiny(num_devices=4), str(workdir), verbose=False)
+  multi = train.train_and_evaluate(tiny_config(num_devices=4), str(workdir), verbose=False)
   assert multi["resumed_from"] == 4
   # Same programs per device; only the order of the cross-device float32 sums differs
   # (gloo vs in-process), so losses agree to float32 rounding, and parameters after four

@@ -4,6 +4,7 @@ over 4 simulated CPU devices, non-finite loss handling."""
 from __future__ import annotations
 
 import json
+import functools
 import os
 
 import jax
@@ -14,20 +15,14 @@ import pytest
 from siglip_fast.train import checkpoint as ckpt
 from siglip_fast.train import models
 from siglip_fast.train import trainer as train
-from siglip_fast.train.configs import tiny_shapes
 from siglip_fast.reference import dense
 from siglip_fast.train.tokenizer import ByteTokenizer
 
 from tests.helpers import persistent_compilation_cache, rel_err
+from tests.train_helpers import tiny_config
 
 
-def tiny(lit=False, **top):
-  """The smoke config (tiny towers, four steps), with top-level overrides."""
-  c = tiny_shapes.get_config("lit" if lit else None)
-  c.num_devices = 1
-  for k, v in top.items():
-    c[k] = v
-  return c
+tiny = functools.partial(tiny_config, num_devices=1)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import functools
 import os
 import shutil
 
@@ -14,17 +15,12 @@ import pytest
 
 from siglip_fast.train import checkpoint as ckpt
 from siglip_fast.train import trainer as train
-from siglip_fast.train.configs import tiny_shapes
 
 from tests.helpers import persistent_compilation_cache
+from tests.train_helpers import tiny_config
 
 
-def tiny(**top):
-  c = tiny_shapes.get_config()
-  c.num_devices = 1
-  for k, v in top.items():
-    c[k] = v
-  return c
+tiny = functools.partial(tiny_config, num_devices=1)
 
 
 @pytest.fixture(scope="module", autouse=True)
