@@ -30,15 +30,15 @@ _SCALING_BOOK = "https://jax-ml.github.io/scaling-book/tpus/ (jax-ml/scaling-boo
 class Chip:
   name: str
   description: str
-  bf16_flops: float      # peak dense bf16 FLOP/s per chip
-  hbm_bw: float          # HBM bytes/s per chip
-  link_bw: float         # one-way bytes/s to one ring neighbour
-  egress_bw: float       # one-way bytes/s out of the chip, all links together
-  links: int             # ICI ports / NVLink links per chip
-  matmul_unit: str       # what "compute bound" means on this chip
-  wire: str              # the interconnect's name
-  device_kinds: tuple[str, ...]   # jax Device.device_kind strings of this chip
-  topology: str | None   # a 4-chip compile-only topology (jax.experimental.topologies)
+  bf16_flops: float  # peak dense bf16 FLOP/s per chip
+  hbm_bw: float  # HBM bytes/s per chip
+  link_bw: float  # one-way bytes/s to one ring neighbour
+  egress_bw: float  # one-way bytes/s out of the chip, all links together
+  links: int  # ICI ports / NVLink links per chip
+  matmul_unit: str  # what "compute bound" means on this chip
+  wire: str  # the interconnect's name
+  device_kinds: tuple[str, ...]  # jax Device.device_kind strings of this chip
+  topology: str | None  # a 4-chip compile-only topology (jax.experimental.topologies)
   sources: tuple[str, ...]
 
   @property
@@ -47,37 +47,118 @@ class Chip:
     return self.bf16_flops / self.hbm_bw
 
 
-CHIPS: dict[str, Chip] = {c.name: c for c in (
-    Chip("v4", "TPU v4 (2 TensorCores per chip)", 275e12, 1200e9, 45e9, 6 * 45e9, 6,
-         "MXU", "ICI", ("TPU v4",), "v4:2x2x1",
-         (_TPU_DOCS + "v4: 275 TFLOP/s bf16, HBM2 32 GiB at 1200 GBps",
-          _SCALING_BOOK + ": TPU v4p ICI 4.5e10 bytes/s per link one-way; 3D torus, 6 links")),
-    Chip("v5e", "TPU v5e (1 TensorCore per chip)", 197e12, 819e9, 50e9, 4 * 50e9, 4,
-         "MXU", "ICI", ("TPU v5 lite", "TPU v5e"), "v5e:2x2",
-         (_TPU_DOCS + "v5e: 197 TFLOP/s bf16, HBM2 16 GB at 819 GBps, 400 GBps "
-          "bidirectional ICI per chip, 4 ICI ports",
-          _SCALING_BOOK + ": TPU v5e ICI 5e10 bytes/s per link one-way")),
-    Chip("v5p", "TPU v5p (2 TensorCores per chip)", 459e12, 2765e9, 100e9, 6 * 100e9, 6,
-         "MXU", "ICI", ("TPU v5", "TPU v5p"), "v5p:2x2x1",
-         (_TPU_DOCS + "v5p: 459 TFLOP/s bf16, HBM2e 95 GB at 2765 GBps, 1200 GBps "
-          "bidirectional ICI per chip, 3D torus (6 ports)",
-          _SCALING_BOOK + ": TPU v5p ICI 1e11 bytes/s per link one-way")),
-    Chip("v6e", "TPU v6e Trillium (1 TensorCore per chip)", 918e12, 1638e9, 100e9, 4 * 100e9,
-         4, "MXU", "ICI", ("TPU v6 lite", "TPU v6e"), "v6e:2x2",
-         (_TPU_DOCS + "v6e: 918 TFLOP/s bf16, 32 GB HBM at 1638 GBps, 800 GBps "
-          "bidirectional ICI per chip, 4 ICI ports",
-          _SCALING_BOOK + ": TPU v6e ICI 1e11 bytes/s per link one-way")),
-    Chip("h100", "NVIDIA H100 SXM5 80GB", 989e12, 3.35e12, 450e9, 450e9, 18,
-         "tensor cores", "NVLink", ("NVIDIA H100 80GB HBM3",), None,
-         ("https://www.nvidia.com/en-us/data-center/h100/ (H100 SXM datasheet): BF16 Tensor "
-          "Core 1,979 TFLOPS with sparsity (989 dense), 3.35 TB/s HBM3, NVLink 900 GB/s",
-          "NVLink 4: 18 links, 900 GB/s bidirectional = 450 GB/s one way")),
-    Chip("h200", "NVIDIA H200 SXM 141GB", 989e12, 4.8e12, 450e9, 450e9, 18,
-         "tensor cores", "NVLink", ("NVIDIA H200",), None,
-         ("https://www.nvidia.com/en-us/data-center/h200/ (H200 datasheet): same Hopper "
-          "tensor cores as H100 (1,979 TFLOPS bf16 with sparsity), 4.8 TB/s HBM3e, "
-          "NVLink 900 GB/s",)),
-)}
+CHIPS: dict[str, Chip] = {
+  c.name: c
+  for c in (
+    Chip(
+      "v4",
+      "TPU v4 (2 TensorCores per chip)",
+      275e12,
+      1200e9,
+      45e9,
+      6 * 45e9,
+      6,
+      "MXU",
+      "ICI",
+      ("TPU v4",),
+      "v4:2x2x1",
+      (
+        _TPU_DOCS + "v4: 275 TFLOP/s bf16, HBM2 32 GiB at 1200 GBps",
+        _SCALING_BOOK + ": TPU v4p ICI 4.5e10 bytes/s per link one-way; 3D torus, 6 links",
+      ),
+    ),
+    Chip(
+      "v5e",
+      "TPU v5e (1 TensorCore per chip)",
+      197e12,
+      819e9,
+      50e9,
+      4 * 50e9,
+      4,
+      "MXU",
+      "ICI",
+      ("TPU v5 lite", "TPU v5e"),
+      "v5e:2x2",
+      (
+        _TPU_DOCS + "v5e: 197 TFLOP/s bf16, HBM2 16 GB at 819 GBps, 400 GBps "
+        "bidirectional ICI per chip, 4 ICI ports",
+        _SCALING_BOOK + ": TPU v5e ICI 5e10 bytes/s per link one-way",
+      ),
+    ),
+    Chip(
+      "v5p",
+      "TPU v5p (2 TensorCores per chip)",
+      459e12,
+      2765e9,
+      100e9,
+      6 * 100e9,
+      6,
+      "MXU",
+      "ICI",
+      ("TPU v5", "TPU v5p"),
+      "v5p:2x2x1",
+      (
+        _TPU_DOCS + "v5p: 459 TFLOP/s bf16, HBM2e 95 GB at 2765 GBps, 1200 GBps "
+        "bidirectional ICI per chip, 3D torus (6 ports)",
+        _SCALING_BOOK + ": TPU v5p ICI 1e11 bytes/s per link one-way",
+      ),
+    ),
+    Chip(
+      "v6e",
+      "TPU v6e Trillium (1 TensorCore per chip)",
+      918e12,
+      1638e9,
+      100e9,
+      4 * 100e9,
+      4,
+      "MXU",
+      "ICI",
+      ("TPU v6 lite", "TPU v6e"),
+      "v6e:2x2",
+      (
+        _TPU_DOCS + "v6e: 918 TFLOP/s bf16, 32 GB HBM at 1638 GBps, 800 GBps "
+        "bidirectional ICI per chip, 4 ICI ports",
+        _SCALING_BOOK + ": TPU v6e ICI 1e11 bytes/s per link one-way",
+      ),
+    ),
+    Chip(
+      "h100",
+      "NVIDIA H100 SXM5 80GB",
+      989e12,
+      3.35e12,
+      450e9,
+      450e9,
+      18,
+      "tensor cores",
+      "NVLink",
+      ("NVIDIA H100 80GB HBM3",),
+      None,
+      (
+        "https://www.nvidia.com/en-us/data-center/h100/ (H100 SXM datasheet): BF16 Tensor "
+        "Core 1,979 TFLOPS with sparsity (989 dense), 3.35 TB/s HBM3, NVLink 900 GB/s",
+        "NVLink 4: 18 links, 900 GB/s bidirectional = 450 GB/s one way",
+      ),
+    ),
+    Chip(
+      "h200",
+      "NVIDIA H200 SXM 141GB",
+      989e12,
+      4.8e12,
+      450e9,
+      450e9,
+      18,
+      "tensor cores",
+      "NVLink",
+      ("NVIDIA H200",),
+      None,
+      (
+        "https://www.nvidia.com/en-us/data-center/h200/ (H200 datasheet): same Hopper "
+        "tensor cores as H100 (1,979 TFLOPS bf16 with sparsity), 4.8 TB/s HBM3e, "
+        "NVLink 900 GB/s",
+      ),
+    ),
+  )
+}
 
 TPU_GENERATIONS = ("v4", "v5e", "v5p", "v6e")
 
@@ -94,8 +175,11 @@ def chip_for_device_kind(device_kind: str) -> Chip | None:
   best = None
   for chip in CHIPS.values():
     for kind in chip.device_kinds:
-      if (kind.startswith("TPU") and device_kind.startswith(kind)
-          and (best is None or len(kind) > len(best[0]))):
+      if (
+        kind.startswith("TPU")
+        and device_kind.startswith(kind)
+        and (best is None or len(kind) > len(best[0]))
+      ):
         best = (kind, chip)
   return best[1] if best else None
 

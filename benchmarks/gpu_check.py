@@ -38,8 +38,12 @@ from siglip_fast.reference import dense
 
 # The benchmark's target shape first (B = 32768, D = 1152: XLA's dense reference needs 12 GiB),
 # then float32 (bf16x3) and ragged, duplicated ids through the public API.
-DEFAULT_CASES = ("32768x1152:bfloat16:api", "16384x1152:float32", "12345x768:bfloat16:dup:api",
-                 "8192x768:float32:dup")
+DEFAULT_CASES = (
+  "32768x1152:bfloat16:api",
+  "16384x1152:float32",
+  "12345x768:bfloat16:dup:api",
+  "8192x768:float32:dup",
+)
 LOG_T, BIAS = math.log(10.0), -10.0
 
 
@@ -55,16 +59,18 @@ def inputs(batch, dim, dtype, dup, seed):
   y = jax.random.normal(ky, (batch, dim), jnp.float32)
   x = (x / jnp.linalg.norm(x, axis=-1, keepdims=True)).astype(dtype)
   y = (y / jnp.linalg.norm(y, axis=-1, keepdims=True)).astype(dtype)
-  ids = (jax.random.randint(ki, (batch,), 0, batch // 2) if dup
-         else jnp.arange(batch)).astype(jnp.int32)
+  ids = (jax.random.randint(ki, (batch,), 0, batch // 2) if dup else jnp.arange(batch)).astype(
+    jnp.int32
+  )
   return x, y, ids
 
 
 @jax.jit
 def term_scales(x, y, ids, log_t, bias):
   """sum|g * (l - b)| and sum|g|: what float32 sums for dlog_t and dbias are accurate to."""
-  sim = jnp.einsum("nd,md->nm", x, y, preferred_element_type=jnp.float32,
-                   precision=jax.lax.Precision.HIGHEST)
+  sim = jnp.einsum(
+    "nd,md->nm", x, y, preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST
+  )
   t = jnp.exp(log_t)
   g = jax.nn.sigmoid(t * sim + bias) - (ids[:, None] == ids[None, :])
   return jnp.sum(jnp.abs(g * t * sim)), jnp.sum(jnp.abs(g))
@@ -76,21 +82,26 @@ def check_case(batch, dim, dtype, dup, seed, interpret, with_api):
   kw = dict(interpret=interpret)
   t0 = time.perf_counter()
   fwd = jax.jit(lambda *a: gpu.block_loss_sum(*a, **kw))(x, y, ids, ids, lt, b)
-  loss, grads = jax.jit(lambda *a: gpu.block_loss_sum_and_grads(*a, **kw))(x, y, ids, ids,
-                                                                          lt, b)
+  loss, grads = jax.jit(lambda *a: gpu.block_loss_sum_and_grads(*a, **kw))(x, y, ids, ids, lt, b)
   with jax.default_matmul_precision("highest"):
     ref_loss, ref_grads = jax.jit(dense.block_loss_sum_and_grads)(x, y, ids, ids, lt, b)
     scales = term_scales(x, y, ids, lt, b)
   pairs = [("block", (loss, grads), (ref_loss, ref_grads), 1)]
   if with_api:
-    api = jax.jit(jax.value_and_grad(
-        lambda x, y, lt, b: loss_api.sigmoid_loss(x, y, lt, b, pair_ids=ids,
-                                                     implementation="pallas_gpu", **kw),
-        argnums=(0, 1, 2, 3)))(x, y, lt, b)
+    api = jax.jit(
+      jax.value_and_grad(
+        lambda x, y, lt, b: loss_api.sigmoid_loss(
+          x, y, lt, b, pair_ids=ids, implementation="pallas_gpu", **kw
+        ),
+        argnums=(0, 1, 2, 3),
+      )
+    )(x, y, lt, b)
     with jax.default_matmul_precision("highest"):
-      api_ref = jax.jit(jax.value_and_grad(
-          lambda x, y, lt, b: dense.sigmoid_loss_dense(x, y, lt, b, ids),
-          argnums=(0, 1, 2, 3)))(x, y, lt, b)
+      api_ref = jax.jit(
+        jax.value_and_grad(
+          lambda x, y, lt, b: dense.sigmoid_loss_dense(x, y, lt, b, ids), argnums=(0, 1, 2, 3)
+        )
+      )(x, y, lt, b)
     pairs.append(("api", api, api_ref, batch))
   jax.block_until_ready((fwd, pairs))
   secs = time.perf_counter() - t0
@@ -109,17 +120,21 @@ def check_case(batch, dim, dtype, dup, seed, interpret, with_api):
     errs[f"{prefix}.dbias"] = scalar_err(g_[3], rg[3], scales[1] / norm)
     tols[f"{prefix}.dlog_t"] = tols[f"{prefix}.dbias"] = 1e-5
   errs["fwd.loss"], tols["fwd.loss"] = rel(fwd, ref_loss), 1e-5
-  finite = all(bool(jnp.all(jnp.isfinite(v))) for v in
-               jax.tree.leaves((fwd, [p[1] for p in pairs])))
+  finite = all(
+    bool(jnp.all(jnp.isfinite(v))) for v in jax.tree.leaves((fwd, [p[1] for p in pairs]))
+  )
   ok = finite and all(errs[k] < tols[k] for k in errs)
   return ok, finite, errs, tols, secs
 
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--cases", default=",".join(DEFAULT_CASES),
-                 help="comma-separated BxD:dtype[:dup][:api] (dup: repeated pair ids; api: "
-                 "also through sigmoid_loss under value_and_grad)")
+  p.add_argument(
+    "--cases",
+    default=",".join(DEFAULT_CASES),
+    help="comma-separated BxD:dtype[:dup][:api] (dup: repeated pair ids; api: "
+    "also through sigmoid_loss under value_and_grad)",
+  )
   p.add_argument("--interpret", action="store_true", help="interpret mode (CPU smoke)")
   args = p.parse_args(argv)
   if jax.default_backend() != "gpu" and not args.interpret:
@@ -133,17 +148,19 @@ def main(argv=None):
     batch, dim = (int(v) for v in size.lower().split("x"))
     dtype = jnp.dtype(dtype_name)
     try:
-      ok, finite, errs, tols, secs = check_case(batch, dim, dtype, "dup" in flags, 100 + k,
-                                                args.interpret, "api" in flags)
+      ok, finite, errs, tols, secs = check_case(
+        batch, dim, dtype, "dup" in flags, 100 + k, args.interpret, "api" in flags
+      )
     except Exception as e:  # noqa: BLE001 - report every case
       failed += 1
       print(f"[FAIL] {case}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
       continue
     failed += not ok
-    worst = ", ".join(f"{name} {e:.1e}{'' if e < tols[name] else ' (> ' + str(tols[name]) + ')'}"
-                      for name, e in errs.items())
-    print(f"[{'ok' if ok else 'FAIL'}] {case} ({secs:.1f}s, finite={finite}): {worst}",
-          flush=True)
+    worst = ", ".join(
+      f"{name} {e:.1e}{'' if e < tols[name] else ' (> ' + str(tols[name]) + ')'}"
+      for name, e in errs.items()
+    )
+    print(f"[{'ok' if ok else 'FAIL'}] {case} ({secs:.1f}s, finite={finite}): {worst}", flush=True)
   print(f"gpu_check: {'all passed' if not failed else f'{failed} case(s) FAILED'}")
   return 1 if failed else 0
 

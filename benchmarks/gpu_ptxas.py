@@ -46,14 +46,27 @@ from siglip_fast.kernels import gpu
 
 # Hopper: 228 KiB of shared memory per SM, 227 KiB of it usable by one block.
 SMEM_LIMIT = 227 * 1024
-DEFAULT_SHAPES = ("4096x768", "4096x1152", "8192x768", "8192x1152", "16384x768",
-                  "16384x1152", "32768x768", "32768x1152")
+DEFAULT_SHAPES = (
+  "4096x768",
+  "4096x1152",
+  "8192x768",
+  "8192x1152",
+  "16384x768",
+  "16384x1152",
+  "32768x768",
+  "32768x1152",
+)
 BIG = "1048576x768"
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-_PTX_COUNTS = {"wgmma": r"\bwgmma\.mma_async", "mma_sync": r"\bmma\.sync",
-               "fma_f32": r"\bfma\.rn\.f32", "ex2_approx": r"\bex2\.approx",
-               "rcp_approx": r"\brcp\.approx", "div_rn_f32": r"\bdiv\.rn\.f32",
-               "lg2_approx": r"\blg2\.approx"}
+_PTX_COUNTS = {
+  "wgmma": r"\bwgmma\.mma_async",
+  "mma_sync": r"\bmma\.sync",
+  "fma_f32": r"\bfma\.rn\.f32",
+  "ex2_approx": r"\bex2\.approx",
+  "rcp_approx": r"\brcp\.approx",
+  "div_rn_f32": r"\bdiv\.rn\.f32",
+  "lg2_approx": r"\blg2\.approx",
+}
 
 
 def triton_available() -> str | None:
@@ -61,6 +74,7 @@ def triton_available() -> str | None:
   try:
     import triton  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
     from triton.backends.nvidia import compiler  # pylint: disable=g-import-not-at-top
+
     compiler.get_ptxas(90)
   except Exception as e:  # noqa: BLE001
     return f"the triton package (with its ptxas) is not usable: {type(e).__name__}: {e}"
@@ -83,6 +97,7 @@ def triton_kernels(fn, *args):
   from jax._src.interpreters import mlir as jax_mlir
   from jax._src.lib.mlir import ir
   from jax._src.lib.triton import dialect as tt_dialect
+
   lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
   calls = []
   _walk(lowered.compiler_ir("stablehlo").operation, calls)
@@ -97,8 +112,15 @@ def triton_kernels(fn, *args):
       module = ir.Module.parse(cfg["ir"].value_bytes)
     text = module.operation.get_asm(enable_debug_info=False)
     grid = tuple(ir.IntegerAttr(cfg[k]).value for k in ("grid_x", "grid_y", "grid_z"))
-    out.append((str(cfg["name"]).strip('"'), text, ir.IntegerAttr(cfg["num_warps"]).value,
-                ir.IntegerAttr(cfg["num_stages"]).value, grid))
+    out.append(
+      (
+        str(cfg["name"]).strip('"'),
+        text,
+        ir.IntegerAttr(cfg["num_warps"]).value,
+        ir.IntegerAttr(cfg["num_stages"]).value,
+        grid,
+      )
+    )
   return out
 
 
@@ -109,36 +131,60 @@ def compile_sm90a(name, ttir, num_warps, num_stages, workdir):
   import triton
   from triton.backends.compiler import GPUTarget
   from triton.backends.nvidia import compiler as nv
+
   path = pathlib.Path(workdir) / f"{name}.ttir"
   path.write_text(ttir)
   t0 = time.perf_counter()
-  kernel = triton.compile(str(path), target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=num_warps, num_stages=num_stages))
+  kernel = triton.compile(
+    str(path),
+    target=GPUTarget("cuda", 90, 32),
+    options=dict(num_warps=num_warps, num_stages=num_stages),
+  )
   compile_s = time.perf_counter() - t0
   ptx = kernel.asm["ptx"]
   ptx_path = path.with_suffix(".ptx")
   ptx_path.write_text(ptx)
   ptxas = nv.get_ptxas(90)
-  proc = subprocess.run([ptxas.path, "-v", "--gpu-name", "sm_90a", str(ptx_path), "-o",
-                         str(path.with_suffix(".cubin"))], capture_output=True, text=True,
-                        check=True)
+  proc = subprocess.run(
+    [
+      ptxas.path,
+      "-v",
+      "--gpu-name",
+      "sm_90a",
+      str(ptx_path),
+      "-o",
+      str(path.with_suffix(".cubin")),
+    ],
+    capture_output=True,
+    text=True,
+    check=True,
+  )
   report = proc.stdout + proc.stderr
   grab = lambda pat: int(m.group(1)) if (m := re.search(pat, report)) else None
-  row = dict(registers=grab(r"Used (\d+) registers"),
-             spill_stores=grab(r"(\d+) bytes spill stores"),
-             spill_loads=grab(r"(\d+) bytes spill loads"),
-             stack_frame=grab(r"(\d+) bytes stack frame"),
-             shared_bytes=int(kernel.metadata.shared),
-             ptxas=f"{pathlib.Path(ptxas.path).name} {ptxas.version}",
-             triton=triton.__version__, compile_s=round(compile_s, 1))
+  row = dict(
+    registers=grab(r"Used (\d+) registers"),
+    spill_stores=grab(r"(\d+) bytes spill stores"),
+    spill_loads=grab(r"(\d+) bytes spill loads"),
+    stack_frame=grab(r"(\d+) bytes stack frame"),
+    shared_bytes=int(kernel.metadata.shared),
+    ptxas=f"{pathlib.Path(ptxas.path).name} {ptxas.version}",
+    triton=triton.__version__,
+    compile_s=round(compile_s, 1),
+  )
   row.update({k: len(re.findall(p, ptx)) for k, p in _PTX_COUNTS.items()})
   return row
 
 
 def _abstract(n, d, dtype):
   s = jax.ShapeDtypeStruct
-  return (s((n, d), dtype), s((n, d), dtype), s((n,), jnp.int32), s((n,), jnp.int32),
-          s((), jnp.float32), s((), jnp.float32))
+  return (
+    s((n, d), dtype),
+    s((n, d), dtype),
+    s((n,), jnp.int32),
+    s((n,), jnp.int32),
+    s((), jnp.float32),
+    s((), jnp.float32),
+  )
 
 
 def entries(shapes, dtypes, big):
@@ -149,21 +195,20 @@ def entries(shapes, dtypes, big):
       bs = gpu.default_block_sizes(n, n, d, dtype)
       args = _abstract(n, d, dtype)
       out.append((f"{n}x{d}:{jnp.dtype(dtype).name}", gpu.block_loss_sum, args, bs, "fwd"))
-      out.append((f"{n}x{d}:{jnp.dtype(dtype).name}", gpu.block_loss_sum_and_grads, args, bs,
-                  "vg"))
+      out.append((f"{n}x{d}:{jnp.dtype(dtype).name}", gpu.block_loss_sum_and_grads, args, bs, "vg"))
   if big:
     n, d = big
     bs = gpu.default_block_sizes(n, n, d, jnp.bfloat16)
-    out.append((f"{n}x{d}:bfloat16", gpu.block_loss_sum_and_grads,
-                _abstract(n, d, jnp.bfloat16), bs, "vg"))
+    out.append(
+      (f"{n}x{d}:bfloat16", gpu.block_loss_sum_and_grads, _abstract(n, d, jnp.bfloat16), bs, "vg")
+    )
   return out
 
 
 def tile_of(bs, mode):
   rows, cols = (bs.block_rows, bs.block_cols) if mode == "fwd" else bs.grad_tile
   warps = bs.num_warps if mode == "fwd" else (bs.grad_num_warps or bs.num_warps)
-  return dict(tile=f"{rows}x{cols}", block_k=bs.block_k, num_warps=warps,
-              num_stages=bs.num_stages)
+  return dict(tile=f"{rows}x{cols}", block_k=bs.block_k, num_warps=warps, num_stages=bs.num_stages)
 
 
 def run(shapes, dtypes, big, workdir, log=print):
@@ -175,29 +220,41 @@ def run(shapes, dtypes, big, workdir, log=print):
       if key not in seen:
         seen[key] = compile_sm90a(f"k{len(seen)}_{name}", ttir, warps, stages, workdir)
       res = dict(seen[key])
-      row = dict(config=label, mode=mode, kernel=name, grid=list(grid), **tile_of(bs, mode),
-                 grad_chunk=bs.grad_chunk if mode == "vg" else None, **res)
+      row = dict(
+        config=label,
+        mode=mode,
+        kernel=name,
+        grid=list(grid),
+        **tile_of(bs, mode),
+        grad_chunk=bs.grad_chunk if mode == "vg" else None,
+        **res,
+      )
       # What the custom call launches with must be what the BlockSizes say.
       assert (row["num_warps"], row["num_stages"]) == (warps, stages), (row, warps, stages)
-      row["ok"] = (row["spill_stores"] == 0 and row["spill_loads"] == 0
-                   and row["shared_bytes"] <= SMEM_LIMIT)
+      row["ok"] = (
+        row["spill_stores"] == 0 and row["spill_loads"] == 0 and row["shared_bytes"] <= SMEM_LIMIT
+      )
       rows.append(row)
       log(format_row(row))
   return rows
 
 
-HEADER = (f"{'config':<22} {'mode':<4} {'tile':>8} {'BK':>3} {'w':>2} {'st':>2} {'regs':>4} "
-          f"{'spill st/ld':>11} {'smem KiB':>8} {'wgmma':>5} {'fma32':>5} {'ex2':>4} "
-          f"{'rcp':>4} {'div':>4}  ok")
+HEADER = (
+  f"{'config':<22} {'mode':<4} {'tile':>8} {'BK':>3} {'w':>2} {'st':>2} {'regs':>4} "
+  f"{'spill st/ld':>11} {'smem KiB':>8} {'wgmma':>5} {'fma32':>5} {'ex2':>4} "
+  f"{'rcp':>4} {'div':>4}  ok"
+)
 
 
 def format_row(r):
-  return (f"{r['config']:<22} {r['mode']:<4} {r['tile']:>8} {r['block_k']:>3} "
-          f"{r['num_warps']:>2} {r['num_stages']:>2} {r['registers']:>4} "
-          f"{str(r['spill_stores']) + '/' + str(r['spill_loads']):>11} "
-          f"{r['shared_bytes'] / 1024:>8.1f} {r['wgmma']:>5} {r['fma_f32']:>5} "
-          f"{r['ex2_approx']:>4} {r['rcp_approx']:>4} {r['div_rn_f32']:>4}  "
-          f"{'ok' if r['ok'] else 'FAIL'}")
+  return (
+    f"{r['config']:<22} {r['mode']:<4} {r['tile']:>8} {r['block_k']:>3} "
+    f"{r['num_warps']:>2} {r['num_stages']:>2} {r['registers']:>4} "
+    f"{str(r['spill_stores']) + '/' + str(r['spill_loads']):>11} "
+    f"{r['shared_bytes'] / 1024:>8.1f} {r['wgmma']:>5} {r['fma_f32']:>5} "
+    f"{r['ex2_approx']:>4} {r['rcp_approx']:>4} {r['div_rn_f32']:>4}  "
+    f"{'ok' if r['ok'] else 'FAIL'}"
+  )
 
 
 def parse_size(text):
@@ -209,8 +266,9 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--shapes", default=",".join(DEFAULT_SHAPES), help="comma-separated BxD")
   p.add_argument("--dtypes", default="bfloat16,float32")
-  p.add_argument("--big", default=BIG, help="BxD of the bf16 value-and-grad-only entry "
-                 "('none' to skip)")
+  p.add_argument(
+    "--big", default=BIG, help="BxD of the bf16 value-and-grad-only entry ('none' to skip)"
+  )
   p.add_argument("--out", default=None, help="JSON path (default: none written)")
   args = p.parse_args(argv)
   why = triton_available()
@@ -225,18 +283,29 @@ def main(argv=None):
     rows = run(shapes, dtypes, big, tmp, log=lambda s: print(s, flush=True))
   bad = [r for r in rows if not r["ok"]]
   if args.out:
-    meta = dict(target="sm_90a (Hopper: H100, H200)", smem_limit_bytes=SMEM_LIMIT,
-                jax=jax.__version__, triton=rows[0]["triton"] if rows else None,
-                ptxas=rows[0]["ptxas"] if rows else None,
-                date=datetime.date.today().isoformat(),
-                block_sizes={f"{n}x{d}:{jnp.dtype(t).name}": dataclasses.asdict(
-                    gpu.default_block_sizes(n, n, d, t)) for t in dtypes for n, d in shapes},
-                note=("Pallas-emitted Triton IR compiled by the triton package on a CPU-only "
-                      "machine; XLA compiles the same IR with its bundled Triton."))
+    meta = dict(
+      target="sm_90a (Hopper: H100, H200)",
+      smem_limit_bytes=SMEM_LIMIT,
+      jax=jax.__version__,
+      triton=rows[0]["triton"] if rows else None,
+      ptxas=rows[0]["ptxas"] if rows else None,
+      date=datetime.date.today().isoformat(),
+      block_sizes={
+        f"{n}x{d}:{jnp.dtype(t).name}": dataclasses.asdict(gpu.default_block_sizes(n, n, d, t))
+        for t in dtypes
+        for n, d in shapes
+      },
+      note=(
+        "Pallas-emitted Triton IR compiled by the triton package on a CPU-only "
+        "machine; XLA compiles the same IR with its bundled Triton."
+      ),
+    )
     pathlib.Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     print(f"wrote {args.out}")
-  print(f"gpu_ptxas: {len(rows)} kernels, "
-        + (f"{len(bad)} FAIL (spills or > 227 KiB shared memory)" if bad else "all ok"))
+  print(
+    f"gpu_ptxas: {len(rows)} kernels, "
+    + (f"{len(bad)} FAIL (spills or > 227 KiB shared memory)" if bad else "all ok")
+  )
   return 1 if bad else 0
 
 

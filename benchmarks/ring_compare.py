@@ -46,8 +46,17 @@ from siglip_fast.reference import ring as reference_ring  # noqa: E402
 from benchmarks.chips import CHIPS, one_device_per_chip  # noqa: E402
 
 SCHEDULES = ("unidirectional", "bidirectional")
-_OPS = ("collective-permute-start", "collective-permute-done", "custom-call", "fusion",
-        "all-reduce-start", "all-reduce-done", "all-reduce", "convolution", "while")
+_OPS = (
+  "collective-permute-start",
+  "collective-permute-done",
+  "custom-call",
+  "fusion",
+  "all-reduce-start",
+  "all-reduce-done",
+  "all-reduce",
+  "convolution",
+  "while",
+)
 _OP_RE = re.compile(r" (" + "|".join(map(re.escape, _OPS)) + r")\(([^)]*)")
 _INSTR_RE = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.*)$")
 _COMP_RE = re.compile(r"^(?:ENTRY )?%(\S+) .*\{$")
@@ -55,6 +64,7 @@ _COMP_RE = re.compile(r"^(?:ENTRY )?%(\S+) .*\{$")
 
 # ------------------------------------------------------------------------------------------
 # Compiling the two rings.
+
 
 def _block_ops():
   """The TPU block kernel as the reference ring's BlockOps, if kernels/tpu.py is here."""
@@ -71,20 +81,31 @@ def _ring_fn(impl, schedule, mesh, check_vma):
   def local(x, y, ids, lt, b):
     if impl == "in_kernel":
       return tpu_ring.ring_loss(x, y, ids, ids, lt, b, axis_name="x", schedule=schedule)
-    return reference_ring.ring_loss(x, y, ids, ids, lt, b, axis_name="x", schedule=schedule,
-                              ops=ops)
+    return reference_ring.ring_loss(
+      x, y, ids, ids, lt, b, axis_name="x", schedule=schedule, ops=ops
+    )
 
-  return jax.shard_map(local, mesh=mesh, in_specs=(P("x"), P("x"), P("x"), P(), P()),
-                       out_specs=P(), check_vma=check_vma), (ops.name if ops else "tpu_ring")
+  return jax.shard_map(
+    local,
+    mesh=mesh,
+    in_specs=(P("x"), P("x"), P("x"), P(), P()),
+    out_specs=P(),
+    check_vma=check_vma,
+  ), (ops.name if ops else "tpu_ring")
 
 
 def _compile(impl, schedule, pass_, mesh, b, dim):
   n = mesh.devices.size
-  shard = lambda shape, dtype, spec: jax.ShapeDtypeStruct(shape, dtype,
-                                                          sharding=NamedSharding(mesh, spec))
-  args = (shard((n * b, dim), jnp.bfloat16, P("x")), shard((n * b, dim), jnp.bfloat16, P("x")),
-          shard((n * b,), jnp.int32, P("x")), shard((), jnp.float32, P()),
-          shard((), jnp.float32, P()))
+  shard = lambda shape, dtype, spec: jax.ShapeDtypeStruct(
+    shape, dtype, sharding=NamedSharding(mesh, spec)
+  )
+  args = (
+    shard((n * b, dim), jnp.bfloat16, P("x")),
+    shard((n * b, dim), jnp.bfloat16, P("x")),
+    shard((n * b,), jnp.int32, P("x")),
+    shard((), jnp.float32, P()),
+    shard((), jnp.float32, P()),
+  )
   notes = []
   for check_vma in (True, False):
     f, block = _ring_fn(impl, schedule, mesh, check_vma)
@@ -95,8 +116,9 @@ def _compile(impl, schedule, pass_, mesh, b, dim):
     except ValueError as e:
       if check_vma and "check_vma" in str(e):
         # The schedule is the same either way; only the gradient scaling would differ.
-        notes.append("block kernel lacks shard_map check_vma support; compiled with "
-                     "check_vma=False")
+        notes.append(
+          "block kernel lacks shard_map check_vma support; compiled with check_vma=False"
+        )
         continue
       raise
     return compiled, time.perf_counter() - t0, block, notes
@@ -105,6 +127,7 @@ def _compile(impl, schedule, pass_, mesh, b, dim):
 
 # ------------------------------------------------------------------------------------------
 # Reading the compiled schedule.
+
 
 def _computations(text):
   """{name: [(instruction, opcode, operands)]} in schedule order, for the listed opcodes."""
@@ -136,29 +159,39 @@ def schedule_summary(text):
         kernels.append(f"{comp}/{name}")
       if op != "collective-permute-start":
         continue
-      done = next((j for j in range(i + 1, len(instrs))
-                   if instrs[j][1] == "collective-permute-done"
-                   and f"%{name}" in instrs[j][2].split(", ")), None)
-      between = instrs[i + 1:done] if done is not None else []
-      permutes.append({
-          "computation": comp, "start": name,
+      done = next(
+        (
+          j
+          for j in range(i + 1, len(instrs))
+          if instrs[j][1] == "collective-permute-done" and f"%{name}" in instrs[j][2].split(", ")
+        ),
+        None,
+      )
+      between = instrs[i + 1 : done] if done is not None else []
+      permutes.append(
+        {
+          "computation": comp,
+          "start": name,
           "done": instrs[done][0] if done is not None else None,
           "kernels_between": [n for n, o, _ in between if o == "custom-call"],
           "fusions_between": sum(o == "fusion" for _, o, _ in between),
-      })
+        }
+      )
   overlapped = [p for p in permutes if p["kernels_between"]]
   return {
-      "custom_calls": kernels,
-      "collective_permutes": len(permutes),
-      "permutes_overlapping_a_kernel": len(overlapped),
-      "permutes": permutes,
-      "while_loops": sum(o == "while" for instrs in _computations(text).values()
-                         for _, o, _ in instrs),
+    "custom_calls": kernels,
+    "collective_permutes": len(permutes),
+    "permutes_overlapping_a_kernel": len(overlapped),
+    "permutes": permutes,
+    "while_loops": sum(
+      o == "while" for instrs in _computations(text).values() for _, o, _ in instrs
+    ),
   }
 
 
 # ------------------------------------------------------------------------------------------
 # The model (MODELLED: lower bounds from datasheet peaks, not measurements).
+
 
 def _chip(name):
   c = CHIPS[name]
@@ -196,8 +229,11 @@ def model(chip, n, b, dim, pass_, schedule, tile):
   t_extra = (5 * b * dim * 4 / hbm) if grad else 0.0
   wire = (b * dim * isz + 4 * b + (4 * b * dim if grad else 0)) / link
   home = 4 * b * dim / link if grad else 0.0
-  out = {"in_kernel": t_block, "ppermute_overlapped": t_block + t_extra,
-         "ppermute_serial": t_block + t_extra}
+  out = {
+    "in_kernel": t_block,
+    "ppermute_overlapped": t_block + t_extra,
+    "ppermute_serial": t_block + t_extra,
+  }
   for blocks in _hops(n, schedule):
     comp = blocks * t_block
     out["in_kernel"] += max(comp, wire)
@@ -206,13 +242,20 @@ def model(chip, n, b, dim, pass_, schedule, tile):
   for k in out:
     out[k] += home
   return {
-      "chip": chip, "devices": n, "schedule": schedule, "pass": pass_, "tile": tile,
-      "block_s": t_block, "wire_s_per_round": wire, "compute_over_wire": t_block / wire,
-      **{f"{k}_s": v for k, v in out.items()},
+    "chip": chip,
+    "devices": n,
+    "schedule": schedule,
+    "pass": pass_,
+    "tile": tile,
+    "block_s": t_block,
+    "wire_s_per_round": wire,
+    "compute_over_wire": t_block / wire,
+    **{f"{k}_s": v for k, v in out.items()},
   }
 
 
 # ------------------------------------------------------------------------------------------
+
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -227,17 +270,27 @@ def main(argv=None):
   compiled_rows = []
   for topo in args.topologies:
     devices, _ = one_device_per_chip(
-        topologies.get_topology_desc(platform="tpu", topology_name=topo).devices)
+      topologies.get_topology_desc(platform="tpu", topology_name=topo).devices
+    )
     mesh = Mesh(np.array(devices), ("x",))
     for schedule in args.schedules:
       for impl in ("in_kernel", "ppermute"):
         for pass_ in ("fwd", "value_and_grad"):
-          row = {"topology": topo, "device_kind": devices[0].device_kind,
-                 "devices": len(devices), "schedule": schedule, "impl": impl, "pass": pass_,
-                 "local_batch": args.batch, "dim": args.dim, "dtype": "bfloat16"}
+          row = {
+            "topology": topo,
+            "device_kind": devices[0].device_kind,
+            "devices": len(devices),
+            "schedule": schedule,
+            "impl": impl,
+            "pass": pass_,
+            "local_batch": args.batch,
+            "dim": args.dim,
+            "dtype": "bfloat16",
+          }
           try:
-            compiled, secs, block, notes = _compile(impl, schedule, pass_, mesh, args.batch,
-                                                    args.dim)
+            compiled, secs, block, notes = _compile(
+              impl, schedule, pass_, mesh, args.batch, args.dim
+            )
           except Exception as e:  # Record and go on: one failure should not hide the rest.
             row["error"] = f"{type(e).__name__}: {str(e).strip()[:400]}"
             print(topo, schedule, impl, pass_, "FAILED", row["error"][:200], flush=True)
@@ -247,14 +300,23 @@ def main(argv=None):
           cost = cost[0] if isinstance(cost, (list, tuple)) else cost
           mem = compiled.memory_analysis()
           sched = schedule_summary(compiled.as_text())
-          row.update(block_kernel=block, notes=notes, compile_s=round(secs, 2),
-                     flops=cost.get("flops"), bytes_accessed=cost.get("bytes accessed"),
-                     temp_bytes=getattr(mem, "temp_size_in_bytes", None), schedule_hlo=sched)
+          row.update(
+            block_kernel=block,
+            notes=notes,
+            compile_s=round(secs, 2),
+            flops=cost.get("flops"),
+            bytes_accessed=cost.get("bytes accessed"),
+            temp_bytes=getattr(mem, "temp_size_in_bytes", None),
+            schedule_hlo=sched,
+          )
           compiled_rows.append(row)
-          print(f"{topo} {schedule:14s} {impl:9s} {pass_:14s} compiled {secs:5.1f}s  "
-                f"permutes {sched['collective_permutes']:2d} "
-                f"(overlapping a kernel: {sched['permutes_overlapping_a_kernel']:2d})  "
-                f"kernels {len(sched['custom_calls'])}  temp {row['temp_bytes']}", flush=True)
+          print(
+            f"{topo} {schedule:14s} {impl:9s} {pass_:14s} compiled {secs:5.1f}s  "
+            f"permutes {sched['collective_permutes']:2d} "
+            f"(overlapping a kernel: {sched['permutes_overlapping_a_kernel']:2d})  "
+            f"kernels {len(sched['custom_calls'])}  temp {row['temp_bytes']}",
+            flush=True,
+          )
 
   # How much of the reference ring's permute traffic XLA overlapped, per compiled chip.
   overlap = {}
@@ -262,7 +324,8 @@ def main(argv=None):
     sched = row.get("schedule_hlo")
     if row["impl"] == "ppermute" and sched and sched["collective_permutes"]:
       overlap[(row["topology"].split(":")[0], row["schedule"], row["pass"])] = (
-          sched["permutes_overlapping_a_kernel"] / sched["collective_permutes"])
+        sched["permutes_overlapping_a_kernel"] / sched["collective_permutes"]
+      )
 
   modelled = []
   for chip in ("v4", "v5e", "v5p", "v6e"):
@@ -274,32 +337,42 @@ def main(argv=None):
         if frac is not None:
           # Mostly overlapped as compiled: the overlapped model; else the serial one.
           m["ppermute_overlap_fraction_compiled"] = frac
-          m["ppermute_as_compiled_s"] = (m["ppermute_overlapped_s"] if frac >= 0.5
-                                         else m["ppermute_serial_s"])
+          m["ppermute_as_compiled_s"] = (
+            m["ppermute_overlapped_s"] if frac >= 0.5 else m["ppermute_serial_s"]
+          )
         modelled.append(m)
-  print("\nMODELLED (datasheet peaks, lower bounds; no TPU here), ms per ring trip, "
-        f"{args.model_chips} chips, b={args.batch}, D={args.dim}, bf16; 'as compiled' picks "
-        "the reference model by the compiled schedule's overlap (compiled chips only):")
-  print(f"{'chip':5s} {'schedule':14s} {'pass':15s} {'in-kernel':>10s} {'ppermute ovl':>13s} "
-        f"{'ppermute ser':>13s} {'as compiled':>12s} {'compute/wire':>13s}")
+  print(
+    "\nMODELLED (datasheet peaks, lower bounds; no TPU here), ms per ring trip, "
+    f"{args.model_chips} chips, b={args.batch}, D={args.dim}, bf16; 'as compiled' picks "
+    "the reference model by the compiled schedule's overlap (compiled chips only):"
+  )
+  print(
+    f"{'chip':5s} {'schedule':14s} {'pass':15s} {'in-kernel':>10s} {'ppermute ovl':>13s} "
+    f"{'ppermute ser':>13s} {'as compiled':>12s} {'compute/wire':>13s}"
+  )
   for m in modelled:
     ac = m.get("ppermute_as_compiled_s")
-    print(f"{m['chip']:5s} {m['schedule']:14s} {m['pass']:15s} {1e3 * m['in_kernel_s']:10.3f} "
-          f"{1e3 * m['ppermute_overlapped_s']:13.3f} {1e3 * m['ppermute_serial_s']:13.3f} "
-          f"{'-' if ac is None else format(1e3 * ac, '.3f'):>12s} "
-          f"{m['compute_over_wire']:13.2f}")
+    print(
+      f"{m['chip']:5s} {m['schedule']:14s} {m['pass']:15s} {1e3 * m['in_kernel_s']:10.3f} "
+      f"{1e3 * m['ppermute_overlapped_s']:13.3f} {1e3 * m['ppermute_serial_s']:13.3f} "
+      f"{'-' if ac is None else format(1e3 * ac, '.3f'):>12s} "
+      f"{m['compute_over_wire']:13.2f}"
+    )
 
   result = {
-      "date": datetime.date.today().isoformat(),
-      "jax": jax.__version__,
-      "note": ("Compile-only TPU targets (no TPU here). 'modelled' figures are MODELLED lower "
-               "bounds from datasheet peaks, not measurements."),
-      "compiled": compiled_rows,
-      "modelled": modelled,
-      "model_doc": model.__doc__,
+    "date": datetime.date.today().isoformat(),
+    "jax": jax.__version__,
+    "note": (
+      "Compile-only TPU targets (no TPU here). 'modelled' figures are MODELLED lower "
+      "bounds from datasheet peaks, not measurements."
+    ),
+    "compiled": compiled_rows,
+    "modelled": modelled,
+    "model_doc": model.__doc__,
   }
-  out = pathlib.Path(args.out or pathlib.Path(__file__).parent / "results" /
-                     f"ring_compare_{result['date']}.json")
+  out = pathlib.Path(
+    args.out or pathlib.Path(__file__).parent / "results" / f"ring_compare_{result['date']}.json"
+  )
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(result, indent=1, default=str))
   print("wrote", out)

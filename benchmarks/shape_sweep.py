@@ -43,10 +43,10 @@ from siglip_fast import mesh as mesh_lib  # noqa: E402
 
 # The smallest compile-only slice with at least that many chips, per generation.
 SLICES = {
-    "v4": {1: "v4:2x2x1", 4: "v4:2x2x1", 8: "v4:2x2x2"},
-    "v5e": {1: "v5e:2x2", 4: "v5e:2x2", 8: "v5e:2x4"},
-    "v5p": {1: "v5p:2x2x1", 4: "v5p:2x2x1", 8: "v5p:2x2x2"},
-    "v6e": {1: "v6e:2x2", 4: "v6e:2x2", 8: "v6e:2x4"},
+  "v4": {1: "v4:2x2x1", 4: "v4:2x2x1", 8: "v4:2x2x2"},
+  "v5e": {1: "v5e:2x2", 4: "v5e:2x2", 8: "v5e:2x4"},
+  "v5p": {1: "v5p:2x2x1", 4: "v5p:2x2x1", 8: "v5p:2x2x2"},
+  "v6e": {1: "v6e:2x2", 4: "v6e:2x2", 8: "v6e:2x4"},
 }
 AXIS = "batch"
 
@@ -68,8 +68,9 @@ class Row:
 
 
 def _devices(generation, chips):
-  devs = topologies.get_topology_desc(platform="tpu",
-                                      topology_name=SLICES[generation][chips]).devices
+  devs = topologies.get_topology_desc(
+    platform="tpu", topology_name=SLICES[generation][chips]
+  ).devices
   # v4 compile-only topologies list one device per TensorCore; take whole chips' worth.
   return mesh_lib.ring_order(devs[:chips]) if chips > 1 else devs[:1]
 
@@ -78,42 +79,55 @@ def lower_value_and_grad(devices, batch_per_chip, dim, schedule, dtype=jnp.bfloa
   """The public API's value_and_grad, lowered for ``devices`` (one: no ring)."""
   chips = len(devices)
   mesh = jax.sharding.Mesh(mesh_lib.ring_order(devices), (AXIS,))
-  emb = jax.ShapeDtypeStruct((batch_per_chip * chips, dim), dtype,
-                             sharding=NamedSharding(mesh, P(AXIS)))
+  emb = jax.ShapeDtypeStruct(
+    (batch_per_chip * chips, dim), dtype, sharding=NamedSharding(mesh, P(AXIS))
+  )
   scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, P()))
   if chips == 1:
     loss = siglip_fast.sigmoid_loss
   else:
+
     def loss(x, y, lt, b):
-      local = lambda x, y, lt, b: siglip_fast.sigmoid_loss(x, y, lt, b, axis_name=AXIS,
-                                                           schedule=schedule)
-      return jax.shard_map(local, mesh=mesh, in_specs=(P(AXIS), P(AXIS), P(), P()),
-                           out_specs=P())(x, y, lt, b)
-  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3))).lower(emb, emb, scalar,
-                                                                       scalar)
+      local = lambda x, y, lt, b: siglip_fast.sigmoid_loss(
+        x, y, lt, b, axis_name=AXIS, schedule=schedule
+      )
+      return jax.shard_map(local, mesh=mesh, in_specs=(P(AXIS), P(AXIS), P(), P()), out_specs=P())(
+        x, y, lt, b
+      )
+
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3))).lower(emb, emb, scalar, scalar)
 
 
 def _kernel_facts(hlo: str):
-  names = sorted(set(re.findall(r"(siglip_[a-z_0-9]+?)(?:\.\d+)?\"", hlo))
-                 | set(re.findall(r"kernel_name=\"?(siglip_[a-z_0-9]+)", hlo)))
+  names = sorted(
+    set(re.findall(r"(siglip_[a-z_0-9]+?)(?:\.\d+)?\"", hlo))
+    | set(re.findall(r"kernel_name=\"?(siglip_[a-z_0-9]+)", hlo))
+  )
   # A kernel's VMEM limit is its scoped memory config for memory space 1 (VMEM).
-  limits = [int(v) for v in re.findall(r"memory_space\\22:1, \\22offset\\22: 0, "
-                                       r"\\22size\\22: (\d+)", hlo)]
+  limits = [
+    int(v)
+    for v in re.findall(
+      r"memory_space\\22:1, \\22offset\\22: 0, "
+      r"\\22size\\22: (\d+)",
+      hlo,
+    )
+  ]
   return tuple(names), (max(limits) if limits else None)
 
 
 def run_row(row: Row) -> Row:
   t0 = time.time()
   try:
-    lowered = lower_value_and_grad(_devices(row.generation, row.chips), row.batch_per_chip,
-                                   row.dim, row.schedule)
+    lowered = lower_value_and_grad(
+      _devices(row.generation, row.chips), row.batch_per_chip, row.dim, row.schedule
+    )
     compiled = lowered.compile()
     row.compiled = True
     row.temp_bytes_per_chip = int(compiled.memory_analysis().temp_size_in_bytes)
     row.kernels, row.vmem_limit_bytes = _kernel_facts(lowered.as_text())
   except Exception as e:  # pylint: disable=broad-except  # the row records any failure
     row.error = f"{type(e).__name__}: {str(e).splitlines()[0][:400]}"
-  row.bxb_f32_bytes = 4 * row.batch_per_chip ** 2
+  row.bxb_f32_bytes = 4 * row.batch_per_chip**2
   row.compile_s = round(time.time() - t0, 1)
   return row
 
@@ -129,29 +143,40 @@ def main(argv=None):
   args = p.parse_args(argv)
 
   rows = []
-  header = f"{'gen':4} {'chips':>5} {'b/chip':>7} {'D':>5} {'schedule':14} {'ok':3} " \
-           f"{'VMEM MiB':>8} {'temp MiB':>9} {'s':>6}  kernels / error"
+  header = (
+    f"{'gen':4} {'chips':>5} {'b/chip':>7} {'D':>5} {'schedule':14} {'ok':3} "
+    f"{'VMEM MiB':>8} {'temp MiB':>9} {'s':>6}  kernels / error"
+  )
   print(header, flush=True)
   for gen in args.generations:
     for chips in args.chips:
       for b in args.batches:
         for dim in args.dims:
-          for schedule in (args.schedules if chips > 1 else [None]):
+          for schedule in args.schedules if chips > 1 else [None]:
             row = run_row(Row(gen, chips, b, dim, schedule))
             rows.append(row)
             mib = lambda v: "-" if v is None else f"{v / 2**20:.1f}"
-            print(f"{gen:4} {chips:5} {b:7} {dim:5} {str(schedule):14} "
-                  f"{'yes' if row.compiled else 'NO':3} {mib(row.vmem_limit_bytes):>8} "
-                  f"{mib(row.temp_bytes_per_chip):>9} {row.compile_s:6}  "
-                  f"{','.join(row.kernels) if row.compiled else row.error}", flush=True)
+            print(
+              f"{gen:4} {chips:5} {b:7} {dim:5} {str(schedule):14} "
+              f"{'yes' if row.compiled else 'NO':3} {mib(row.vmem_limit_bytes):>8} "
+              f"{mib(row.temp_bytes_per_chip):>9} {row.compile_s:6}  "
+              f"{','.join(row.kernels) if row.compiled else row.error}",
+              flush=True,
+            )
             if args.json:
               args.json.parent.mkdir(parents=True, exist_ok=True)
-              args.json.write_text(json.dumps({
-                  "what": "public API value_and_grad AOT-compiled for compile-only TPU slices",
-                  "date": datetime.date.today().isoformat(),
-                  "jax": jax.__version__,
-                  "dtype": "bfloat16",
-                  "rows": [dataclasses.asdict(r) for r in rows]}, indent=1))
+              args.json.write_text(
+                json.dumps(
+                  {
+                    "what": "public API value_and_grad AOT-compiled for compile-only TPU slices",
+                    "date": datetime.date.today().isoformat(),
+                    "jax": jax.__version__,
+                    "dtype": "bfloat16",
+                    "rows": [dataclasses.asdict(r) for r in rows],
+                  },
+                  indent=1,
+                )
+              )
   failed = [r for r in rows if not r.compiled]
   print(f"{len(rows) - len(failed)} of {len(rows)} rows compiled")
   return 1 if failed else 0

@@ -48,8 +48,12 @@ from siglip_fast.kernels import tpu  # noqa: E402
 TOPOLOGIES = {"v4": "v4:2x2x1", "v5e": "v5e:2x2", "v5p": "v5p:2x2x1", "v6e": "v6e:2x2"}
 # Per chip (one jax device; megacore chips count both TensorCores): bf16 FLOP/s, HBM B/s.
 # The figures jax's pallas tpu_info carries, i.e. the datasheets.
-PEAK = {"v4": (2.75e14, 1.23e12), "v5e": (1.97e14, 8.2e11), "v5p": (4.59e14, 2.46e12),
-        "v6e": (9.20e14, 1.64e12)}
+PEAK = {
+  "v4": (2.75e14, 1.23e12),
+  "v5e": (1.97e14, 8.2e11),
+  "v5p": (4.59e14, 2.46e12),
+  "v6e": (9.20e14, 1.64e12),
+}
 _UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 
@@ -66,24 +70,42 @@ def _kernel_vmem(gen, kind, batch, dim, dtype, sharding, bs):
   error does not have the expected form.
   """
   rows, cols = (bs.block_rows, bs.block_cols) if kind != "dy" else bs.dy_tiles
-  flags = {"fwd": (True, False, False, False), "fwd_dx": (True, True, True, False),
-           "dy": (False, False, True, False), "fwd_dx_dy": (True, True, True, True)}
+  flags = {
+    "fwd": (True, False, False, False),
+    "fwd_dx": (True, True, True, False),
+    "dy": (False, False, True, False),
+    "fwd_dx_dy": (True, True, True, True),
+  }
   with_loss, with_scalar_grads, with_grad, with_db = flags[kind]
   _, splits = tpu._fused_plan(bs, batch, batch, dim, dtype)
   emb = _sds((batch, dim), dtype, sharding)
   ids = _sds((batch,), jnp.int32, sharding)
   limit = 64 << 10
   for _ in range(12):
+
     def one_kernel(a, b, ia, ib, scal, limit=limit):
       # The private single-kernel entry, so that each kernel is measured alone.
-      return tpu._tile_pass(a, b, ia, ib, scal, rows=rows, cols=cols, with_loss=with_loss,
-                            with_scalar_grads=with_scalar_grads, with_grad=with_grad,
-                            with_db=with_db, splits=splits if with_db else 1,
-                            generation=gen, vmem_limit_bytes=limit, interpret=False,
-                            name=f"probe_{kind}")
+      return tpu._tile_pass(
+        a,
+        b,
+        ia,
+        ib,
+        scal,
+        rows=rows,
+        cols=cols,
+        with_loss=with_loss,
+        with_scalar_grads=with_scalar_grads,
+        with_grad=with_grad,
+        with_db=with_db,
+        splits=splits if with_db else 1,
+        generation=gen,
+        vmem_limit_bytes=limit,
+        interpret=False,
+        name=f"probe_{kind}",
+      )
+
     try:
-      jax.jit(one_kernel).lower(emb, emb, ids, ids,
-                                _sds((2,), jnp.float32, sharding)).compile()
+      jax.jit(one_kernel).lower(emb, emb, ids, ids, _sds((2,), jnp.float32, sharding)).compile()
       return limit
     except Exception as e:  # noqa: BLE001 - the out-of-VMEM error is the measurement
       total = re.search(r"Program vmem requirement ([\d.]+)([KMG])", str(e))
@@ -111,35 +133,46 @@ def compile_case(gen, batch, dim, dtype):
   rows_dy, cols_dy = bs.dy_tiles
   fused, splits = tpu._fused_plan(bs, batch, batch, dim, dtype)
   model = {
-      "fwd": tpu.vmem_bytes(bs.block_rows, bs.block_cols, dim, dtype, with_grad=False),
-      "fwd_dx": tpu.vmem_bytes(bs.block_rows, bs.block_cols, dim, dtype, with_grad=True,
-                               n_stats=3),
-      "dy": tpu.vmem_bytes(rows_dy, cols_dy, dim, dtype, with_grad=True),
-      "fwd_dx_dy": tpu.vmem_bytes(bs.block_rows, bs.block_cols, dim, dtype, with_grad=True,
-                                  n_stats=3, resident_rows=batch),
+    "fwd": tpu.vmem_bytes(bs.block_rows, bs.block_cols, dim, dtype, with_grad=False),
+    "fwd_dx": tpu.vmem_bytes(bs.block_rows, bs.block_cols, dim, dtype, with_grad=True, n_stats=3),
+    "dy": tpu.vmem_bytes(rows_dy, cols_dy, dim, dtype, with_grad=True),
+    "fwd_dx_dy": tpu.vmem_bytes(
+      bs.block_rows, bs.block_cols, dim, dtype, with_grad=True, n_stats=3, resident_rows=batch
+    ),
   }
   two = dataclasses.replace(bs, fuse_dy=False)
   cases = [("forward", tpu.loss_sum, bs, 2, ("fwd",))]
   if fused:
     cases.append(("value_and_grad", tpu.loss_sum_and_grads, bs, 6, ("fwd_dx_dy",)))
-    cases.append(("value_and_grad_two_kernel", tpu.loss_sum_and_grads, two, 8,
-                  ("fwd_dx", "dy")))
+    cases.append(("value_and_grad_two_kernel", tpu.loss_sum_and_grads, two, 8, ("fwd_dx", "dy")))
   else:
     cases.append(("value_and_grad", tpu.loss_sum_and_grads, bs, 8, ("fwd_dx", "dy")))
   out = []
   for name, fn, case_bs, factor, kernels in cases:
     analytic = factor * batch * batch * dim
     t0 = time.perf_counter()
-    rec = {"generation": gen, "device_kind": device.device_kind, "batch": batch, "dim": dim,
-           "dtype": jnp.dtype(dtype).name, "pass": name,
-           "design": {2: "forward", 6: f"fused (resident dY, {splits} split)",
-                      8: "two kernels"}[factor],
-           "block_sizes": {"block_rows": bs.block_rows, "block_cols": bs.block_cols,
-                           "block_rows_dy": rows_dy, "block_cols_dy": cols_dy},
-           "analytic_flops": analytic}
+    rec = {
+      "generation": gen,
+      "device_kind": device.device_kind,
+      "batch": batch,
+      "dim": dim,
+      "dtype": jnp.dtype(dtype).name,
+      "pass": name,
+      "design": {2: "forward", 6: f"fused (resident dY, {splits} split)", 8: "two kernels"}[factor],
+      "block_sizes": {
+        "block_rows": bs.block_rows,
+        "block_cols": bs.block_cols,
+        "block_rows_dy": rows_dy,
+        "block_cols_dy": cols_dy,
+      },
+      "analytic_flops": analytic,
+    }
     try:
-      compiled = jax.jit(lambda *a, fn=fn, b=case_bs: fn(*a, block_sizes=b)).lower(
-          emb, emb, ids, ids, scalar, scalar).compile()
+      compiled = (
+        jax.jit(lambda *a, fn=fn, b=case_bs: fn(*a, block_sizes=b))
+        .lower(emb, emb, ids, ids, scalar, scalar)
+        .compile()
+      )
     except Exception as e:  # noqa: BLE001 - a failed compile is a result to report
       rec.update(ok=False, error=str(e)[:2000])
       out.append(rec)
@@ -151,28 +184,40 @@ def compile_case(gen, batch, dim, dtype):
     ca = ca[0] if isinstance(ca, (list, tuple)) else ca
     hlo = compiled.as_text()
     rec.update(
-        ok=True,
-        temp_bytes=int(ma.temp_size_in_bytes),
-        bxb_f32_bytes=4 * batch * batch,
-        bxb_shape_in_hlo=f"[{batch},{batch}]" in hlo,
-        cost_flops=int(ca.get("flops", -1)),
-        cost_transcendentals=int(ca.get("transcendentals", -1)),
-        cost_bytes_accessed=int(ca.get("bytes accessed", -1)),
-        vmem={k: {"mosaic_scoped_bytes": _kernel_vmem(gen, k, batch, dim, dtype, sharding, bs),
-                  "model_bytes": model[k],
-                  "limit_bytes": tpu._vmem_limit(model[k], gen, None)} for k in kernels},
+      ok=True,
+      temp_bytes=int(ma.temp_size_in_bytes),
+      bxb_f32_bytes=4 * batch * batch,
+      bxb_shape_in_hlo=f"[{batch},{batch}]" in hlo,
+      cost_flops=int(ca.get("flops", -1)),
+      cost_transcendentals=int(ca.get("transcendentals", -1)),
+      cost_bytes_accessed=int(ca.get("bytes accessed", -1)),
+      vmem={
+        k: {
+          "mosaic_scoped_bytes": _kernel_vmem(gen, k, batch, dim, dtype, sharding, bs),
+          "model_bytes": model[k],
+          "limit_bytes": tpu._vmem_limit(model[k], gen, None),
+        }
+        for k in kernels
+      },
     )
-    rec["modelled_ms"] = round(1e3 * max(rec["cost_flops"] / peak,
-                                         rec["cost_bytes_accessed"] / bw), 3)
+    rec["modelled_ms"] = round(
+      1e3 * max(rec["cost_flops"] / peak, rec["cost_bytes_accessed"] / bw), 3
+    )
     out.append(rec)
     mib = lambda v: f"{v / 2**20:.1f}" if v else "?"
-    vm = ", ".join(f"{k} {mib(v['mosaic_scoped_bytes'])} MiB (model {mib(v['model_bytes'])}, "
-                   f"limit {mib(v['limit_bytes'])})" for k, v in rec["vmem"].items())
-    print(f"{gen} D={dim} {rec['dtype']} {name} [{rec['design']}]: ok in {rec['compile_s']} s; "
-          f"VMEM {vm}; "
-          f"temp {rec['temp_bytes'] / 2**20:.1f} MiB (B x B f32 would be "
-          f"{rec['bxb_f32_bytes'] / 2**30:.1f} GiB); FLOPs cost {rec['cost_flops']:.4g} vs "
-          f"analytic {analytic:.4g}; modelled {rec['modelled_ms']} ms", flush=True)
+    vm = ", ".join(
+      f"{k} {mib(v['mosaic_scoped_bytes'])} MiB (model {mib(v['model_bytes'])}, "
+      f"limit {mib(v['limit_bytes'])})"
+      for k, v in rec["vmem"].items()
+    )
+    print(
+      f"{gen} D={dim} {rec['dtype']} {name} [{rec['design']}]: ok in {rec['compile_s']} s; "
+      f"VMEM {vm}; "
+      f"temp {rec['temp_bytes'] / 2**20:.1f} MiB (B x B f32 would be "
+      f"{rec['bxb_f32_bytes'] / 2**30:.1f} GiB); FLOPs cost {rec['cost_flops']:.4g} vs "
+      f"analytic {analytic:.4g}; modelled {rec['modelled_ms']} ms",
+      flush=True,
+    )
   return out
 
 
@@ -181,8 +226,9 @@ def main(argv=None):
   p.add_argument("--batch", type=int, default=16384)
   p.add_argument("--dims", type=int, nargs="+", default=[768, 1152, 1536])
   p.add_argument("--generations", nargs="+", default=list(TOPOLOGIES))
-  p.add_argument("--f32-dim", type=int, default=1152,
-                 help="also compile float32 inputs at this D (0: skip)")
+  p.add_argument(
+    "--f32-dim", type=int, default=1152, help="also compile float32 inputs at this D (0: skip)"
+  )
   p.add_argument("--out", default=None)
   args = p.parse_args(argv)
 
@@ -195,19 +241,24 @@ def main(argv=None):
 
   today = datetime.date.today().isoformat()
   report = {
-      "date": today,
-      "jax": jax.__version__,
-      "jaxlib": importlib.metadata.version("jaxlib"),
-      "libtpu": importlib.metadata.version("libtpu"),
-      "note": ("Compile-only (libtpu topologies, JAX_PLATFORMS=cpu). modelled_ms is "
-               "max(FLOPs/peak, bytes/HBM bandwidth) from datasheet figures: MODELLED, "
-               "not measured. mosaic_scoped_bytes: Mosaic's scoped VMEM allocation of "
-               "the kernel: the smallest VMEM limit it compiles under, found by raising "
-               "the limit by the excess its out-of-VMEM errors report."),
-      "results": results,
+    "date": today,
+    "jax": jax.__version__,
+    "jaxlib": importlib.metadata.version("jaxlib"),
+    "libtpu": importlib.metadata.version("libtpu"),
+    "note": (
+      "Compile-only (libtpu topologies, JAX_PLATFORMS=cpu). modelled_ms is "
+      "max(FLOPs/peak, bytes/HBM bandwidth) from datasheet figures: MODELLED, "
+      "not measured. mosaic_scoped_bytes: Mosaic's scoped VMEM allocation of "
+      "the kernel: the smallest VMEM limit it compiles under, found by raising "
+      "the limit by the excess its out-of-VMEM errors report."
+    ),
+    "results": results,
   }
-  path = pathlib.Path(args.out) if args.out else (
-      pathlib.Path(__file__).resolve().parent / "results" / f"tpu_compile_{today}.json")
+  path = (
+    pathlib.Path(args.out)
+    if args.out
+    else (pathlib.Path(__file__).resolve().parent / "results" / f"tpu_compile_{today}.json")
+  )
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(report, indent=1) + "\n")
   failed = [r for r in results if not r["ok"]]

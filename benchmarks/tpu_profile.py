@@ -75,8 +75,18 @@ except ImportError:  # run as a file: add the repo root
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
   from benchmarks import chips as chips_lib
 
-UNITS = ("MXU", "XLU", "VALU", "VPOP", "EUP", "VLOAD", "VLOAD:FILL", "VSTORE",
-         "VSTORE:SPILL", "SALU")
+UNITS = (
+  "MXU",
+  "XLU",
+  "VALU",
+  "VPOP",
+  "EUP",
+  "VLOAD",
+  "VLOAD:FILL",
+  "VSTORE",
+  "VSTORE:SPILL",
+  "SALU",
+)
 KERNELS = ("fwd", "value_and_grad", "value_and_grad_2k", "ring_hop")
 KERNEL_PREFIX = "siglip"
 DEFAULT_GENERATIONS = ("v5e",)
@@ -89,8 +99,10 @@ class DumpFormatError(RuntimeError):
   """libtpu's dump is not in the form this parser reads (names the file and the expectation)."""
 
   def __init__(self, path, expected: str):
-    super().__init__(f"{path}: expected {expected}; libtpu's dump format may have changed, "
-                     "refusing to report figures from it")
+    super().__init__(
+      f"{path}: expected {expected}; libtpu's dump format may have changed, "
+      "refusing to report figures from it"
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -104,9 +116,9 @@ _CMP_RE = r"%{p}\s*=\s*scmp\.(ge|gt|lt|le|eq|ne)\.s32\.totalorder\s+%s\w+,\s*(-?
 
 @dataclasses.dataclass
 class Loop:
-  start: int              # bundle index of the first body bundle (the LB: bundle)
-  end: int                # bundle index of the backward branch
-  trips: int | None       # from the loop exit test; None when the bound is not a constant
+  start: int  # bundle index of the first body bundle (the LB: bundle)
+  end: int  # bundle index of the backward branch
+  trips: int | None  # from the loop exit test; None when the bound is not a constant
   children: list["Loop"] = dataclasses.field(default_factory=list)
 
   @property
@@ -131,8 +143,8 @@ class Loop:
 @dataclasses.dataclass
 class Schedule:
   path: str
-  texts: list[str]        # bundle text, index = bundle number (address)
-  loops: list[Loop]       # outermost loops, in address order
+  texts: list[str]  # bundle text, index = bundle number (address)
+  loops: list[Loop]  # outermost loops, in address order
 
 
 def parse_bundles(path) -> Schedule:
@@ -148,8 +160,9 @@ def parse_bundles(path) -> Schedule:
       continue
     addr = int(m.group(1), 16) if m.group(1) != "0" else 0
     if addr != len(texts):
-      raise DumpFormatError(path, f"consecutive bundle addresses, got {m.group(1)} after "
-                            f"{len(texts)} bundles")
+      raise DumpFormatError(
+        path, f"consecutive bundle addresses, got {m.group(1)} after {len(texts)} bundles"
+      )
     texts.append(m.group(4))
     markers.append(m.group(2))
     for r in _REGION_START_RE.findall(line):
@@ -164,8 +177,11 @@ def parse_bundles(path) -> Schedule:
       if target is None or target > i:
         continue  # forward branch
       if markers[target] != "LB":
-        raise DumpFormatError(path, f"backward branch at bundle {i:#x} to a loop body (LB:), "
-                              f"found its target {target:#x} unmarked")
+        raise DumpFormatError(
+          path,
+          f"backward branch at bundle {i:#x} to a loop body (LB:), "
+          f"found its target {target:#x} unmarked",
+        )
       loops.append(Loop(target, i, _trips(joined, pred, bool(neg))))
   return Schedule(str(path), texts, _nest(loops))
 
@@ -201,7 +217,7 @@ def _nest(loops: list[Loop]) -> list[Loop]:
 class Utilization:
   path: str
   capacity: dict[str, int]
-  rows: list[list[int]]   # per bundle, slots used per unit in UNITS order
+  rows: list[list[int]]  # per bundle, slots used per unit in UNITS order
 
 
 def parse_utilization(path) -> Utilization:
@@ -209,8 +225,9 @@ def parse_utilization(path) -> Utilization:
   path = pathlib.Path(path)
   lines = [l.strip() for l in path.read_text().splitlines()]
   try:
-    i = next(k for k, l in enumerate(lines) if l.startswith("== CAPACTIY") or
-             l.startswith("== CAPACITY"))
+    i = next(
+      k for k, l in enumerate(lines) if l.startswith("== CAPACTIY") or l.startswith("== CAPACITY")
+    )
   except StopIteration:
     raise DumpFormatError(path, "a '== CAPACITY:' header") from None
   names = [n.strip() for n in lines[i + 1].split(",")]
@@ -225,7 +242,7 @@ def parse_utilization(path) -> Utilization:
   if not lines[i + 3].startswith("== UTILIZATION"):
     raise DumpFormatError(path, f"'== UTILIZATION:' after the capacities, got {lines[i + 3]!r}")
   rows = []
-  for k, line in enumerate(lines[i + 4:], start=i + 5):
+  for k, line in enumerate(lines[i + 4 :], start=i + 5):
     if not line:
       continue
     try:
@@ -233,8 +250,9 @@ def parse_utilization(path) -> Utilization:
     except ValueError:
       raise DumpFormatError(path, f"integer slot counts on line {k}, got {line!r}") from None
     if len(row) != len(UNITS) or any(v < 0 or v > c for v, c in zip(row, cap)):
-      raise DumpFormatError(path, f"{len(UNITS)} slot counts within the capacities on line "
-                            f"{k}, got {line!r}")
+      raise DumpFormatError(
+        path, f"{len(UNITS)} slot counts within the capacities on line {k}, got {line!r}"
+      )
     rows.append(row)
   return Utilization(str(path), dict(zip(UNITS, cap)), rows)
 
@@ -254,7 +272,7 @@ def steady_path(sched: Schedule, loop: Loop) -> list[int]:
   for i in range(lo, hi + 1):
     for r in _REGION_START_RE.findall(sched.texts[i]):
       region_at.setdefault(int(r), i)
-  branches = {}   # bundle -> [(negated, predicate, target bundle)], forward, inside the body
+  branches = {}  # bundle -> [(negated, predicate, target bundle)], forward, inside the body
   for i in range(lo, hi + 1):
     for neg, pred, region in _BRANCH_RE.findall(sched.texts[i]):
       target = region_at.get(int(region))
@@ -264,7 +282,7 @@ def steady_path(sched: Schedule, loop: Loop) -> list[int]:
   prefix = [0]
   for i in range(len(matmul)):
     prefix.append(prefix[-1] + matmul[i])
-  has_matmul = lambda a, b: prefix[b] - prefix[a] > 0   # in bundles [a, b)
+  has_matmul = lambda a, b: prefix[b] - prefix[a] > 0  # in bundles [a, b)
 
   def partner(i, neg, pred, target):
     """The else-branch at ``target`` of an if at ``i``: (its target) or None."""
@@ -273,7 +291,7 @@ def steady_path(sched: Schedule, loop: Loop) -> list[int]:
         return y
     return None
 
-  elses = set()   # bundles whose branch is the else of an if/else pair
+  elses = set()  # bundles whose branch is the else of an if/else pair
   for i, bs in branches.items():
     for neg, pred, target in bs:
       if partner(i, neg, pred, target) is not None:
@@ -291,7 +309,7 @@ def steady_path(sched: Schedule, loop: Loop) -> list[int]:
         # if/else: skipping A means running bundle ``target`` (not its jump) and then B.
         via_b = 2 + best[target + 1]
         if via_b < best[i]:
-          best[i], nxt[i] = via_b, -target      # marks: visit target, then target + 1
+          best[i], nxt[i] = via_b, -target  # marks: visit target, then target + 1
       elif not has_matmul(i + 1, target) and 1 + best[target] < best[i]:
         best[i], nxt[i] = 1 + best[target], target
   path, i = [], lo
@@ -316,7 +334,7 @@ def _busy_on(util: Utilization, bundles: list[int]) -> dict[str, float]:
 def _busy(util: Utilization, lo: int, hi: int) -> dict[str, float]:
   n = hi - lo + 1
   sums = [0] * len(UNITS)
-  for row in util.rows[lo:hi + 1]:
+  for row in util.rows[lo : hi + 1]:
     for k, v in enumerate(row):
       sums[k] += v
   return {u: sums[k] / (util.capacity[u] * n) for k, u in enumerate(UNITS)}
@@ -325,47 +343,66 @@ def _busy(util: Utilization, lo: int, hi: int) -> dict[str, float]:
 @dataclasses.dataclass
 class KernelSchedule:
   """What the dump says about one kernel."""
+
   op: str
-  bundles: int            # all bundles of the kernel
-  loop: Loop | None       # the outermost loop with the most bundles (a grid's step)
+  bundles: int  # all bundles of the kernel
+  loop: Loop | None  # the outermost loop with the most bundles (a grid's step)
   loops: list[Loop]
   busy: dict[str, float]  # over the loop body (the whole kernel when it has no loop)
-  spill_frac: float       # loop-body bundles with a vector spill store
-  static_cycles: int | None   # from the loop tree (trip counts of the exit tests)
+  spill_frac: float  # loop-body bundles with a vector spill store
+  static_cycles: int | None  # from the loop tree (trip counts of the exit tests)
   counts: dict[str, int]  # op counts in the loop body: matmul, transcendental, spill, dma
-  steady: list[int]       # the loop body's bundles on a steady-state step (steady_path)
+  steady: list[int]  # the loop body's bundles on a steady-state step (steady_path)
   steady_busy: dict[str, float]
   steady_spill_frac: float
 
 
-_OPS = {"matmul": re.compile(r"= vmatmul"), "transcendental": re.compile(
-    r"= v(?:pow2|log2|rcp|exp|tanh|rsqrt)"), "spill_store": re.compile(r"_spill\]"),
-        "dma_start": re.compile(r"= dma\.(?!done)"), "dma_wait": re.compile(r"= dma\.done")}
+_OPS = {
+  "matmul": re.compile(r"= vmatmul"),
+  "transcendental": re.compile(r"= v(?:pow2|log2|rcp|exp|tanh|rsqrt)"),
+  "spill_store": re.compile(r"_spill\]"),
+  "dma_start": re.compile(r"= dma\.(?!done)"),
+  "dma_wait": re.compile(r"= dma\.done"),
+}
 
 
 def kernel_schedule(op: str, bundles_path, util_path) -> KernelSchedule:
   sched = parse_bundles(bundles_path)
   util = parse_utilization(util_path)
   if len(util.rows) != len(sched.texts):
-    raise DumpFormatError(util_path, f"one row per bundle of {bundles_path} "
-                          f"({len(sched.texts)}), got {len(util.rows)}")
+    raise DumpFormatError(
+      util_path, f"one row per bundle of {bundles_path} ({len(sched.texts)}), got {len(util.rows)}"
+    )
   loop = max(sched.loops, key=lambda l: l.bundles) if sched.loops else None
   lo, hi = (loop.start, loop.end) if loop else (0, len(sched.texts) - 1)
   spill_col = UNITS.index("VSTORE:SPILL")
-  spill = sum(1 for row in util.rows[lo:hi + 1] if row[spill_col] > 0) / (hi - lo + 1)
-  counts = {k: sum(len(r.findall(t)) for t in sched.texts[lo:hi + 1]) for k, r in _OPS.items()}
+  spill = sum(1 for row in util.rows[lo : hi + 1] if row[spill_col] > 0) / (hi - lo + 1)
+  counts = {k: sum(len(r.findall(t)) for t in sched.texts[lo : hi + 1]) for k, r in _OPS.items()}
   total = len(sched.texts) - sum(l.bundles for l in sched.loops)
   for l in sched.loops:
     c = l.cycles()
     total = None if c is None or total is None else total + c
   steady = steady_path(sched, loop) if loop else list(range(lo, hi + 1))
   steady_spill = sum(1 for b in steady if util.rows[b][spill_col] > 0) / len(steady)
-  return KernelSchedule(op, len(sched.texts), loop, sched.loops, _busy(util, lo, hi), spill,
-                        total, counts, steady, _busy_on(util, steady), steady_spill)
+  return KernelSchedule(
+    op,
+    len(sched.texts),
+    loop,
+    sched.loops,
+    _busy(util, lo, hi),
+    spill,
+    total,
+    counts,
+    steady,
+    _busy_on(util, steady),
+    steady_spill,
+  )
 
 
-_DUMP_NAME_RE = re.compile(r"^\d+-(.+)-(\d+)-(final_bundles|"
-                           r"final_hlo-static-per-bundle-utilization)\.txt$")
+_DUMP_NAME_RE = re.compile(
+  r"^\d+-(.+)-(\d+)-(final_bundles|"
+  r"final_hlo-static-per-bundle-utilization)\.txt$"
+)
 
 
 def find_kernels(dump_dir, prefix: str = KERNEL_PREFIX) -> dict[str, tuple[str, str]]:
@@ -383,8 +420,11 @@ def find_kernels(dump_dir, prefix: str = KERNEL_PREFIX) -> dict[str, tuple[str, 
   out: dict[str, tuple[str, str]] = {}
   for (stamp, op), files in sorted(found.items()):
     if len(files) != 2:
-      raise DumpFormatError(dump_dir, f"both final_bundles and final_hlo-static-per-bundle-"
-                            f"utilization files for op {op} (stamp {stamp}), got {sorted(files)}")
+      raise DumpFormatError(
+        dump_dir,
+        f"both final_bundles and final_hlo-static-per-bundle-"
+        f"utilization files for op {op} (stamp {stamp}), got {sorted(files)}",
+      )
     name, k = op, 1
     while name in out:
       k += 1
@@ -410,10 +450,12 @@ def mosaic_grids(mosaic_dir) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]
     if not f:
       continue
     sem = _SEMANTICS_RE.search(text)
-    grid = tuple(int(v) for v in (b.group(1) or "").replace(" ", "").split(",") if v) if b \
-        else ()
-    semantics = tuple(s.strip().split("<")[-1].rstrip(">") for s in sem.group(1).split(",")
-                      if s.strip()) if sem else ()
+    grid = tuple(int(v) for v in (b.group(1) or "").replace(" ", "").split(",") if v) if b else ()
+    semantics = (
+      tuple(s.strip().split("<")[-1].rstrip(">") for s in sem.group(1).split(",") if s.strip())
+      if sem
+      else ()
+    )
     grids[f.group(1)] = (grid, semantics)
   return grids
 
@@ -446,6 +488,7 @@ def mxu_flops_per_cycle(gen: str) -> int:
 def _block_fn(kernel: str, bs):
   import dataclasses as dc
   from siglip_fast.kernels import tpu
+
   if kernel == "fwd":
     return lambda x, y, i, lt, b: tpu.loss_sum(x, y, i, i, lt, b, block_sizes=bs)
   if kernel == "value_and_grad_2k":
@@ -459,15 +502,16 @@ def _ring_fn(mesh, with_grads: bool):
   from siglip_fast.kernels import tpu_ring
 
   def local(x, y, ids, lt, b):
-    return tpu_ring.ring_loss(x, y, ids, ids, lt, b, axis_name="batch",
-                              schedule="bidirectional")
-  f = jax.shard_map(local, mesh=mesh, in_specs=(P("batch"),) * 3 + (P(), P()),
-                    out_specs=P())
+    return tpu_ring.ring_loss(x, y, ids, ids, lt, b, axis_name="batch", schedule="bidirectional")
+
+  f = jax.shard_map(local, mesh=mesh, in_specs=(P("batch"),) * 3 + (P(), P()), out_specs=P())
   return jax.value_and_grad(f, argnums=(0, 1, 3, 4)) if with_grads else f
 
 
-_COST_RE = re.compile(r"%([\w.\-]+) = .*custom_call_target=\"tpu_custom_call\".*?"
-                      r"\"cost_estimate\":\{\"flops\":\"(\d+)\"")
+_COST_RE = re.compile(
+  r"%([\w.\-]+) = .*custom_call_target=\"tpu_custom_call\".*?"
+  r"\"cost_estimate\":\{\"flops\":\"(\d+)\""
+)
 
 
 def kernel_flops(hlo_text: str) -> dict[str, int]:
@@ -486,7 +530,8 @@ def _compile_case(gen, kernel, batch, dim, dump, mosaic):
   from siglip_fast.kernels import tpu
 
   devices = topologies.get_topology_desc(
-      platform="tpu", topology_name=chips_lib.CHIPS[gen].topology).devices
+    platform="tpu", topology_name=chips_lib.CHIPS[gen].topology
+  ).devices
   before = set(os.listdir(dump)), set(os.listdir(mosaic))
   if kernel.startswith("ring"):
     devs, _ = chips_lib.one_device_per_chip(devices)
@@ -497,9 +542,13 @@ def _compile_case(gen, kernel, batch, dim, dump, mosaic):
     mesh, spec = Mesh(np.array(devices[:1]), ("batch",)), P()
     f = _block_fn(kernel, tpu.BlockSizes.for_generation(gen, dim))
   sds = lambda shape, dt, s: jax.ShapeDtypeStruct(shape, dt, sharding=NamedSharding(mesh, s))
-  args = (sds((batch, dim), jnp.bfloat16, spec), sds((batch, dim), jnp.bfloat16, spec),
-          sds((batch,), jnp.int32, spec), sds((), jnp.float32, P()),
-          sds((), jnp.float32, P()))
+  args = (
+    sds((batch, dim), jnp.bfloat16, spec),
+    sds((batch, dim), jnp.bfloat16, spec),
+    sds((batch,), jnp.int32, spec),
+    sds((), jnp.float32, P()),
+    sds((), jnp.float32, P()),
+  )
   compiled = jax.jit(f).lower(*args).compile()
   flops = kernel_flops(compiled.as_text())
   if not flops:  # e.g. the ring's call shows no backend config: the program's cost analysis
@@ -532,10 +581,17 @@ def profile_case(gen, kernel, batch, dim, case_dir, n_dev) -> list[dict]:
     ks = kernel_schedule(op, bpath, upath)
     base = op.split("#")[0].rsplit(".", 1)[0]
     grid, semantics = grids.get(base, (None, ()))
-    row = {"generation": gen, "kernel": kernel, "op": op, "batch": batch, "dim": dim,
-           "clock_ghz": round(clock / 1e9, 4), "bundles": ks.bundles,
-           "loop_bundles": ks.loop.bundles if ks.loop else None,
-           "loop_trips": ks.loop.trips if ks.loop else None}
+    row = {
+      "generation": gen,
+      "kernel": kernel,
+      "op": op,
+      "batch": batch,
+      "dim": dim,
+      "clock_ghz": round(clock / 1e9, 4),
+      "bundles": ks.bundles,
+      "loop_bundles": ks.loop.bundles if ks.loop else None,
+      "loop_trips": ks.loop.trips if ks.loop else None,
+    }
     row.update({_key(u): round(v, 4) for u, v in ks.busy.items()})
     row["spill_frac"] = round(ks.spill_frac, 4)
     # The steady-state step: one-off regions (first / last step) and the longer of two
@@ -560,22 +616,26 @@ def profile_case(gen, kernel, batch, dim, case_dir, n_dev) -> list[dict]:
       if ks.loop.trips is not None and ks.loop.trips < steps and cores > 1:
         steps //= cores
         op_flops = op_flops / cores if op_flops else op_flops
-      row.update(grid=list(grid), grid_steps=steps, static_cycles=steps * ks.loop.bundles,
-                 steady_static_cycles=steps * len(ks.steady))
+      row.update(
+        grid=list(grid),
+        grid_steps=steps,
+        static_cycles=steps * ks.loop.bundles,
+        steady_static_cycles=steps * len(ks.steady),
+      )
       row["steady_static_us"] = round(row["steady_static_cycles"] / clock * 1e6, 2)
       if op_flops:
         row["mxu_ideal_cycles"] = round(op_flops / steps / mxu_flops_per_cycle(gen), 1)
         row["mxu_ideal_ratio"] = round(row["mxu_ideal_cycles"] / ks.loop.bundles, 4)
         row["steady_mxu_ideal_ratio"] = round(row["mxu_ideal_cycles"] / len(ks.steady), 4)
-    else:     # no grid (the ring): the loop tree at its exit tests' trip counts
+    else:  # no grid (the ring): the loop tree at its exit tests' trip counts
       row.update(grid=[], grid_steps=None, static_cycles=ks.static_cycles)
       if ks.static_cycles and op_flops:
         row["mxu_ideal_cycles"] = round(op_flops / mxu_flops_per_cycle(gen), 1)
         row["mxu_ideal_ratio"] = round(row["mxu_ideal_cycles"] / ks.static_cycles, 4)
-    row["static_us"] = (round(row["static_cycles"] / clock * 1e6, 2)
-                        if row["static_cycles"] else None)
-    busy = {u: ks.busy[u] for u in ("MXU", "XLU", "VALU", "VPOP", "EUP", "VLOAD", "VSTORE",
-                                    "SALU")}
+    row["static_us"] = (
+      round(row["static_cycles"] / clock * 1e6, 2) if row["static_cycles"] else None
+    )
+    busy = {u: ks.busy[u] for u in ("MXU", "XLU", "VALU", "VPOP", "EUP", "VLOAD", "VSTORE", "SALU")}
     row["bound"] = max(busy, key=busy.get)
     if kernel.startswith("ring"):
       row.update(_ring_hop(gen, kernel, batch, dim, n_dev, row["static_cycles"], clock))
@@ -594,8 +654,12 @@ def _ring_hop(gen, kernel, batch, dim, n_dev, cycles, clock) -> dict:
   chip = chips_lib.CHIPS[gen]
   b = batch // n_dev
   wire = b * dim * 2 + b * 4
-  out = {"ring_devices": n_dev, "hop_wire_bytes": wire,
-         "hop_wire_us": round(wire / chip.link_bw * 1e6, 2), "link_bw": chip.link_bw}
+  out = {
+    "ring_devices": n_dev,
+    "hop_wire_bytes": wire,
+    "hop_wire_us": round(wire / chip.link_bw * 1e6, 2),
+    "link_bw": chip.link_bw,
+  }
   if cycles:
     out["hop_cycles"] = cycles // n_dev
     out["hop_us"] = round(out["hop_cycles"] / clock * 1e6, 2)
@@ -616,8 +680,15 @@ def _child(gen, kernels, dims, batch, dump):
       except DumpFormatError:
         raise
       except Exception as e:  # noqa: BLE001 - a kernel that does not compile is a row
-        out = [{"generation": gen, "kernel": kernel, "batch": batch, "dim": dim,
-                "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}]
+        out = [
+          {
+            "generation": gen,
+            "kernel": kernel,
+            "batch": batch,
+            "dim": dim,
+            "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}",
+          }
+        ]
       for r in out:
         r["compile_s"] = round(time.perf_counter() - t0, 1)
       rows += out
@@ -630,16 +701,33 @@ def run_generation(gen, kernels, dims, batch, keep_dump=None) -> list[dict]:
   with tempfile.TemporaryDirectory(prefix=f"tpu_profile_{gen}_") as tmp:
     dump = keep_dump or tmp
     os.makedirs(os.path.join(dump, "mosaic"), exist_ok=True)
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1",
-               ALLOW_MULTIPLE_LIBTPU_LOAD="1",
-               LIBTPU_INIT_ARGS=(os.environ.get("LIBTPU_INIT_ARGS", "") +
-                                 f" --xla_jf_dump_to={dump}"
-                                 f" --xla_mosaic_dump_to={dump}/mosaic").strip())
+    env = dict(
+      os.environ,
+      JAX_PLATFORMS="cpu",
+      TPU_SKIP_MDS_QUERY="1",
+      ALLOW_MULTIPLE_LIBTPU_LOAD="1",
+      LIBTPU_INIT_ARGS=(
+        os.environ.get("LIBTPU_INIT_ARGS", "") + f" --xla_jf_dump_to={dump}"
+        f" --xla_mosaic_dump_to={dump}/mosaic"
+      ).strip(),
+    )
     root = str(pathlib.Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "benchmarks.tpu_profile", "--_child", dump,
-           "--generations", gen, "--batch", str(batch), "--dims", *map(str, dims),
-           "--kernels", *kernels]
+    cmd = [
+      sys.executable,
+      "-m",
+      "benchmarks.tpu_profile",
+      "--_child",
+      dump,
+      "--generations",
+      gen,
+      "--batch",
+      str(batch),
+      "--dims",
+      *map(str, dims),
+      "--kernels",
+      *kernels,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=root)
     rows = []
     for line in proc.stdout.splitlines():
@@ -654,17 +742,29 @@ def run_generation(gen, kernels, dims, batch, keep_dump=None) -> list[dict]:
 # ------------------------------------------------------------------------------------------
 # Output
 
-_COLS = (("generation", "gen", "{}"), ("kernel", "kernel", "{}"), ("op", "op", "{}"),
-         ("dim", "D", "{}"), ("grid_steps", "steps", "{}"), ("loop_bundles", "bundles/step",
-                                                             "{}"),
-         ("static_us", "static us", "{:.1f}"), ("mxu_busy", "MXU", "{:.2f}"),
-         ("valu_busy", "VALU", "{:.2f}"), ("eup_busy", "EUP", "{:.2f}"),
-         ("vpop_busy", "VPOP", "{:.2f}"), ("vstore_busy", "VST", "{:.2f}"),
-         ("spill_frac", "spill", "{:.2f}"), ("mxu_ideal_ratio", "ideal/bundles", "{:.2f}"),
-         ("bound", "bound", "{}"), ("steady_bundles", "steady", "{}"),
-         ("steady_mxu_busy", "sMXU", "{:.2f}"), ("steady_valu_busy", "sVALU", "{:.2f}"),
-         ("steady_vstore_busy", "sVST", "{:.2f}"), ("steady_spill_frac", "sspill", "{:.2f}"),
-         ("hop_hidden_ratio", "hop/wire", "{:.2f}"))
+_COLS = (
+  ("generation", "gen", "{}"),
+  ("kernel", "kernel", "{}"),
+  ("op", "op", "{}"),
+  ("dim", "D", "{}"),
+  ("grid_steps", "steps", "{}"),
+  ("loop_bundles", "bundles/step", "{}"),
+  ("static_us", "static us", "{:.1f}"),
+  ("mxu_busy", "MXU", "{:.2f}"),
+  ("valu_busy", "VALU", "{:.2f}"),
+  ("eup_busy", "EUP", "{:.2f}"),
+  ("vpop_busy", "VPOP", "{:.2f}"),
+  ("vstore_busy", "VST", "{:.2f}"),
+  ("spill_frac", "spill", "{:.2f}"),
+  ("mxu_ideal_ratio", "ideal/bundles", "{:.2f}"),
+  ("bound", "bound", "{}"),
+  ("steady_bundles", "steady", "{}"),
+  ("steady_mxu_busy", "sMXU", "{:.2f}"),
+  ("steady_valu_busy", "sVALU", "{:.2f}"),
+  ("steady_vstore_busy", "sVST", "{:.2f}"),
+  ("steady_spill_frac", "sspill", "{:.2f}"),
+  ("hop_hidden_ratio", "hop/wire", "{:.2f}"),
+)
 
 
 def format_table(rows) -> str:
@@ -681,12 +781,22 @@ def format_table(rows) -> str:
 def plot(rows, path):
   """A heat map per D: one line per kernel op and generation, one column per unit."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  cols = (("mxu_busy", "MXU"), ("valu_busy", "VALU"), ("eup_busy", "EUP"),
-          ("vpop_busy", "VPOP"), ("xlu_busy", "XLU"), ("vload_busy", "VLOAD"),
-          ("vstore_busy", "VSTORE"), ("salu_busy", "SALU"), ("spill_frac", "spill"),
-          ("mxu_ideal_ratio", "ideal/bndl"))
+
+  cols = (
+    ("mxu_busy", "MXU"),
+    ("valu_busy", "VALU"),
+    ("eup_busy", "EUP"),
+    ("vpop_busy", "VPOP"),
+    ("xlu_busy", "XLU"),
+    ("vload_busy", "VLOAD"),
+    ("vstore_busy", "VSTORE"),
+    ("salu_busy", "SALU"),
+    ("spill_frac", "spill"),
+    ("mxu_ideal_ratio", "ideal/bndl"),
+  )
   ok = [r for r in rows if "error" not in r]
   dims = sorted({r["dim"] for r in ok})
   n = max(len([r for r in ok if r["dim"] == d]) for d in dims)
@@ -697,43 +807,60 @@ def plot(rows, path):
     sel = [r for r in ok if r["dim"] == dim]
     # The steady-state step where the row has it (see steady_path), else the whole loop.
     value = lambda r, k: r.get("steady_" + k, r.get(k))
-    data = [[value(r, k) if value(r, k) is not None else float("nan") for k, _ in cols]
-            for r in sel]
+    data = [
+      [value(r, k) if value(r, k) is not None else float("nan") for k, _ in cols] for r in sel
+    ]
     im = ax.imshow(data, cmap="viridis", vmin=0, vmax=1, aspect="auto")
     for i, line in enumerate(data):
       for j, v in enumerate(line):
         if v == v:
-          ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
-                  color="black" if v > 0.6 else "white")
+          ax.text(
+            j,
+            i,
+            f"{v:.2f}",
+            ha="center",
+            va="center",
+            fontsize=7,
+            color="black" if v > 0.6 else "white",
+          )
     ax.set_xticks(range(len(cols)))
     ax.set_xticklabels([c for _, c in cols], fontsize=7)
     ax.xaxis.tick_top()
     ax.set_yticks(range(len(sel)))
-    ax.set_yticklabels([f"{r['generation']} {r['kernel']} ({r['op'].split('.')[0]})"
-                        for r in sel], fontsize=7)
+    ax.set_yticklabels(
+      [f"{r['generation']} {r['kernel']} ({r['op'].split('.')[0]})" for r in sel], fontsize=7
+    )
     ax.set_ylabel(f"D = {dim}", fontsize=9)
   fig.colorbar(im, ax=axes[:, 0].tolist(), shrink=0.6, label="busy fraction (static)")
-  fig.suptitle(f"Static unit occupancy of each kernel's steady-state grid step, B = "
-               f"{ok[0]['batch']}, bf16\n(libtpu's VLIW schedule, compile-only; not measured. "
-               "ideal/bndl: MXU cycles of the FLOPs / bundles)", fontsize=9,
-               y=1 + 0.55 / height)
+  fig.suptitle(
+    f"Static unit occupancy of each kernel's steady-state grid step, B = "
+    f"{ok[0]['batch']}, bf16\n(libtpu's VLIW schedule, compile-only; not measured. "
+    "ideal/bndl: MXU cycles of the FLOPs / bundles)",
+    fontsize=9,
+    y=1 + 0.55 / height,
+  )
   fig.savefig(path, dpi=90, bbox_inches="tight")
   plt.close(fig)
 
 
 def main(argv=None):
   p = argparse.ArgumentParser(
-      description=__doc__.split("\n\n")[0] + " The default run (v5e, D = 1152, B = 4096, all "
-      "four kernels) takes 2.5-4 minutes on a shared 2-core host; each further generation x D "
-      "adds about as much (the ring's compile is half of it; --kernels narrows it).",
-      formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--generations", nargs="+", default=list(DEFAULT_GENERATIONS),
-                 choices=chips_lib.TPU_GENERATIONS)
+    description=__doc__.split("\n\n")[0] + " The default run (v5e, D = 1152, B = 4096, all "
+    "four kernels) takes 2.5-4 minutes on a shared 2-core host; each further generation x D "
+    "adds about as much (the ring's compile is half of it; --kernels narrows it).",
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  p.add_argument(
+    "--generations", nargs="+", default=list(DEFAULT_GENERATIONS), choices=chips_lib.TPU_GENERATIONS
+  )
   p.add_argument("--dims", nargs="+", type=int, default=list(DEFAULT_DIMS))
-  p.add_argument("--batch", type=int, default=DEFAULT_BATCH,
-                 help="global batch B (the ring: over %d chips)" % RING_DEVICES)
-  p.add_argument("--kernels", nargs="+", default=list(KERNELS),
-                 choices=KERNELS + ("ring_hop_fwd",))
+  p.add_argument(
+    "--batch",
+    type=int,
+    default=DEFAULT_BATCH,
+    help="global batch B (the ring: over %d chips)" % RING_DEVICES,
+  )
+  p.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=KERNELS + ("ring_hop_fwd",))
   p.add_argument("--json", help="write the rows here (nothing is written unless asked)")
   p.add_argument("--plot", help="write a PNG chart of the busy fractions here")
   p.add_argument("--keep-dump", help="keep libtpu's dump under this folder (one per generation)")
@@ -748,13 +875,19 @@ def main(argv=None):
     keep = os.path.join(args.keep_dump, gen) if args.keep_dump else None
     rows += run_generation(gen, args.kernels, args.dims, args.batch, keep)
   print(format_table(rows))
-  print(f"\nSTATIC figures from libtpu's VLIW schedule, not measurements: no DMA/HBM stalls, "
-        f"no throttling, every bundle one cycle. {time.perf_counter() - t0:.0f} s.")
+  print(
+    f"\nSTATIC figures from libtpu's VLIW schedule, not measurements: no DMA/HBM stalls, "
+    f"no throttling, every bundle one cycle. {time.perf_counter() - t0:.0f} s."
+  )
   if args.json:
-    meta = {"date": datetime.date.today().isoformat(), "batch": args.batch,
-            "dtype": "bfloat16", "source": "libtpu --xla_jf_dump_to final_bundles + "
-            "final_hlo-static-per-bundle-utilization", "versions": _versions(),
-            "note": "static schedule figures, not measurements"}
+    meta = {
+      "date": datetime.date.today().isoformat(),
+      "batch": args.batch,
+      "dtype": "bfloat16",
+      "source": "libtpu --xla_jf_dump_to final_bundles + final_hlo-static-per-bundle-utilization",
+      "versions": _versions(),
+      "note": "static schedule figures, not measurements",
+    }
     pathlib.Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
   if args.plot:
     plot(rows, args.plot)
@@ -763,6 +896,7 @@ def main(argv=None):
 
 def _versions():
   import importlib.metadata as md
+
   out = {}
   for d in ("jax", "jaxlib", "libtpu"):
     try:

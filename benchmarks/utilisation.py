@@ -132,7 +132,7 @@ def kernel_module(impl: str):
 
 
 def available_implementations(backend: str) -> list[str]:
-  """"xla" plus every kernel for ``backend`` whose module is present in this install.
+  """ "xla" plus every kernel for ``backend`` whose module is present in this install.
 
   A module that is present but fails to import is listed anyway, so its rows show the error.
   """
@@ -165,23 +165,33 @@ def _block_ops(impl: str, generation: str | None, interpret: bool) -> ring_lib.B
   return module.block_ops(interpret=interpret, block_sizes=block_sizes)
 
 
-def loss_function(impl: str, kind: str, pass_: str, *, mesh=None, generation=None,
-                  interpret=False, schedule="bidirectional"):
+def loss_function(
+  impl: str,
+  kind: str,
+  pass_: str,
+  *,
+  mesh=None,
+  generation=None,
+  interpret=False,
+  schedule="bidirectional",
+):
   """f(x, y, ids, log_t, bias) -> loss (fwd) or (loss, (dx, dy, dlog_t, dbias)) (vag)."""
   axis = AXIS if kind == "ring" else None
   if impl == "pallas_tpu_ring":
     ring_loss = functools.partial(kernel_module(impl).ring_loss, interpret=interpret)
   else:
-    ring_loss = functools.partial(reference_ring.ring_loss,
-                                  ops=_block_ops(impl, generation, interpret))
+    ring_loss = functools.partial(
+      reference_ring.ring_loss, ops=_block_ops(impl, generation, interpret)
+    )
 
   def local(x, y, ids, log_t, bias):
     return ring_loss(x, y, ids, ids, log_t, bias, axis_name=axis, schedule=schedule)
 
   f = local
   if kind == "ring":
-    f = jax.shard_map(local, mesh=mesh, in_specs=(P(AXIS), P(AXIS), P(AXIS), P(), P()),
-                      out_specs=P())
+    f = jax.shard_map(
+      local, mesh=mesh, in_specs=(P(AXIS), P(AXIS), P(AXIS), P(), P()), out_specs=P()
+    )
   if pass_ == "vag":
     f = jax.value_and_grad(f, argnums=(0, 1, 3, 4))
   return f
@@ -198,8 +208,13 @@ def _inputs(shape: Shape, seed: int):
   x /= np.linalg.norm(x, axis=1, keepdims=True)
   y /= np.linalg.norm(y, axis=1, keepdims=True)
   dt = jnp.dtype(shape.dtype)
-  return (jnp.asarray(x, dt), jnp.asarray(y, dt), jnp.arange(shape.batch, dtype=jnp.int32),
-          jnp.float32(math.log(10.0)), jnp.float32(-10.0))
+  return (
+    jnp.asarray(x, dt),
+    jnp.asarray(y, dt),
+    jnp.arange(shape.batch, dtype=jnp.int32),
+    jnp.float32(math.log(10.0)),
+    jnp.float32(-10.0),
+  )
 
 
 def oracle(x, y, log_t, bias):
@@ -238,8 +253,13 @@ def max_rel_err(out, pass_: str, args) -> float:
 def _abstract(shape: Shape, shardings):
   """ShapeDtypeStructs of (x, y, ids, log_t, bias): compiling needs no data."""
   dt = jnp.dtype(shape.dtype)
-  specs = (((shape.batch, shape.dim), dt), ((shape.batch, shape.dim), dt),
-           ((shape.batch,), jnp.int32), ((), jnp.float32), ((), jnp.float32))
+  specs = (
+    ((shape.batch, shape.dim), dt),
+    ((shape.batch, shape.dim), dt),
+    ((shape.batch,), jnp.int32),
+    ((), jnp.float32),
+    ((), jnp.float32),
+  )
   return tuple(jax.ShapeDtypeStruct(s, d, sharding=sh) for (s, d), sh in zip(specs, shardings))
 
 
@@ -255,8 +275,11 @@ def _cost(compiled) -> dict:
   if isinstance(ca, (list, tuple)):  # older jax: one dict per program
     ca = ca[0] if ca else {}
   ca = ca or {}
-  out = {"flops": ca.get("flops"), "bytes": ca.get("bytes accessed"),
-         "transcendentals": ca.get("transcendentals")}
+  out = {
+    "flops": ca.get("flops"),
+    "bytes": ca.get("bytes accessed"),
+    "transcendentals": ca.get("transcendentals"),
+  }
   est = ca.get("optimal_seconds")
   out["xla_estimate_s"] = est if est is not None and est > 0 else None
   try:
@@ -300,8 +323,7 @@ def _ring_hops(n_dev: int, schedule: str) -> int:
   return n_dev - 1 if schedule == "unidirectional" else math.ceil((n_dev - 1) / 2)
 
 
-def model_row(row: dict, chip: chips_lib.Chip | None, devices_per_chip: int,
-              schedule: str) -> dict:
+def model_row(row: dict, chip: chips_lib.Chip | None, devices_per_chip: int, schedule: str) -> dict:
   """Adds intensity, modelled times and the bound to a costed row (in place)."""
   flops, nbytes = row.get("flops"), row.get("bytes")
   if flops and nbytes:
@@ -331,8 +353,13 @@ def model_row(row: dict, chip: chips_lib.Chip | None, devices_per_chip: int,
     if schedule == "bidirectional" and n > 2:  # both neighbours at once share the egress
       per_hop = max(per_hop, 2 * chunk / chip.egress_bw)
     hops = _ring_hops(n, schedule) + (1 if row["pass"] == "vag" else 0)  # + dY home
-    row.update(wire_bytes_per_hop=chunk, wire_hops=hops, wire_s=hops * per_hop,
-               wire_s_per_hop=per_hop, compute_s_per_block=row["compute_s"] / n)
+    row.update(
+      wire_bytes_per_hop=chunk,
+      wire_hops=hops,
+      wire_s=hops * per_hop,
+      wire_s_per_hop=per_hop,
+      compute_s_per_block=row["compute_s"] / n,
+    )
     if row["wire_s"] > row["modelled_s"]:
       row["bound"] = f"wire ({chip.wire})"
     row["modelled_s"] = max(row["modelled_s"], row["wire_s"])
@@ -344,9 +371,18 @@ def model_row(row: dict, chip: chips_lib.Chip | None, devices_per_chip: int,
 
 def _base_row(target, mode, impl, kind, pass_, shape, n_dev):
   per_device = shape.batch * shape.batch * shape.dim / n_dev
-  return {"target": target, "mode": mode, "impl": impl, "kind": kind, "pass": pass_,
-          "batch": shape.batch, "dim": shape.dim, "dtype": shape.dtype, "devices": n_dev,
-          "model_flops": _MODEL_FLOPS_PER_B2D[pass_] * per_device}
+  return {
+    "target": target,
+    "mode": mode,
+    "impl": impl,
+    "kind": kind,
+    "pass": pass_,
+    "batch": shape.batch,
+    "dim": shape.dim,
+    "dtype": shape.dtype,
+    "devices": n_dev,
+    "model_flops": _MODEL_FLOPS_PER_B2D[pass_] * per_device,
+  }
 
 
 def _error(e: Exception) -> str:
@@ -363,14 +399,23 @@ def compile_only_rows(shapes, generations, impls, ring, schedule, check_max, see
   # (a test run, a second report) instead of failing on libtpu's lockfile.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies
+
   rows, checked = [], {}
   for gen in generations:
     chip = chips_lib.CHIPS[gen]
     try:
       topo = topologies.get_topology_desc(platform="tpu", topology_name=chip.topology)
     except Exception as e:  # noqa: BLE001 - e.g. no libtpu: say so in the report
-      rows.append({"target": f"{gen} (compile-only)", "mode": "compile-only", "impl": "-",
-                   "kind": "-", "pass": "-", "error": _error(e)})
+      rows.append(
+        {
+          "target": f"{gen} (compile-only)",
+          "mode": "compile-only",
+          "impl": "-",
+          "kind": "-",
+          "pass": "-",
+          "error": _error(e),
+        }
+      )
       continue
     devices, per_chip = chips_lib.one_device_per_chip(topo.devices)
     target = f"{gen} (compile-only)"
@@ -385,13 +430,14 @@ def compile_only_rows(shapes, generations, impls, ring, schedule, check_max, see
             continue
           for pass_ in PASSES:
             row = _base_row(target, "compile-only", impl, kind, pass_, shape, n_dev)
-            log(f"compiling {gen} {impl} {kind} {pass_} B={shape.batch} D={shape.dim} "
-                f"{shape.dtype}")
+            log(
+              f"compiling {gen} {impl} {kind} {pass_} B={shape.batch} D={shape.dim} {shape.dtype}"
+            )
             try:
-              f = loss_function(impl, kind, pass_, mesh=mesh, generation=gen,
-                                schedule=schedule)
-              compiled = jax.jit(f).lower(
-                  *_abstract(shape, _shardings(kind, devices[0], mesh))).compile()
+              f = loss_function(impl, kind, pass_, mesh=mesh, generation=gen, schedule=schedule)
+              compiled = (
+                jax.jit(f).lower(*_abstract(shape, _shardings(kind, devices[0], mesh))).compile()
+              )
               row.update(_cost(compiled))
               model_row(row, chip, per_chip, schedule)
               if kind == "block" and shape.batch <= check_max:
@@ -433,8 +479,9 @@ def measured_rows(shapes, impls, ring, schedule, iters, check_max, seed, interpr
           try:
             shardings = _shardings(kind, devices[0], mesh)
             args = tuple(jax.device_put(a, s) for a, s in zip(_inputs(shape, seed), shardings))
-            f = loss_function(impl, kind, pass_, mesh=mesh,
-                              interpret=interpret and impl != "xla", schedule=schedule)
+            f = loss_function(
+              impl, kind, pass_, mesh=mesh, interpret=interpret and impl != "xla", schedule=schedule
+            )
             compiled = jax.jit(f).lower(*_abstract(shape, shardings)).compile()
             row.update(_cost(compiled))
             row["measured_s"] = _time_call(compiled, args, iters)
@@ -451,8 +498,9 @@ def measured_rows(shapes, impls, ring, schedule, iters, check_max, seed, interpr
 # Profiler trace
 
 
-def capture_trace(trace_dir: str, shape: Shape, implementation: str | None, steps: int = 3,
-                  seed: int = 0) -> str:
+def capture_trace(
+  trace_dir: str, shape: Shape, implementation: str | None, steps: int = 3, seed: int = 0
+) -> str:
   """jax.profiler trace of the loss (value and grad) and of a small training step.
 
   The step is two linear towers (features -> D, L2-normalised) trained by AdamW through
@@ -463,6 +511,7 @@ def capture_trace(trace_dir: str, shape: Shape, implementation: str | None, step
   import optax
 
   import siglip_fast
+
   loss = functools.partial(siglip_fast.sigmoid_loss, implementation=implementation)
   x, y, _, log_t, bias = _inputs(shape, seed)
   vag = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
@@ -470,11 +519,16 @@ def capture_trace(trace_dir: str, shape: Shape, implementation: str | None, step
   feat = 2 * shape.dim
   kx, ky, kw, kv = jax.random.split(jax.random.key(seed), 4)
   dt = jnp.dtype(shape.dtype)
-  batch = (jax.random.normal(kx, (shape.batch, feat), dt),
-           jax.random.normal(ky, (shape.batch, feat), dt))
-  params = {"img": jax.random.normal(kw, (feat, shape.dim), jnp.float32) / math.sqrt(feat),
-            "txt": jax.random.normal(kv, (feat, shape.dim), jnp.float32) / math.sqrt(feat),
-            "log_t": jnp.float32(math.log(10.0)), "bias": jnp.float32(-10.0)}
+  batch = (
+    jax.random.normal(kx, (shape.batch, feat), dt),
+    jax.random.normal(ky, (shape.batch, feat), dt),
+  )
+  params = {
+    "img": jax.random.normal(kw, (feat, shape.dim), jnp.float32) / math.sqrt(feat),
+    "txt": jax.random.normal(kv, (feat, shape.dim), jnp.float32) / math.sqrt(feat),
+    "log_t": jnp.float32(math.log(10.0)),
+    "bias": jnp.float32(-10.0),
+  }
   tx = optax.adamw(1e-3, b2=0.95)  # beta2 0.95: the paper's large-batch setting
 
   def tower(w, f):
@@ -491,7 +545,7 @@ def capture_trace(trace_dir: str, shape: Shape, implementation: str | None, step
     return optax.apply_updates(p, updates), opt, value
 
   opt = tx.init(params)
-  jax.block_until_ready(vag(x, y, log_t, bias))                 # compile outside the trace
+  jax.block_until_ready(vag(x, y, log_t, bias))  # compile outside the trace
   jax.block_until_ready(train_step(params, opt, batch))
   with jax.profiler.trace(trace_dir):
     for i in range(steps):
@@ -512,10 +566,12 @@ def capture_trace(trace_dir: str, shape: Shape, implementation: str | None, step
 # Static schedule figures (benchmarks/tpu_profile.py)
 
 # (impl, kind, pass) -> the tpu_profile kernel that call runs.
-_STATIC_KERNELS = {("pallas_tpu", "block", "fwd"): "fwd",
-                   ("pallas_tpu", "block", "vag"): "value_and_grad",
-                   ("pallas_tpu_ring", "ring", "vag"): "ring_hop",
-                   ("pallas_tpu_ring", "ring", "fwd"): "ring_hop_fwd"}
+_STATIC_KERNELS = {
+  ("pallas_tpu", "block", "fwd"): "fwd",
+  ("pallas_tpu", "block", "vag"): "value_and_grad",
+  ("pallas_tpu_ring", "ring", "vag"): "ring_hop",
+  ("pallas_tpu_ring", "ring", "fwd"): "ring_hop_fwd",
+}
 
 
 def default_static_profiles() -> list[pathlib.Path]:
@@ -529,8 +585,14 @@ def load_static_profiles(paths) -> list[dict]:
   rows = {}
   for path in paths:
     for r in json.loads(pathlib.Path(path).read_text())["rows"]:
-      key = (r.get("generation"), r.get("kernel"), r.get("batch"), r.get("dim"),
-             r.get("op"), r.get("ring_devices"))
+      key = (
+        r.get("generation"),
+        r.get("kernel"),
+        r.get("batch"),
+        r.get("dim"),
+        r.get("op"),
+        r.get("ring_devices"),
+      )
       rows[key] = r
   return list(rows.values())
 
@@ -544,11 +606,20 @@ def attach_static(rows: list[dict], profile_rows: list[dict]) -> list[dict]:
       continue
     kernel = _STATIC_KERNELS.get((row.get("impl"), row.get("kind"), row.get("pass")))
     gen = row["target"].split(" ")[0]
-    match = [p for p in profile_rows
-             if not p.get("error") and p.get("generation") == gen and p.get("kernel") == kernel
-             and p.get("dim") == row.get("dim") and p.get("batch") == row.get("batch")
-             and (kernel is None or not kernel.startswith("ring")
-                  or p.get("ring_devices") == row.get("devices"))]
+    match = [
+      p
+      for p in profile_rows
+      if not p.get("error")
+      and p.get("generation") == gen
+      and p.get("kernel") == kernel
+      and p.get("dim") == row.get("dim")
+      and p.get("batch") == row.get("batch")
+      and (
+        kernel is None
+        or not kernel.startswith("ring")
+        or p.get("ring_devices") == row.get("devices")
+      )
+    ]
     # The steady-state step where the profile has it (one-off regions skipped).
     us = lambda p: p.get("steady_static_us") or p.get("static_us")
     if not match or any(us(p) is None for p in match):
@@ -567,27 +638,29 @@ def _fmt(v, scale=1.0, digits=3):
 
 
 _COLUMNS = (
-    ("target", lambda r: r["target"]), ("impl", lambda r: r["impl"]),
-    ("kind", lambda r: r["kind"] + (f"/{r['devices']}" if r.get("kind") == "ring" else "")),
-    ("pass", lambda r: r["pass"]),
-    ("B", lambda r: str(r.get("batch", "-"))), ("D", lambda r: str(r.get("dim", "-"))),
-    ("dtype", lambda r: {"bfloat16": "bf16", "float32": "f32"}.get(r.get("dtype"), "-")),
-    ("GFLOP", lambda r: _fmt(r.get("flops"), 1e-9)),
-    ("model GFLOP", lambda r: _fmt(r.get("model_flops"), 1e-9)),
-    ("MB", lambda r: _fmt(r.get("bytes"), 1e-6)),
-    ("AI", lambda r: _fmt(r.get("intensity"), 1, 4)),
-    ("bound", lambda r: r.get("bound", "-")),
-    ("modelled ms", lambda r: _fmt(r.get("modelled_s"), 1e3)),
-    ("static ms", lambda r: _fmt(r.get("static_s"), 1e3)),
-    ("unit", lambda r: r.get("static_unit", "-")),
-    ("measured ms", lambda r: _fmt(r.get("measured_s"), 1e3)),
-    ("TFLOP/s", lambda r: _fmt(r.get("tflops"))),
-    ("% peak", lambda r: _fmt(r.get("frac_peak"), 100)),
-    ("MFU %", lambda r: _fmt(r.get("mfu"), 100)),
-    ("temp MiB", lambda r: _fmt(r.get("temp_bytes"), 2 ** -20)),
-    ("VMEM MiB", lambda r: _fmt(r.get("vmem_limit_bytes"), 2 ** -20)),
-    ("wire ms", lambda r: _fmt(r.get("wire_s"), 1e3)),
-    ("rel err", lambda r: _fmt(r.get("rel_err"), 1, 2)),
+  ("target", lambda r: r["target"]),
+  ("impl", lambda r: r["impl"]),
+  ("kind", lambda r: r["kind"] + (f"/{r['devices']}" if r.get("kind") == "ring" else "")),
+  ("pass", lambda r: r["pass"]),
+  ("B", lambda r: str(r.get("batch", "-"))),
+  ("D", lambda r: str(r.get("dim", "-"))),
+  ("dtype", lambda r: {"bfloat16": "bf16", "float32": "f32"}.get(r.get("dtype"), "-")),
+  ("GFLOP", lambda r: _fmt(r.get("flops"), 1e-9)),
+  ("model GFLOP", lambda r: _fmt(r.get("model_flops"), 1e-9)),
+  ("MB", lambda r: _fmt(r.get("bytes"), 1e-6)),
+  ("AI", lambda r: _fmt(r.get("intensity"), 1, 4)),
+  ("bound", lambda r: r.get("bound", "-")),
+  ("modelled ms", lambda r: _fmt(r.get("modelled_s"), 1e3)),
+  ("static ms", lambda r: _fmt(r.get("static_s"), 1e3)),
+  ("unit", lambda r: r.get("static_unit", "-")),
+  ("measured ms", lambda r: _fmt(r.get("measured_s"), 1e3)),
+  ("TFLOP/s", lambda r: _fmt(r.get("tflops"))),
+  ("% peak", lambda r: _fmt(r.get("frac_peak"), 100)),
+  ("MFU %", lambda r: _fmt(r.get("mfu"), 100)),
+  ("temp MiB", lambda r: _fmt(r.get("temp_bytes"), 2**-20)),
+  ("VMEM MiB", lambda r: _fmt(r.get("vmem_limit_bytes"), 2**-20)),
+  ("wire ms", lambda r: _fmt(r.get("wire_s"), 1e3)),
+  ("rel err", lambda r: _fmt(r.get("rel_err"), 1, 2)),
 )
 
 
@@ -595,16 +668,20 @@ def format_table(rows: list[dict]) -> str:
   """Aligned text table; columns with no value in any row (e.g. measured ones in a
   compile-only report) are left out."""
   ok = [r for r in rows if not r.get("error")]
-  columns = [(i, name, get) for i, (name, get) in enumerate(_COLUMNS)
-             if i < 4 or any(get(r) != "-" for r in ok)]
+  columns = [
+    (i, name, get)
+    for i, (name, get) in enumerate(_COLUMNS)
+    if i < 4 or any(get(r) != "-" for r in ok)
+  ]
   cells = [[name for _, name, _ in columns]]
   for r in rows:
     cells.append([get(r) if not r.get("error") or i < 4 else "" for i, _, get in columns])
   widths = [max(len(c[k]) for c in cells) for k in range(len(columns))]
   lines = []
   for k, (c, r) in enumerate(zip(cells, [None] + rows)):
-    line = "  ".join(s.rjust(w) if i >= 4 else s.ljust(w) for i, (s, w) in
-                     enumerate(zip(c, widths)))
+    line = "  ".join(
+      s.rjust(w) if i >= 4 else s.ljust(w) for i, (s, w) in enumerate(zip(c, widths))
+    )
     if r is not None and r.get("error"):
       line = line.rstrip() + "  ERROR " + r["error"]
     elif r is not None and r.get("note"):
@@ -617,17 +694,21 @@ def format_table(rows: list[dict]) -> str:
 
 def _header(mode: str) -> str:
   if mode == "compile-only":
-    return ("COMPILE-ONLY report: no TPU here. Each call was compiled for real TPU generations "
-            "on compile-only topologies;\ntimes are MODELLED = max(FLOPs/peak, bytes/HBM BW, "
-            "wire bytes/link BW) from benchmarks/chips.py: lower bounds, not measurements.\n"
-            "rel err: the same call run on CPU (kernels in interpret mode) against a float64 "
-            "oracle.\nstatic ms / unit (Pallas rows a tpu_profile JSON covers): loop-body "
-            "bundles x grid steps at the chip's clock from libtpu's VLIW schedule, and its "
-            "busiest unit;\n"
-            "STATIC, not measured: no stalls on DMA waits (HBM, ICI) or semaphores, no "
-            "throttling, every bundle one cycle.")
-  return ("MEASURED report: median wall time of the compiled call on this device; % peak from "
-          "cost-analysis FLOPs, MFU from model FLOPs (2 B^2 D fwd, 6 B^2 D vag).")
+    return (
+      "COMPILE-ONLY report: no TPU here. Each call was compiled for real TPU generations "
+      "on compile-only topologies;\ntimes are MODELLED = max(FLOPs/peak, bytes/HBM BW, "
+      "wire bytes/link BW) from benchmarks/chips.py: lower bounds, not measurements.\n"
+      "rel err: the same call run on CPU (kernels in interpret mode) against a float64 "
+      "oracle.\nstatic ms / unit (Pallas rows a tpu_profile JSON covers): loop-body "
+      "bundles x grid steps at the chip's clock from libtpu's VLIW schedule, and its "
+      "busiest unit;\n"
+      "STATIC, not measured: no stalls on DMA waits (HBM, ICI) or semaphores, no "
+      "throttling, every bundle one cycle."
+    )
+  return (
+    "MEASURED report: median wall time of the compiled call on this device; % peak from "
+    "cost-analysis FLOPs, MFU from model FLOPs (2 B^2 D fwd, 6 B^2 D vag)."
+  )
 
 
 def build_report(args) -> dict:
@@ -643,70 +724,124 @@ def build_report(args) -> dict:
     wanted = [s.strip() for s in args.implementations.split(",") if s.strip()]
     unknown = [w for w in wanted if w != "xla" and w not in _KERNELS]
     if unknown:
-      raise ValueError(f"--implementations: unknown {unknown}; known: xla, "
-                       f"{', '.join(_KERNELS)}")
+      raise ValueError(f"--implementations: unknown {unknown}; known: xla, {', '.join(_KERNELS)}")
     impls = [w for w in wanted if w in impls or (args.interpret and w != "xla")]
   static = []
   if mode == "compile-only":
     generations = [g.strip() for g in args.generations.split(",") if g.strip()]
     bad = [g for g in generations if g not in chips_lib.TPU_GENERATIONS]
     if bad:
-      raise ValueError(f"--generations: unknown {bad}; known: "
-                       f"{', '.join(chips_lib.TPU_GENERATIONS)}")
-    rows = compile_only_rows(shapes, generations, impls, args.ring, args.schedule,
-                             args.check_max_batch, args.seed, log)
-    static = (default_static_profiles() if args.static_profile is None
-              else [] if args.static_profile == "-" else args.static_profile.split(","))
+      raise ValueError(
+        f"--generations: unknown {bad}; known: {', '.join(chips_lib.TPU_GENERATIONS)}"
+      )
+    rows = compile_only_rows(
+      shapes, generations, impls, args.ring, args.schedule, args.check_max_batch, args.seed, log
+    )
+    static = (
+      default_static_profiles()
+      if args.static_profile is None
+      else []
+      if args.static_profile == "-"
+      else args.static_profile.split(",")
+    )
     if static:
       attach_static(rows, load_static_profiles(static))
   else:
-    rows = measured_rows(shapes, impls, args.ring, args.schedule, args.iters,
-                         args.check_max_batch, args.seed, args.interpret, log)
+    rows = measured_rows(
+      shapes,
+      impls,
+      args.ring,
+      args.schedule,
+      args.iters,
+      args.check_max_batch,
+      args.seed,
+      args.interpret,
+      log,
+    )
   used = {r["target"].split(" ")[0] for r in rows} if mode == "compile-only" else set()
   return {
-      "mode": mode, "backend": backend, "jax_version": jax.__version__,
-      "devices": [d.device_kind for d in jax.devices()],
-      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "schedule": args.schedule, "implementations": impls,
-      "chips": {k: dataclasses.asdict(c) for k, c in chips_lib.CHIPS.items()
-                if k in used or mode == "measured"},
-      "static_profiles": [str(p) for p in static],
-      "rows": rows,
+    "mode": mode,
+    "backend": backend,
+    "jax_version": jax.__version__,
+    "devices": [d.device_kind for d in jax.devices()],
+    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "schedule": args.schedule,
+    "implementations": impls,
+    "chips": {
+      k: dataclasses.asdict(c)
+      for k, c in chips_lib.CHIPS.items()
+      if k in used or mode == "measured"
+    },
+    "static_profiles": [str(p) for p in static],
+    "rows": rows,
   }
 
 
 def main(argv=None) -> int:
   summary, _, details = __doc__.partition("\n\n")
-  p = argparse.ArgumentParser(description=summary, epilog=details,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--shapes", default=DEFAULT_SHAPES,
-                 help='"B,D[,dtype];..." global batch, feature dim, float32|bfloat16 '
-                      f"(default {DEFAULT_SHAPES!r})")
-  p.add_argument("--mode", choices=("auto", "measured", "compile-only"), default="auto",
-                 help="auto: measured on TPU/GPU, compile-only elsewhere")
-  p.add_argument("--implementations", default="",
-                 help="comma list (xla, pallas_tpu, pallas_gpu, pallas_tpu_ring); "
-                      "default: all available for the target")
-  p.add_argument("--generations", default=",".join(chips_lib.TPU_GENERATIONS),
-                 help="compile-only: TPU generations to compile for")
-  p.add_argument("--ring", type=int, default=4,
-                 help="devices in the ring rows (0 or 1: no ring rows; default 4)")
+  p = argparse.ArgumentParser(
+    description=summary, epilog=details, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  p.add_argument(
+    "--shapes",
+    default=DEFAULT_SHAPES,
+    help='"B,D[,dtype];..." global batch, feature dim, float32|bfloat16 '
+    f"(default {DEFAULT_SHAPES!r})",
+  )
+  p.add_argument(
+    "--mode",
+    choices=("auto", "measured", "compile-only"),
+    default="auto",
+    help="auto: measured on TPU/GPU, compile-only elsewhere",
+  )
+  p.add_argument(
+    "--implementations",
+    default="",
+    help="comma list (xla, pallas_tpu, pallas_gpu, pallas_tpu_ring); "
+    "default: all available for the target",
+  )
+  p.add_argument(
+    "--generations",
+    default=",".join(chips_lib.TPU_GENERATIONS),
+    help="compile-only: TPU generations to compile for",
+  )
+  p.add_argument(
+    "--ring", type=int, default=4, help="devices in the ring rows (0 or 1: no ring rows; default 4)"
+  )
   p.add_argument("--schedule", choices=ring_lib.SCHEDULES, default="bidirectional")
   p.add_argument("--iters", type=int, default=20, help="measured: timed runs (median)")
-  p.add_argument("--check-max-batch", type=int, default=1024,
-                 help="check numerics against the float64 oracle up to this batch")
+  p.add_argument(
+    "--check-max-batch",
+    type=int,
+    default=1024,
+    help="check numerics against the float64 oracle up to this batch",
+  )
   p.add_argument("--seed", type=int, default=2027, help="seed of the random inputs")
-  p.add_argument("--interpret", action="store_true",
-                 help="measured mode: run kernels in interpret mode (e.g. on CPU)")
-  p.add_argument("--static-profile", default=None, metavar="PATH",
-                 help="compile-only: benchmarks.tpu_profile JSONs (comma list) whose static "
-                      "schedule figures go beside the roofline (default: every "
-                      "benchmarks/results/tpu_profile_*.json; '-' for none)")
-  p.add_argument("--json", default=None,
-                 help="where to write the JSON report (default benchmarks/results/"
-                      "utilisation-<mode>-<backend>.json; '-' for none)")
-  p.add_argument("--trace", default=None, metavar="DIR",
-                 help="also capture a jax.profiler trace of the loss and a training step")
+  p.add_argument(
+    "--interpret",
+    action="store_true",
+    help="measured mode: run kernels in interpret mode (e.g. on CPU)",
+  )
+  p.add_argument(
+    "--static-profile",
+    default=None,
+    metavar="PATH",
+    help="compile-only: benchmarks.tpu_profile JSONs (comma list) whose static "
+    "schedule figures go beside the roofline (default: every "
+    "benchmarks/results/tpu_profile_*.json; '-' for none)",
+  )
+  p.add_argument(
+    "--json",
+    default=None,
+    help="where to write the JSON report (default benchmarks/results/"
+    "utilisation-<mode>-<backend>.json; '-' for none)",
+  )
+  p.add_argument(
+    "--trace",
+    default=None,
+    metavar="DIR",
+    help="also capture a jax.profiler trace of the loss and a training step",
+  )
   p.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
   args = p.parse_args(argv)
 

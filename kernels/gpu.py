@@ -126,8 +126,9 @@ class BlockSizes:
       if v is None and name.startswith("grad_"):
         continue
       if not isinstance(v, int) or v < _MIN_TILE or not _is_pow2(v):
-        raise ValueError(f"BlockSizes.{name} must be a power of two >= {_MIN_TILE} "
-                         f"(Triton tiles), got {v!r}")
+        raise ValueError(
+          f"BlockSizes.{name} must be a power of two >= {_MIN_TILE} (Triton tiles), got {v!r}"
+        )
     for name in ("num_warps", "grad_num_warps"):
       v = getattr(self, name)
       if v is None and name == "grad_num_warps":
@@ -135,14 +136,15 @@ class BlockSizes:
       if not isinstance(v, int) or not _is_pow2(v) or v > 32:
         raise ValueError(f"BlockSizes.{name} must be a power of two <= 32, got {v!r}")
     if not isinstance(self.num_stages, int) or self.num_stages < 1:
-      raise ValueError(f"BlockSizes.num_stages must be a positive int, got "
-                       f"{self.num_stages!r}")
+      raise ValueError(f"BlockSizes.num_stages must be a positive int, got {self.num_stages!r}")
     if not isinstance(self.fwd_group, int) or self.fwd_group < 1:
       raise ValueError(f"BlockSizes.fwd_group must be a positive int, got {self.fwd_group!r}")
     cols = self.grad_tile[1]
     if not isinstance(self.grad_chunk, int) or self.grad_chunk < cols or self.grad_chunk % cols:
-      raise ValueError(f"BlockSizes.grad_chunk must be a positive multiple of the "
-                       f"value-and-grad tile's columns ({cols}), got {self.grad_chunk!r}")
+      raise ValueError(
+        f"BlockSizes.grad_chunk must be a positive multiple of the "
+        f"value-and-grad tile's columns ({cols}), got {self.grad_chunk!r}"
+      )
 
   @property
   def grad_tile(self) -> tuple[int, int]:
@@ -183,11 +185,19 @@ def grad_plan(n: int, m: int, d: int, dtype, bs: BlockSizes | None = None) -> di
   slab = n_pad * chunk * dtype.itemsize
   acc = n_pad * d_pad * 4
   ridge = _RIDGE if dtype != jnp.float32 else _RIDGE // 3
-  return dict(chunk=chunk, n_chunks=n_chunks, n_pad=n_pad, m_pad=n_chunks * chunk,
-              d_pad=d_pad, slab_bytes=slab, acc_bytes=acc,
-              temp_bytes=slab + acc + chunk * d_pad * 4, xla_dense_bytes=12 * n * m,
-              slab_elements=n_pad * chunk,
-              acc_over_matmul=(8 * n_pad * d_pad) / (2 * n_pad * chunk * d_pad / ridge))
+  return dict(
+    chunk=chunk,
+    n_chunks=n_chunks,
+    n_pad=n_pad,
+    m_pad=n_chunks * chunk,
+    d_pad=d_pad,
+    slab_bytes=slab,
+    acc_bytes=acc,
+    temp_bytes=slab + acc + chunk * d_pad * 4,
+    xla_dense_bytes=12 * n * m,
+    slab_elements=n_pad * chunk,
+    acc_over_matmul=(8 * n_pad * d_pad) / (2 * n_pad * chunk * d_pad / ridge),
+  )
 
 
 def default_block_sizes(n: int, m: int, d: int, dtype) -> BlockSizes:
@@ -232,14 +242,21 @@ def default_block_sizes(n: int, m: int, d: int, dtype) -> BlockSizes:
   if room > chunk:
     chunk = max(chunk, (room // gc) * gc)
   # The slab is one operand of the tile kernel, which indexes in int32.
-  while chunk > gc and (n_pad * chunk * dtype.itemsize > _MAX_SLAB_BYTES
-                        or n_pad * chunk >= 2**31):
+  while chunk > gc and (n_pad * chunk * dtype.itemsize > _MAX_SLAB_BYTES or n_pad * chunk >= 2**31):
     chunk -= gc
   chunk = max(gc, min(chunk, _round_up(m, gc)))
-  return BlockSizes(block_rows=br, block_cols=bc, block_k=bk, num_warps=warps,
-                    num_stages=2 if wide else 3, fwd_group=max(1, 4096 // bc),
-                    grad_chunk=chunk, grad_block_rows=gr, grad_block_cols=gc,
-                    grad_num_warps=grad_warps)
+  return BlockSizes(
+    block_rows=br,
+    block_cols=bc,
+    block_k=bk,
+    num_warps=warps,
+    num_stages=2 if wide else 3,
+    fwd_group=max(1, 4096 // bc),
+    grad_chunk=chunk,
+    grad_block_rows=gr,
+    grad_block_cols=gc,
+    grad_num_warps=grad_warps,
+  )
 
 
 # log1p(e) / e on [0, 1]: Chebyshev interpolant of degree 9 in monomial form (float64 fit;
@@ -248,10 +265,18 @@ def default_block_sizes(n: int, m: int, d: int, dtype) -> BlockSizes:
 # for __nv_log1pf: the forward's SASS for a 128 x 128 tile went from ~3400 to ~2150
 # instructions per thread (64 logits each), its epilogue from ~2/3 of the tile's matmul
 # time at D = 1152 to under half.
-_LOG1P_UNIT = (0.9999999946562934, -0.49999892648080163, 0.33329710499262943,
-               -0.24951616265725854, 0.19663274269437392, -0.15269667104466478,
-               0.10543623839523661, -0.05637361320964374, 0.01954252743780671,
-               -0.00317605705276947)
+_LOG1P_UNIT = (
+  0.9999999946562934,
+  -0.49999892648080163,
+  0.33329710499262943,
+  -0.24951616265725854,
+  0.19663274269437392,
+  -0.15269667104466478,
+  0.10543623839523661,
+  -0.05637361320964374,
+  0.01954252743780671,
+  -0.00317605705276947,
+)
 
 
 def _log1p_unit(e):
@@ -285,8 +310,12 @@ def _reciprocal(v, mode: str):
   if mode == "emulate":
     return _ulp_up(1.0 / v, _RCP_ULPS)
   (out,) = plgpu_triton.elementwise_inline_asm(
-      "rcp.approx.ftz.f32 $0, $1;", args=[v], constraints="=r,r", pack=1,
-      result_shape_dtypes=[jax.ShapeDtypeStruct(v.shape, jnp.float32)])
+    "rcp.approx.ftz.f32 $0, $1;",
+    args=[v],
+    constraints="=r,r",
+    pack=1,
+    result_shape_dtypes=[jax.ShapeDtypeStruct(v.shape, jnp.float32)],
+  )
   return out
 
 
@@ -298,8 +327,12 @@ def _exp2(v, mode: str):
   if mode == "emulate":
     return _ulp_up(jnp.exp2(v), _EX2_ULPS)
   (out,) = plgpu_triton.elementwise_inline_asm(
-      "ex2.approx.ftz.f32 $0, $1;", args=[v], constraints="=r,r", pack=1,
-      result_shape_dtypes=[jax.ShapeDtypeStruct(v.shape, jnp.float32)])
+    "ex2.approx.ftz.f32 $0, $1;",
+    args=[v],
+    constraints="=r,r",
+    pack=1,
+    result_shape_dtypes=[jax.ShapeDtypeStruct(v.shape, jnp.float32)],
+  )
   return out
 
 
@@ -321,9 +354,23 @@ def _dot_bf16x3(a, b, dims):
   return dot(a_lo, b_hi) + dot(a_hi, b_lo) + dot(a_hi, b_hi)
 
 
-def _tile_kernel(x_ref, y_ref, xid_ref, yid_ref, s_ref, mv_ref, loss_ref, *grad_refs,
-                 bs: BlockSizes, n: int, mask_cols: bool, group: int, col_tiles: int,
-                 with_grads: bool, fast_math: str):
+def _tile_kernel(
+  x_ref,
+  y_ref,
+  xid_ref,
+  yid_ref,
+  s_ref,
+  mv_ref,
+  loss_ref,
+  *grad_refs,
+  bs: BlockSizes,
+  n: int,
+  mask_cols: bool,
+  group: int,
+  col_tiles: int,
+  with_grads: bool,
+  fast_math: str,
+):
   """One BR x BC tile of logits, its loss partial and (with_grads) its G tile and the
   tile's sums of G * (l - b) and of G (dlog_t and dbias).
 
@@ -356,10 +403,10 @@ def _tile_kernel(x_ref, y_ref, xid_ref, yid_ref, s_ref, mv_ref, loss_ref, *grad_
 
     sim = lax.fori_loop(0, d_pad // bk, k_step, jnp.zeros((br, bc), jnp.float32))
     t2, b2 = s_ref[0], s_ref[1]
-    l2 = t2 * sim + b2                       # the logit times log2(e)
+    l2 = t2 * sim + b2  # the logit times log2(e)
     pos = xid_ref[pl.ds(r0, br)][:, None] == yid_ref[pl.ds(c0, bc)][None, :]
-    u2 = jnp.where(pos, -l2, l2)             # loss = softplus(u), u = -z * l
-    e = _exp2(-jnp.abs(l2), fast_math)       # exp(-|l|); shared by softplus and sigmoid
+    u2 = jnp.where(pos, -l2, l2)  # loss = softplus(u), u = -z * l
+    e = _exp2(-jnp.abs(l2), fast_math)  # exp(-|l|); shared by softplus and sigmoid
     loss = jnp.maximum(u2, 0.0) * _LN2 + _log1p_unit(e)
     valid = None
     if n % br:
@@ -375,7 +422,7 @@ def _tile_kernel(x_ref, y_ref, xid_ref, yid_ref, s_ref, mv_ref, loss_ref, *grad_
     if with_grads:
       g_ref, dlt_ref, db_ref = grad_refs
       # dloss/dl = -z * sigmoid(u); sigmoid(u) from e without cancellation on either side.
-      r = _reciprocal(1.0 + e, fast_math)    # 1 + e in [1, 2]: no denormals, no zero
+      r = _reciprocal(1.0 + e, fast_math)  # 1 + e in [1, 2]: no denormals, no zero
       sig_u = jnp.where(u2 >= 0, r, e * r)
       g = jnp.where(pos, -sig_u, sig_u)
       if valid is not None:
@@ -397,8 +444,21 @@ def _compiler_params(bs: BlockSizes):
   return plgpu_triton.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages)
 
 
-def _tiles(xp, yp, xid, yid, scal, col_range, *, bs: BlockSizes, n: int, mask_cols: bool,
-           with_grads: bool, interpret: bool, fast_math: str | None = None):
+def _tiles(
+  xp,
+  yp,
+  xid,
+  yid,
+  scal,
+  col_range,
+  *,
+  bs: BlockSizes,
+  n: int,
+  mask_cols: bool,
+  with_grads: bool,
+  interpret: bool,
+  fast_math: str | None = None,
+):
   """Run the tile kernel over padded (n_pad, d_pad) x (m_pad, d_pad) operands.
 
   Returns per-tile float32 partial sums of shape (row tiles, column tiles) of the loss, and
@@ -409,36 +469,52 @@ def _tiles(xp, yp, xid, yid, scal, col_range, *, bs: BlockSizes, n: int, mask_co
   """
   fast_math = fast_math or ("exact" if interpret else "ptx")
   if fast_math not in _FAST_MATH or (fast_math == "ptx") == bool(interpret):
-    raise ValueError(f"fast_math {fast_math!r} with interpret={interpret!r}: 'ptx' is for "
-                     "compiled kernels, 'exact' and 'emulate' for interpret mode")
+    raise ValueError(
+      f"fast_math {fast_math!r} with interpret={interpret!r}: 'ptx' is for "
+      "compiled kernels, 'exact' and 'emulate' for interpret mode"
+    )
   n_pad, d_pad = xp.shape
   m_pad = yp.shape[0]
   row_tiles, col_tiles = n_pad // bs.block_rows, m_pad // bs.block_cols
   group = col_tiles if with_grads else min(bs.fwd_group, col_tiles)
   col_groups = pl.cdiv(col_tiles, group)
   if row_tiles > _MAX_GRID_YZ or col_groups > _MAX_GRID_YZ:
-    raise ValueError(f"a {n_pad} x {m_pad} block needs {row_tiles} row tiles and "
-                     f"{col_groups} column groups; CUDA allows {_MAX_GRID_YZ}: raise "
-                     "block_rows or fwd_group")
+    raise ValueError(
+      f"a {n_pad} x {m_pad} block needs {row_tiles} row tiles and "
+      f"{col_groups} column groups; CUDA allows {_MAX_GRID_YZ}: raise "
+      "block_rows or fwd_group"
+    )
   biggest = max(n_pad * d_pad, m_pad * d_pad, n_pad * m_pad if with_grads else 0)
   if biggest >= 2**31:
     # Element offsets inside the kernel are 32-bit.
-    raise ValueError(f"an operand of the {n_pad} x {m_pad} x {d_pad} block has {biggest} "
-                     "elements; the kernel indexes with int32 (< 2**31): use a smaller "
-                     "grad_chunk or split the batch (e.g. over a ring)")
+    raise ValueError(
+      f"an operand of the {n_pad} x {m_pad} x {d_pad} block has {biggest} "
+      "elements; the kernel indexes with int32 (< 2**31): use a smaller "
+      "grad_chunk or split the batch (e.g. over a ring)"
+    )
   operands = (xp, yp, xid, yid, scal, col_range)
   operands, axes = vma.match_varying(operands)
   part = vma.shape_struct((row_tiles, col_groups * group), jnp.float32, axes)
   out_shape = [part]
   if with_grads:
     out_shape += [vma.shape_struct((n_pad, m_pad), xp.dtype, axes), part, part]
-  kernel = functools.partial(_tile_kernel, bs=bs, n=n, mask_cols=mask_cols, group=group,
-                             col_tiles=col_tiles, with_grads=with_grads,
-                             fast_math=fast_math)
+  kernel = functools.partial(
+    _tile_kernel,
+    bs=bs,
+    n=n,
+    mask_cols=mask_cols,
+    group=group,
+    col_tiles=col_tiles,
+    with_grads=with_grads,
+    fast_math=fast_math,
+  )
   flops = 2 * n_pad * m_pad * d_pad
   itemsize = xp.dtype.itemsize
-  bytes_accessed = (n_pad * d_pad * itemsize * col_groups + m_pad * d_pad * itemsize
-                    + (n_pad * m_pad * itemsize if with_grads else 0))
+  bytes_accessed = (
+    n_pad * d_pad * itemsize * col_groups
+    + m_pad * d_pad * itemsize
+    + (n_pad * m_pad * itemsize if with_grads else 0)
+  )
   compiler_params = _compiler_params(bs)
   if interpret and axes:
     # Inside shard_map, jax 0.10's generic interpreter (interpret=True) fails jax's
@@ -446,16 +522,20 @@ def _tiles(xp, yp, xid, yid, scal, col_range, *, bs: BlockSizes, n: int, mask_co
     # Mosaic interpreter runs the same kernel body and is vma-aware. Compiled kernels are
     # unaffected (tests lower them under shard_map with check_vma=True).
     from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
+
     compiler_params, interpret = pltpu.CompilerParams(), pltpu.InterpretParams()
   outs = pl.pallas_call(
-      kernel,
-      grid=(group, row_tiles, col_groups),
-      out_shape=tuple(out_shape),
-      compiler_params=compiler_params,
-      cost_estimate=pl.CostEstimate(flops=flops, transcendentals=(3 if with_grads else 2)
-                                    * n_pad * m_pad, bytes_accessed=bytes_accessed),
-      interpret=interpret,
-      name="siglip_block_vg" if with_grads else "siglip_block_fwd",
+    kernel,
+    grid=(group, row_tiles, col_groups),
+    out_shape=tuple(out_shape),
+    compiler_params=compiler_params,
+    cost_estimate=pl.CostEstimate(
+      flops=flops,
+      transcendentals=(3 if with_grads else 2) * n_pad * m_pad,
+      bytes_accessed=bytes_accessed,
+    ),
+    interpret=interpret,
+    name="siglip_block_vg" if with_grads else "siglip_block_fwd",
   )(*operands)
   return tuple(o[:, :col_tiles] if o.shape == part.shape else o for o in outs)
 
@@ -464,11 +544,13 @@ def _tiles(xp, yp, xid, yid, scal, col_range, *, bs: BlockSizes, n: int, mask_co
 # Input checks, padding, and the two entry points.
 # --------------------------------------------------------------------------------------
 
+
 def _check(x, y, x_ids, y_ids, log_t, bias):
   for arg, a in (("x", x), ("y", y)):
     if not hasattr(a, "ndim") or a.ndim != 2:
-      raise ValueError(f"{arg} must be a 2-D (rows, dim) array, got "
-                       f"{getattr(a, 'shape', type(a).__name__)}")
+      raise ValueError(
+        f"{arg} must be a 2-D (rows, dim) array, got {getattr(a, 'shape', type(a).__name__)}"
+      )
     if a.dtype not in (jnp.float32, jnp.bfloat16):
       raise TypeError(f"{arg} must be float32 or bfloat16, got {a.dtype}")
   if x.dtype != y.dtype:
@@ -479,9 +561,11 @@ def _check(x, y, x_ids, y_ids, log_t, bias):
     raise ValueError(f"x and y must be non-empty, got {x.shape} and {y.shape}")
   for arg, ids, rows in (("x_ids", x_ids, x.shape[0]), ("y_ids", y_ids, y.shape[0])):
     if not hasattr(ids, "dtype") or ids.dtype != jnp.int32 or ids.shape != (rows,):
-      raise TypeError(f"{arg} must be int32 of shape ({rows},), got "
-                      f"{getattr(ids, 'dtype', type(ids).__name__)}"
-                      f"{getattr(ids, 'shape', '')}")
+      raise TypeError(
+        f"{arg} must be int32 of shape ({rows},), got "
+        f"{getattr(ids, 'dtype', type(ids).__name__)}"
+        f"{getattr(ids, 'shape', '')}"
+      )
   for arg, v in (("log_t", log_t), ("bias", bias)):
     if jnp.shape(v) != ():
       raise ValueError(f"{arg} must be a scalar, got shape {jnp.shape(v)}")
@@ -493,8 +577,10 @@ def _resolve(block_sizes, x, y) -> BlockSizes:
   if block_sizes is None:
     return default_block_sizes(x.shape[0], y.shape[0], x.shape[1], x.dtype)
   if not isinstance(block_sizes, BlockSizes):
-    raise TypeError(f"block_sizes must be a siglip_fast.kernels.gpu.BlockSizes or None, got "
-                    f"{type(block_sizes).__name__}")
+    raise TypeError(
+      f"block_sizes must be a siglip_fast.kernels.gpu.BlockSizes or None, got "
+      f"{type(block_sizes).__name__}"
+    )
   return block_sizes
 
 
@@ -513,16 +599,27 @@ def _scalars(log_t, bias):
   return jnp.stack([t * _LOG2E, jnp.asarray(bias, jnp.float32) * _LOG2E])
 
 
-def _forward(x, y, x_ids, y_ids, log_t, bias, bs: BlockSizes, interpret: bool,
-             fast_math: str | None = None):
+def _forward(
+  x, y, x_ids, y_ids, log_t, bias, bs: BlockSizes, interpret: bool, fast_math: str | None = None
+):
   n, d = x.shape
   m = y.shape[0]
   d_pad = _round_up(d, bs.block_k)
   n_pad, m_pad = _round_up(n, bs.block_rows), _round_up(m, bs.block_cols)
-  (loss,) = _tiles(_pad(x, n_pad, d_pad), _pad(y, m_pad, d_pad), _pad(x_ids, n_pad),
-                   _pad(y_ids, m_pad), _scalars(log_t, bias),
-                   jnp.array([0, m], jnp.int32), bs=bs, n=n, mask_cols=m_pad != m,
-                   with_grads=False, interpret=interpret, fast_math=fast_math)
+  (loss,) = _tiles(
+    _pad(x, n_pad, d_pad),
+    _pad(y, m_pad, d_pad),
+    _pad(x_ids, n_pad),
+    _pad(y_ids, m_pad),
+    _scalars(log_t, bias),
+    jnp.array([0, m], jnp.int32),
+    bs=bs,
+    n=n,
+    mask_cols=m_pad != m,
+    with_grads=False,
+    interpret=interpret,
+    fast_math=fast_math,
+  )
   return jnp.sum(loss)
 
 
@@ -534,8 +631,9 @@ def _gemm(a, b, dims, wide):
   return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
-def _value_and_grads(x, y, x_ids, y_ids, log_t, bias, bs: BlockSizes, interpret: bool,
-                     fast_math: str | None = None):
+def _value_and_grads(
+  x, y, x_ids, y_ids, log_t, bias, bs: BlockSizes, interpret: bool, fast_math: str | None = None
+):
   """(loss sum, (dx, dy, dlog_t, dbias)), 6 n m D FLOPs; see the module docstring.
 
   Text rows go in n_chunks = ceil(m / grad_chunk) chunks of C = m / n_chunks rounded up to
@@ -547,14 +645,15 @@ def _value_and_grads(x, y, x_ids, y_ids, log_t, bias, bs: BlockSizes, interpret:
   n, d = x.shape
   m = y.shape[0]
   rows, cols = bs.grad_tile
-  bs = dataclasses.replace(bs, block_rows=rows, block_cols=cols,
-                           num_warps=bs.grad_num_warps or bs.num_warps)
+  bs = dataclasses.replace(
+    bs, block_rows=rows, block_cols=cols, num_warps=bs.grad_num_warps or bs.num_warps
+  )
   d_pad = _round_up(d, bs.block_k)
   n_pad = _round_up(n, bs.block_rows)
   # As few chunks as grad_chunk allows, each as short as the tile allows.
   n_chunks = pl.cdiv(m, bs.grad_chunk)
   chunk = _round_up(pl.cdiv(m, n_chunks), bs.block_cols)
-  m_y = max(m, chunk)                      # y is padded only when shorter than one chunk
+  m_y = max(m, chunk)  # y is padded only when shorter than one chunk
   xp = _pad(x, n_pad, d_pad)
   yp = _pad(y, m_y, d_pad)
   xid = _pad(x_ids, n_pad)
@@ -567,13 +666,24 @@ def _value_and_grads(x, y, x_ids, y_ids, log_t, bias, bs: BlockSizes, interpret:
   def step(carry, c):
     dx_acc, dy, loss, dlt, db = carry
     start = jnp.minimum(c * chunk, m_y - chunk)
-    lo = c * chunk - start                 # > 0 only for an overlapping last chunk
-    hi = jnp.minimum(m - start, chunk)     # < chunk only when y itself was padded
+    lo = c * chunk - start  # > 0 only for an overlapping last chunk
+    hi = jnp.minimum(m - start, chunk)  # < chunk only when y itself was padded
     y_c = lax.dynamic_slice_in_dim(yp, start, chunk)
     id_c = lax.dynamic_slice_in_dim(yid, start, chunk)
-    loss_p, g, dlt_p, db_p = _tiles(xp, y_c, xid, id_c, scal, jnp.stack([lo, hi]), bs=bs,
-                                    n=n, mask_cols=mask_cols, with_grads=True,
-                                    interpret=interpret, fast_math=fast_math)
+    loss_p, g, dlt_p, db_p = _tiles(
+      xp,
+      y_c,
+      xid,
+      id_c,
+      scal,
+      jnp.stack([lo, hi]),
+      bs=bs,
+      n=n,
+      mask_cols=mask_cols,
+      with_grads=True,
+      interpret=interpret,
+      fast_math=fast_math,
+    )
     dx_acc = dx_acc + _gemm(g, y_c, (((1,), (0,)), ((), ())), wide)
     dy_c = (t * _gemm(g, xp, (((0,), (0,)), ((), ())), wide)).astype(dy.dtype)
     if mask_cols:  # keep the rows an earlier chunk wrote
@@ -584,13 +694,17 @@ def _value_and_grads(x, y, x_ids, y_ids, log_t, bias, bs: BlockSizes, interpret:
     return carry, None
 
   zero = jnp.zeros((), jnp.float32)
-  init = (jnp.zeros((n_pad, d_pad), jnp.float32), jnp.zeros((m_y, d_pad), y.dtype), zero,
-          zero, zero)
+  init = (
+    jnp.zeros((n_pad, d_pad), jnp.float32),
+    jnp.zeros((m_y, d_pad), y.dtype),
+    zero,
+    zero,
+    zero,
+  )
   # Under shard_map the carry varies over the mesh axes the operands vary over.
   axes = frozenset().union(*map(vma.varying_axes, (x, y, x_ids, y_ids, scal)))
   init = tuple(vma.pvary(a, axes) for a in init)
-  (dx_acc, dy, loss, dlt, db), _ = lax.scan(step, init,
-                                             jnp.arange(n_chunks, dtype=jnp.int32))
+  (dx_acc, dy, loss, dlt, db), _ = lax.scan(step, init, jnp.arange(n_chunks, dtype=jnp.int32))
   dx = (t * dx_acc[:n, :d]).astype(x.dtype)
   dy = dy[:m, :d]
   return loss, (dx, dy, vma.sum_to_match(dlt, log_t), vma.sum_to_match(db, bias))
@@ -618,8 +732,18 @@ def _block_loss_sum_bwd(bs, interpret, fast_math, res, ct):
 _block_loss_sum.defvjp(_block_loss_sum_fwd, _block_loss_sum_bwd)
 
 
-def block_loss_sum(x, y, x_ids, y_ids, log_t, bias, *, block_sizes: BlockSizes | None = None,
-                   interpret: bool = False, fast_math: str | None = None) -> jax.Array:
+def block_loss_sum(
+  x,
+  y,
+  x_ids,
+  y_ids,
+  log_t,
+  bias,
+  *,
+  block_sizes: BlockSizes | None = None,
+  interpret: bool = False,
+  fast_math: str | None = None,
+) -> jax.Array:
   """Fused ``reference.dense.block_loss_sum``: float32 scalar, differentiable in x, y,
   log_t and bias (custom VJP; the forward under ``grad`` runs the value-and-grad kernels).
 
@@ -633,9 +757,18 @@ def block_loss_sum(x, y, x_ids, y_ids, log_t, bias, *, block_sizes: BlockSizes |
   return _block_loss_sum(x, y, x_ids, y_ids, log_t, bias, bs, interpret, fast_math)
 
 
-def block_loss_sum_and_grads(x, y, x_ids, y_ids, log_t, bias, *,
-                             block_sizes: BlockSizes | None = None, interpret: bool = False,
-                             fast_math: str | None = None):
+def block_loss_sum_and_grads(
+  x,
+  y,
+  x_ids,
+  y_ids,
+  log_t,
+  bias,
+  *,
+  block_sizes: BlockSizes | None = None,
+  interpret: bool = False,
+  fast_math: str | None = None,
+):
   """(loss sum, (dx, dy, dlog_t, dbias)) in one pass; dx, dy in the dtypes of x, y,
   dlog_t and dbias float32 scalars (``siglip_fast.ring.BlockOps`` contract)."""
   _check(x, y, x_ids, y_ids, log_t, bias)
@@ -643,8 +776,9 @@ def block_loss_sum_and_grads(x, y, x_ids, y_ids, log_t, bias, *,
   return _value_and_grads(x, y, x_ids, y_ids, log_t, bias, bs, interpret, fast_math)
 
 
-def block_ops(*, interpret: bool = False, block_sizes: BlockSizes | None = None,
-              target=None) -> ring_lib.BlockOps:
+def block_ops(
+  *, interpret: bool = False, block_sizes: BlockSizes | None = None, target=None
+) -> ring_lib.BlockOps:
   """The GPU kernels as a ``BlockOps`` for ``siglip_fast.ring`` / ``siglip_fast.sigmoid_loss``.
 
   block_sizes=None picks ``default_block_sizes`` for each block's shape (the defaults
@@ -652,8 +786,13 @@ def block_ops(*, interpret: bool = False, block_sizes: BlockSizes | None = None,
   """
   del target
   if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
-    raise TypeError(f"block_sizes must be a siglip_fast.kernels.gpu.BlockSizes or None, got "
-                    f"{type(block_sizes).__name__}")
+    raise TypeError(
+      f"block_sizes must be a siglip_fast.kernels.gpu.BlockSizes or None, got "
+      f"{type(block_sizes).__name__}"
+    )
   kw = dict(block_sizes=block_sizes, interpret=interpret)
-  return ring_lib.BlockOps("pallas_gpu", functools.partial(block_loss_sum, **kw),
-                           functools.partial(block_loss_sum_and_grads, **kw))
+  return ring_lib.BlockOps(
+    "pallas_gpu",
+    functools.partial(block_loss_sum, **kw),
+    functools.partial(block_loss_sum_and_grads, **kw),
+  )

@@ -72,10 +72,10 @@ VMEM_CAPACITY = mc.VMEM_CAPACITY
 # elementwise passes per row tile) come first: 1024 x 1024 takes 6% fewer bundles per pair
 # than 1024 x 512 in the static profile (docs/PERFORMANCE.md section 5).
 _CANDIDATE_TILES = {
-    "v4": ((512, 256), (256, 256), (256, 128), (128, 128)),
-    "v5e": ((512, 512), (512, 256), (256, 256), (128, 128)),
-    "v5p": ((512, 512), (512, 256), (256, 256), (128, 128)),
-    "v6e": ((1024, 1024), (1024, 512), (512, 512), (512, 256), (256, 256), (128, 128)),
+  "v4": ((512, 256), (256, 256), (256, 128), (128, 128)),
+  "v5e": ((512, 512), (512, 256), (256, 256), (128, 128)),
+  "v5p": ((512, 512), (512, 256), (256, 256), (128, 128)),
+  "v6e": ((1024, 1024), (1024, 512), (512, 512), (512, 256), (256, 256), (128, 128)),
 }
 _VMEM_BUDGET = 0.75
 # TensorCores per jax device (megacore): the fused kernel keeps one dY copy per core.
@@ -84,8 +84,13 @@ _TENSORCORES = {"v4": 2, "v5p": 2}
 _INTERPRET_TILES = (256, 256)
 
 _DEVICE_KINDS = {
-    "TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5e": "v5e", "TPU v5": "v5p", "TPU v5p": "v5p",
-    "TPU v6 lite": "v6e", "TPU v6e": "v6e",
+  "TPU v4": "v4",
+  "TPU v5 lite": "v5e",
+  "TPU v5e": "v5e",
+  "TPU v5": "v5p",
+  "TPU v5p": "v5p",
+  "TPU v6 lite": "v6e",
+  "TPU v6e": "v6e",
 }
 
 
@@ -122,8 +127,10 @@ class BlockSizes:
       if not isinstance(v, int) or v <= 0 or v % _LANES:
         raise ValueError(f"BlockSizes.{name} must be a positive multiple of {_LANES}, got {v!r}")
     if self.generation is not None and self.generation not in VMEM_CAPACITY:
-      raise ValueError(f"BlockSizes.generation must be one of {tuple(VMEM_CAPACITY)} or None, "
-                       f"got {self.generation!r}")
+      raise ValueError(
+        f"BlockSizes.generation must be one of {tuple(VMEM_CAPACITY)} or None, "
+        f"got {self.generation!r}"
+      )
 
   @property
   def dy_tiles(self) -> tuple[int, int]:
@@ -134,19 +141,20 @@ class BlockSizes:
     """The largest candidate tiles of a TPU generation ("v4", "v5e", "v5p", "v6e") whose
     kernels fit its VMEM for feature dim ``dim`` and input ``dtype``."""
     if generation not in _CANDIDATE_TILES:
-      raise ValueError(f"generation must be one of {tuple(_CANDIDATE_TILES)}, got "
-                       f"{generation!r}")
+      raise ValueError(f"generation must be one of {tuple(_CANDIDATE_TILES)}, got {generation!r}")
     budget = _VMEM_BUDGET * VMEM_CAPACITY[generation]
     for rows, cols in _CANDIDATE_TILES[generation]:
       need = max(vmem_bytes(rows, cols, dim, dtype, with_grad=g, n_stats=3) for g in (0, 1))
       if need <= budget:
         return cls(rows, cols, generation=generation)
-    raise ValueError(f"no tiles fit a {generation} TensorCore's VMEM at dim={dim} "
-                     f"({jnp.dtype(dtype).name}); pass BlockSizes explicitly")
+    raise ValueError(
+      f"no tiles fit a {generation} TensorCore's VMEM at dim={dim} "
+      f"({jnp.dtype(dtype).name}); pass BlockSizes explicitly"
+    )
 
 
 def tpu_generation(device_or_target=None) -> str | None:
-  """"v4", "v5e", "v5p" or "v6e" for a TPU device or a ``siglip_fast.target.Target``
+  """ "v4", "v5e", "v5p" or "v6e" for a TPU device or a ``siglip_fast.target.Target``
   (default: the devices jax would run on), else None."""
   d = device_or_target if device_or_target is not None else target_lib.target_of()
   if d.platform != "tpu":
@@ -154,8 +162,9 @@ def tpu_generation(device_or_target=None) -> str | None:
   return _DEVICE_KINDS.get(d.device_kind)
 
 
-def default_block_sizes(generation: str | None = None, *, dim: int = 1536,
-                        dtype=jnp.bfloat16, interpret: bool = False) -> BlockSizes:
+def default_block_sizes(
+  generation: str | None = None, *, dim: int = 1536, dtype=jnp.bfloat16, interpret: bool = False
+) -> BlockSizes:
   """Tiles for ``generation`` at (dim, dtype). No generation (interpret mode, a TPU without
   tuned tiles) gives small tiles and no VMEM cap."""
   if generation is None:
@@ -167,8 +176,16 @@ def default_block_sizes(generation: str | None = None, *, dim: int = 1536,
 # VMEM accounting and cost estimates
 
 
-def vmem_bytes(rows: int, cols: int, dim: int, dtype, *, with_grad: bool,
-               n_stats: int = 1, resident_rows: int = 0) -> int:
+def vmem_bytes(
+  rows: int,
+  cols: int,
+  dim: int,
+  dtype,
+  *,
+  with_grad: bool,
+  n_stats: int = 1,
+  resident_rows: int = 0,
+) -> int:
   """Modelled VMEM of one kernel: double-buffered blocks plus float32 tile temporaries.
 
   rows, cols: the owned and streamed tile heights; dim: the feature dimension (padded to
@@ -180,12 +197,12 @@ def vmem_bytes(rows: int, cols: int, dim: int, dtype, *, with_grad: bool,
   """
   isz = jnp.dtype(dtype).itemsize
   d = mc.round_up(dim, _LANES)
-  blocks = 2 * (rows + cols) * d * isz                 # owned and streamed embedding tiles
-  blocks += 2 * rows * _LANES * 4 + 2 * _SUBLANES * cols * 4   # (rows, 1) and (1, cols) ids
-  blocks += 2 * n_stats * _SUBLANES * _LANES * 4       # partial-sum outputs
+  blocks = 2 * (rows + cols) * d * isz  # owned and streamed embedding tiles
+  blocks += 2 * rows * _LANES * 4 + 2 * _SUBLANES * cols * 4  # (rows, 1) and (1, cols) ids
+  blocks += 2 * n_stats * _SUBLANES * _LANES * 4  # partial-sum outputs
   if with_grad:
-    blocks += 2 * rows * d * isz                       # gradient output block
-    blocks += rows * d * 4 if isz != 4 else 0          # its float32 accumulator
+    blocks += 2 * rows * d * isz  # gradient output block
+    blocks += rows * d * 4 if isz != 4 else 0  # its float32 accumulator
   temps = (6 if with_grad else 4) * rows * cols * 4
   if resident_rows:
     blocks += resident_rows * d * 4
@@ -206,13 +223,13 @@ def _vmem_limit(est: int, generation: str | None, override: int | None) -> int:
   if generation is not None:
     cap = VMEM_CAPACITY[generation]
     if est > cap:
-      raise ValueError(f"the kernel tiles need about {est / _MiB:.1f} MiB of VMEM but a "
-                       f"{generation} TensorCore has {cap / _MiB:.0f} MiB; use smaller "
-                       "BlockSizes")
+      raise ValueError(
+        f"the kernel tiles need about {est / _MiB:.1f} MiB of VMEM but a "
+        f"{generation} TensorCore has {cap / _MiB:.0f} MiB; use smaller "
+        "BlockSizes"
+      )
     limit = min(limit, cap)
   return limit
-
-
 
 
 # ------------------------------------------------------------------------------------------
@@ -224,12 +241,31 @@ def _fold(v, rows, cols):
   v = v.reshape(rows // _SUBLANES, _SUBLANES, cols).sum(axis=0)
   out = v[:, :_LANES]
   for k in range(1, cols // _LANES):
-    out = out + v[:, k * _LANES:(k + 1) * _LANES]
+    out = out + v[:, k * _LANES : (k + 1) * _LANES]
   return out
 
 
-def _tile_kernel(scal_ref, a_rng_ref, b_rng_ref, a_ids_ref, b_ids_ref, a_ref, b_ref, *refs, rows, cols, n_a, n_b,
-                 na_pad, nb_pad, with_loss, with_scalar_grads, with_grad, with_db, precision):
+def _tile_kernel(
+  scal_ref,
+  a_rng_ref,
+  b_rng_ref,
+  a_ids_ref,
+  b_ids_ref,
+  a_ref,
+  b_ref,
+  *refs,
+  rows,
+  cols,
+  n_a,
+  n_b,
+  na_pad,
+  nb_pad,
+  with_loss,
+  with_scalar_grads,
+  with_grad,
+  with_db,
+  precision,
+):
   """One grid step: (a tile i, b tile j), or (split c, a tile i, b tile j) with a resident
   gradient of b, where a's row tile is c * (tiles per split) + i.
 
@@ -261,6 +297,7 @@ def _tile_kernel(scal_ref, a_rng_ref, b_rng_ref, a_ids_ref, b_ids_ref, a_ref, b_
       acc_ref[...] = jnp.zeros_like(acc_ref)
 
   if db_ref is not None:
+
     @pl.when((i == 0) & (j == 0))
     def _init_db():
       db_ref[...] = jnp.zeros_like(db_ref)
@@ -275,18 +312,20 @@ def _tile_kernel(scal_ref, a_rng_ref, b_rng_ref, a_ids_ref, b_ids_ref, a_ref, b_
     if full and na_pad != n_a:
       valid_rows = row_tile * rows + lax.broadcasted_iota(jnp.int32, (rows, 1), 0) < n_a
     b = b_ref[...]
-    s = lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=precision,
-                        preferred_element_type=jnp.float32)
-    v = scal_ref[0] * s + scal_ref[1]                  # the logits times log2(e)
+    s = lax.dot_general(
+      a, b, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
+    )
+    v = scal_ref[0] * s + scal_ref[1]  # the logits times log2(e)
     pos = valid = None
     if full:
-      pos = a_ids_ref[...] == b_ids_ref[...]             # (rows, 1) == (1, cols)
+      pos = a_ids_ref[...] == b_ids_ref[...]  # (rows, 1) == (1, cols)
       valid = valid_rows
       if nb_pad != n_b:
         col_ok = j * cols + lax.broadcasted_iota(jnp.int32, (1, cols), 1) < n_b
         valid = col_ok if valid is None else valid & col_ok
-    sp, g = mc.tile_terms(v, pos=pos, valid=valid, with_loss=with_loss,
-                          with_grad=with_scalar_grads or with_grad)
+    sp, g = mc.tile_terms(
+      v, pos=pos, valid=valid, with_loss=with_loss, with_grad=with_scalar_grads or with_grad
+    )
     k = 0
     if with_loss:
       stats_ref[0, k] += _fold(sp, rows, cols)
@@ -296,19 +335,19 @@ def _tile_kernel(scal_ref, a_rng_ref, b_rng_ref, a_ids_ref, b_ids_ref, a_ref, b_
       stats_ref[0, k + 1] += _fold(g, rows, cols)
     if with_grad:
       gc = g.astype(b.dtype)
-      acc_ref[...] += lax.dot_general(gc, b, (((1,), (0,)), ((), ())), precision=precision,
-                                      preferred_element_type=jnp.float32)
+      acc_ref[...] += lax.dot_general(
+        gc, b, (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
+      )
       if db_ref is not None:
         # G^T @ a into this b tile's rows of the resident gradient of b.
         start = pl.multiple_of(j * cols, cols)
         db_ref[0, pl.ds(start, cols), :] += lax.dot_general(
-            gc, a, (((0,), (0,)), ((), ())), precision=precision,
-            preferred_element_type=jnp.float32)
+          gc, a, (((0,), (0,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
+        )
 
   # Positives are possible only where the tiles' id ranges overlap; padding only in the
   # last row or column tile.
-  full = ((a_rng_ref[0, row_tile] <= b_rng_ref[1, j])
-          & (b_rng_ref[0, j] <= a_rng_ref[1, row_tile]))
+  full = (a_rng_ref[0, row_tile] <= b_rng_ref[1, j]) & (b_rng_ref[0, j] <= a_rng_ref[1, row_tile])
   if na_pad != n_a:
     full = full | (row_tile == na_pad // rows - 1)
   if nb_pad != n_b:
@@ -317,15 +356,32 @@ def _tile_kernel(scal_ref, a_rng_ref, b_rng_ref, a_ids_ref, b_ids_ref, a_ref, b_
   pl.when(jnp.logical_not(full))(lambda: tile_body(False))
 
   if with_grad:
-      @pl.when(j == last_j)
-      def _finish():
-        # d logits / d a = t * b: apply t once per row tile rather than per tile element.
-        da_ref[...] = (scal_ref[2] * acc_ref[...]).astype(da_ref.dtype)
+
+    @pl.when(j == last_j)
+    def _finish():
+      # d logits / d a = t * b: apply t once per row tile rather than per tile element.
+      da_ref[...] = (scal_ref[2] * acc_ref[...]).astype(da_ref.dtype)
 
 
-def _tile_pass(a, b, a_ids, b_ids, scal, *, rows, cols, with_loss, with_scalar_grads,
-               with_grad, generation, vmem_limit_bytes, interpret, name, with_db=False,
-               splits=1):
+def _tile_pass(
+  a,
+  b,
+  a_ids,
+  b_ids,
+  scal,
+  *,
+  rows,
+  cols,
+  with_loss,
+  with_scalar_grads,
+  with_grad,
+  generation,
+  vmem_limit_bytes,
+  interpret,
+  name,
+  with_db=False,
+  splits=1,
+):
   """Run the kernel over all (a tile, b tile) pairs of already padded inputs.
 
   n_a, n_b (the unpadded row counts) are the ids' lengths. ``with_db`` (needs with_grad):
@@ -356,74 +412,94 @@ def _tile_pass(a, b, a_ids, b_ids, scal, *, rows, cols, with_loss, with_scalar_g
   b_ids_row = jnp.pad(b_ids, (0, nb_pad - n_b), constant_values=-2).reshape(1, nb_pad)
   # Per tile, [min id, max id]: the kernel runs its lean body where the ranges of a row tile
   # and a column tile cannot share an id (see _tile_kernel).
-  tile_range = lambda ids, size: jnp.stack([ids.reshape(-1, size).min(axis=1),
-                                            ids.reshape(-1, size).max(axis=1)])
+  tile_range = lambda ids, size: jnp.stack(
+    [ids.reshape(-1, size).min(axis=1), ids.reshape(-1, size).max(axis=1)]
+  )
   a_rng, b_rng = tile_range(a_ids_col, rows), tile_range(b_ids_row, cols)
   operands, axes = vma.match_varying((scal, a_rng, b_rng, a_ids_col, b_ids_row, a, b))
   out_struct = lambda shape, dtype: vma.shape_struct(shape, dtype, axes)
 
   in_specs = [
-      pl.BlockSpec(memory_space=pltpu.SMEM),                 # [t, bias] * log2(e), t
-      pl.BlockSpec(memory_space=pltpu.SMEM),                 # id range per row tile
-      pl.BlockSpec(memory_space=pltpu.SMEM),                 # id range per column tile
-      pl.BlockSpec((rows, 1), lambda *g: (row(*g), 0)),
-      pl.BlockSpec((1, cols), lambda *g: (0, col(*g))),
-      pl.BlockSpec((rows, dim), lambda *g: (row(*g), 0)),
-      pl.BlockSpec((cols, dim), lambda *g: (col(*g), 0)),
+    pl.BlockSpec(memory_space=pltpu.SMEM),  # [t, bias] * log2(e), t
+    pl.BlockSpec(memory_space=pltpu.SMEM),  # id range per row tile
+    pl.BlockSpec(memory_space=pltpu.SMEM),  # id range per column tile
+    pl.BlockSpec((rows, 1), lambda *g: (row(*g), 0)),
+    pl.BlockSpec((1, cols), lambda *g: (0, col(*g))),
+    pl.BlockSpec((rows, dim), lambda *g: (row(*g), 0)),
+    pl.BlockSpec((cols, dim), lambda *g: (col(*g), 0)),
   ]
   out_shape, out_specs, scratch = [], [], []
   if n_stats:
     out_shape.append(out_struct((n_row_tiles, n_stats, _SUBLANES, _LANES), jnp.float32))
-    out_specs.append(pl.BlockSpec((1, n_stats, _SUBLANES, _LANES),
-                                  lambda *g: (row(*g), 0, 0, 0)))
+    out_specs.append(pl.BlockSpec((1, n_stats, _SUBLANES, _LANES), lambda *g: (row(*g), 0, 0, 0)))
   if with_grad:
     out_shape.append(out_struct((na_pad, dim), a.dtype))
     out_specs.append(pl.BlockSpec((rows, dim), lambda *g: (row(*g), 0)))
   if with_db:
     # Its block index changes only with the split: resident, written back once. One buffer.
     out_shape.append(out_struct((splits, nb_pad, dim), jnp.float32))
-    out_specs.append(pl.BlockSpec((1, nb_pad, dim), lambda c, i, j: (c, 0, 0),
-                                  pipeline_mode=pl.Buffered(1)))
+    out_specs.append(
+      pl.BlockSpec((1, nb_pad, dim), lambda c, i, j: (c, 0, 0), pipeline_mode=pl.Buffered(1))
+    )
   if with_grad and a.dtype != jnp.float32:
     scratch.append(pltpu.VMEM((rows, dim), jnp.float32))
 
   isz = a.dtype.itemsize
   tile_elems = na_pad * nb_pad
   cost = pl.CostEstimate(
-      flops=int(2 * tile_elems * dim * (1 + int(with_grad) + int(with_db))),
-      # exp and log1p for the loss; exp and the reciprocal for the sigmoid.
-      transcendentals=int(tile_elems * (1 + int(with_loss)
-                                        + int(with_grad or with_scalar_grads))),
-      # a read once, b once per row tile, ids, and the outputs.
-      bytes_accessed=int(na_pad * dim * isz + n_row_tiles * nb_pad * dim * isz
-                         + 4 * (na_pad + n_row_tiles * nb_pad)
-                         + (na_pad * dim * isz if with_grad else 0)
-                         + (splits * nb_pad * dim * 4 if with_db else 0)
-                         + 4 * n_row_tiles * n_stats * _SUBLANES * _LANES))
-  est = vmem_bytes(rows, cols, dim, a.dtype, with_grad=with_grad, n_stats=max(n_stats, 1),
-                   resident_rows=nb_pad if with_db else 0)
+    flops=int(2 * tile_elems * dim * (1 + int(with_grad) + int(with_db))),
+    # exp and log1p for the loss; exp and the reciprocal for the sigmoid.
+    transcendentals=int(tile_elems * (1 + int(with_loss) + int(with_grad or with_scalar_grads))),
+    # a read once, b once per row tile, ids, and the outputs.
+    bytes_accessed=int(
+      na_pad * dim * isz
+      + n_row_tiles * nb_pad * dim * isz
+      + 4 * (na_pad + n_row_tiles * nb_pad)
+      + (na_pad * dim * isz if with_grad else 0)
+      + (splits * nb_pad * dim * 4 if with_db else 0)
+      + 4 * n_row_tiles * n_stats * _SUBLANES * _LANES
+    ),
+  )
+  est = vmem_bytes(
+    rows,
+    cols,
+    dim,
+    a.dtype,
+    with_grad=with_grad,
+    n_stats=max(n_stats, 1),
+    resident_rows=nb_pad if with_db else 0,
+  )
   precision = mc.precision(a.dtype)
   kernel = functools.partial(
-      _tile_kernel, rows=rows, cols=cols, n_a=n_a, n_b=n_b, na_pad=na_pad, nb_pad=nb_pad,
-      with_loss=with_loss,
-      with_scalar_grads=with_scalar_grads, with_grad=with_grad, with_db=with_db,
-      precision=precision)
+    _tile_kernel,
+    rows=rows,
+    cols=cols,
+    n_a=n_a,
+    n_b=n_b,
+    na_pad=na_pad,
+    nb_pad=nb_pad,
+    with_loss=with_loss,
+    with_scalar_grads=with_scalar_grads,
+    with_grad=with_grad,
+    with_db=with_db,
+    precision=precision,
+  )
   # Row tiles are independent (megacore may split them) unless they share the resident
   # gradient of b, which only the split axis may divide; the column axis accumulates.
   semantics = ("parallel", "arbitrary", "arbitrary") if with_db else ("parallel", "arbitrary")
   outs = pl.pallas_call(
-      kernel,
-      grid=grid,
-      in_specs=in_specs,
-      out_specs=out_specs,
-      out_shape=out_shape,
-      scratch_shapes=scratch,
-      compiler_params=pltpu.CompilerParams(
-          dimension_semantics=semantics,
-          vmem_limit_bytes=_vmem_limit(est, generation, vmem_limit_bytes)),
-      cost_estimate=cost,
-      interpret=_interpret_mode() if interpret else False,
-      name=name,
+    kernel,
+    grid=grid,
+    in_specs=in_specs,
+    out_specs=out_specs,
+    out_shape=out_shape,
+    scratch_shapes=scratch,
+    compiler_params=pltpu.CompilerParams(
+      dimension_semantics=semantics, vmem_limit_bytes=_vmem_limit(est, generation, vmem_limit_bytes)
+    ),
+    cost_estimate=cost,
+    interpret=_interpret_mode() if interpret else False,
+    name=name,
   )(*operands)
   outs = list(outs)
   stats = jnp.sum(outs.pop(0), axis=(0, 2, 3)) if n_stats else None
@@ -459,8 +535,7 @@ def _pad_rows(a, multiple):
 
 
 def _common(bs, interpret):
-  return dict(generation=bs.generation, vmem_limit_bytes=bs.vmem_limit_bytes,
-              interpret=interpret)
+  return dict(generation=bs.generation, vmem_limit_bytes=bs.vmem_limit_bytes, interpret=interpret)
 
 
 def _generation(target, x) -> str | None:
@@ -469,12 +544,24 @@ def _generation(target, x) -> str | None:
 
 def _check_block_sizes(block_sizes):
   if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
-    raise TypeError(f"block_sizes must be a siglip_fast.kernels.tpu.BlockSizes or None, got "
-                    f"{type(block_sizes).__module__}.{type(block_sizes).__name__}")
+    raise TypeError(
+      f"block_sizes must be a siglip_fast.kernels.tpu.BlockSizes or None, got "
+      f"{type(block_sizes).__module__}.{type(block_sizes).__name__}"
+    )
 
 
-def loss_sum(x, y, x_ids, y_ids, log_t, bias, *, block_sizes: BlockSizes | None = None,
-             interpret: bool = False, target=None) -> jax.Array:
+def loss_sum(
+  x,
+  y,
+  x_ids,
+  y_ids,
+  log_t,
+  bias,
+  *,
+  block_sizes: BlockSizes | None = None,
+  interpret: bool = False,
+  target=None,
+) -> jax.Array:
   """sum_ij softplus(-z_ij * (t <x_i, y_j> + bias)) as a float32 scalar; forward kernel only.
 
   Not differentiable (use ``block_loss_sum``). ``target``: the ``siglip_fast.target.Target``
@@ -483,13 +570,27 @@ def loss_sum(x, y, x_ids, y_ids, log_t, bias, *, block_sizes: BlockSizes | None 
   x_ids, y_ids, log_t, bias = validate.check_block_inputs(x, y, x_ids, y_ids, log_t, bias)
   _check_block_sizes(block_sizes)
   bs = block_sizes or default_block_sizes(
-      None if interpret else _generation(target, x), dim=x.shape[1], dtype=x.dtype,
-      interpret=interpret)
+    None if interpret else _generation(target, x),
+    dim=x.shape[1],
+    dtype=x.dtype,
+    interpret=interpret,
+  )
   rows, cols = _tile(x.shape[0], bs.block_rows), _tile(y.shape[0], bs.block_cols)
   _, scal = mc.kernel_scalars(log_t, bias)
-  stats, _, _ = _tile_pass(_pad_rows(x, rows), _pad_rows(y, cols), x_ids, y_ids, scal,
-                           rows=rows, cols=cols, with_loss=True, with_scalar_grads=False,
-                           with_grad=False, name="siglip_fwd", **_common(bs, interpret))
+  stats, _, _ = _tile_pass(
+    _pad_rows(x, rows),
+    _pad_rows(y, cols),
+    x_ids,
+    y_ids,
+    scal,
+    rows=rows,
+    cols=cols,
+    with_loss=True,
+    with_scalar_grads=False,
+    with_grad=False,
+    name="siglip_fwd",
+    **_common(bs, interpret),
+  )
   return stats[0]
 
 
@@ -500,15 +601,17 @@ def _fused_plan(bs, n, m, dim, dtype):
   if bs.fuse_dy is False or (bs.fuse_dy is None and bs.generation is None):
     return False, splits
   rows, cols = _tile(n, bs.block_rows, splits), _tile(m, bs.block_cols)
-  need = vmem_bytes(rows, cols, dim, dtype, with_grad=True, n_stats=3,
-                    resident_rows=mc.round_up(m, cols))
+  need = vmem_bytes(
+    rows, cols, dim, dtype, with_grad=True, n_stats=3, resident_rows=mc.round_up(m, cols)
+  )
   if bs.fuse_dy is None:
     return need <= _VMEM_BUDGET * VMEM_CAPACITY[bs.generation], splits
   return True, splits
 
 
-def grad_block_sizes(generation: str | None, n: int, m: int, dim: int, dtype, *,
-                     interpret: bool = False) -> BlockSizes:
+def grad_block_sizes(
+  generation: str | None, n: int, m: int, dim: int, dtype, *, interpret: bool = False
+) -> BlockSizes:
   """Default value-and-grad tiles: the fused kernel (6 n m D) is chosen before the tiles, so
   the largest candidate tiles whose fused plan fits VMEM win over larger tiles that would
   need two kernels (8 n m D); two kernels with ``for_generation``'s tiles otherwise."""
@@ -522,9 +625,18 @@ def grad_block_sizes(generation: str | None, n: int, m: int, dim: int, dtype, *,
   return base
 
 
-def loss_sum_and_grads(x, y, x_ids, y_ids, log_t, bias, *,
-                       block_sizes: BlockSizes | None = None, interpret: bool = False,
-                       target=None):
+def loss_sum_and_grads(
+  x,
+  y,
+  x_ids,
+  y_ids,
+  log_t,
+  bias,
+  *,
+  block_sizes: BlockSizes | None = None,
+  interpret: bool = False,
+  target=None,
+):
   """(loss sum, (dx, dy, dlog_t, dbias)); dx, dy in the dtypes of x, y, the rest float32.
 
   One kernel (6 n m D FLOPs) when a float32 dY fits in VMEM, else two (8 n m D); see
@@ -533,37 +645,73 @@ def loss_sum_and_grads(x, y, x_ids, y_ids, log_t, bias, *,
   x_ids, y_ids, log_t, bias = validate.check_block_inputs(x, y, x_ids, y_ids, log_t, bias)
   _check_block_sizes(block_sizes)
   n, m, dim = x.shape[0], y.shape[0], x.shape[1]
-  bs = block_sizes or grad_block_sizes(None if interpret else _generation(target, x), n, m,
-                                       dim, x.dtype, interpret=interpret)
+  bs = block_sizes or grad_block_sizes(
+    None if interpret else _generation(target, x), n, m, dim, x.dtype, interpret=interpret
+  )
   t, scal = mc.kernel_scalars(log_t, bias)
   common = _common(bs, interpret)
   fuse, splits = _fused_plan(bs, n, m, dim, x.dtype)
   if fuse:
     rows, cols = _tile(n, bs.block_rows, splits), _tile(m, bs.block_cols)
-    stats, dx, dy = _tile_pass(_pad_rows(x, rows * splits), _pad_rows(y, cols), x_ids, y_ids,
-                               scal, rows=rows, cols=cols, with_loss=True,
-                               with_scalar_grads=True, with_grad=True, with_db=True,
-                               splits=splits, name="siglip_fwd_dx_dy", **common)
+    stats, dx, dy = _tile_pass(
+      _pad_rows(x, rows * splits),
+      _pad_rows(y, cols),
+      x_ids,
+      y_ids,
+      scal,
+      rows=rows,
+      cols=cols,
+      with_loss=True,
+      with_scalar_grads=True,
+      with_grad=True,
+      with_db=True,
+      splits=splits,
+      name="siglip_fwd_dx_dy",
+      **common,
+    )
     dy = (t * dy[:m]).astype(y.dtype)
   else:
     rows, cols = _tile(n, bs.block_rows), _tile(m, bs.block_cols)
     rows_dy, cols_dy = _tile(m, bs.dy_tiles[0]), _tile(n, bs.dy_tiles[1])
     # x is the owned side of one kernel and the streamed side of the other: each kernel
     # gets its own padding, so neither pads to the lcm of two tiles.
-    stats, dx, _ = _tile_pass(_pad_rows(x, rows), _pad_rows(y, cols), x_ids, y_ids, scal,
-                              rows=rows, cols=cols, with_loss=True, with_scalar_grads=True,
-                              with_grad=True, name="siglip_fwd_dx", **common)
+    stats, dx, _ = _tile_pass(
+      _pad_rows(x, rows),
+      _pad_rows(y, cols),
+      x_ids,
+      y_ids,
+      scal,
+      rows=rows,
+      cols=cols,
+      with_loss=True,
+      with_scalar_grads=True,
+      with_grad=True,
+      name="siglip_fwd_dx",
+      **common,
+    )
     # The same kernel on the transposed block: it owns y tiles and streams x tiles.
-    _, dy, _ = _tile_pass(_pad_rows(y, rows_dy), _pad_rows(x, cols_dy), y_ids, x_ids, scal,
-                          rows=rows_dy, cols=cols_dy, with_loss=False,
-                          with_scalar_grads=False, with_grad=True, name="siglip_dy", **common)
+    _, dy, _ = _tile_pass(
+      _pad_rows(y, rows_dy),
+      _pad_rows(x, cols_dy),
+      y_ids,
+      x_ids,
+      scal,
+      rows=rows_dy,
+      cols=cols_dy,
+      with_loss=False,
+      with_scalar_grads=False,
+      with_grad=True,
+      name="siglip_dy",
+      **common,
+    )
     dy = dy[:m]
   # d/dlog_t of t * s is t * s, so dlog_t = t * sum G * S; d/dbias = sum G.
   return stats[0], (dx[:n], dy, t * stats[1], stats[2])
 
 
-def block_loss_sum(x, y, x_ids, y_ids, log_t, bias, *, block_sizes: BlockSizes | None = None,
-                   interpret: bool = False) -> jax.Array:
+def block_loss_sum(
+  x, y, x_ids, y_ids, log_t, bias, *, block_sizes: BlockSizes | None = None, interpret: bool = False
+) -> jax.Array:
   """The block loss sum (``reference.dense.block_loss_sum``), differentiable w.r.t. x, y,
   log_t and bias through the shared custom VJP, whose forward runs the value-and-grad
   kernels."""
@@ -573,12 +721,13 @@ def block_loss_sum(x, y, x_ids, y_ids, log_t, bias, *, block_sizes: BlockSizes |
   return ring_lib.local_sum(trip, x, y, x_ids, y_ids, log_t, bias)
 
 
-def block_ops(*, interpret: bool = False, block_sizes: BlockSizes | None = None,
-              target=None) -> ring_lib.BlockOps:
+def block_ops(
+  *, interpret: bool = False, block_sizes: BlockSizes | None = None, target=None
+) -> ring_lib.BlockOps:
   """This kernel family as the ring's ``BlockOps``; ``target`` (a
   ``siglip_fast.target.Target``) picks the default tiles' generation."""
   _check_block_sizes(block_sizes)
   kw = dict(block_sizes=block_sizes, interpret=bool(interpret), target=target)
-  return ring_lib.BlockOps("pallas_tpu",
-                           functools.partial(loss_sum, **kw),
-                           functools.partial(loss_sum_and_grads, **kw))
+  return ring_lib.BlockOps(
+    "pallas_tpu", functools.partial(loss_sum, **kw), functools.partial(loss_sum_and_grads, **kw)
+  )

@@ -47,7 +47,6 @@ import functools
 import math
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -107,8 +106,6 @@ def _vmem_bytes(tm, tn, dim, itemsize, with_grads):
   return tiles + grads + temps
 
 
-
-
 def _fit_tile(b, tile, sub):
   """The tile for a local batch b and a largest tile ``tile`` (see ``BlockSizes``)."""
   if b <= tile:
@@ -125,19 +122,23 @@ def _check_inputs(x, y, x_ids, y_ids, log_t, bias, block_sizes):
   block sizes (defaults filled in)."""
   checked = validate.check_block_inputs(x, y, x_ids, y_ids, log_t, bias)
   if x.shape != y.shape:
-    raise ValueError(f"x and y must have the same shape (b, D) in the ring, got {x.shape} and "
-                     f"{y.shape}")
+    raise ValueError(
+      f"x and y must have the same shape (b, D) in the ring, got {x.shape} and {y.shape}"
+    )
   if block_sizes is None:
     block_sizes = BlockSizes.get_default(x.shape[1], x.dtype)
   if not isinstance(block_sizes, BlockSizes):
-    raise TypeError(f"block_sizes must be a siglip_fast.kernels.tpu_ring.BlockSizes, got "
-                    f"{block_sizes!r}")
+    raise TypeError(
+      f"block_sizes must be a siglip_fast.kernels.tpu_ring.BlockSizes, got {block_sizes!r}"
+    )
   sub = mc.sublanes(x.dtype)
   for arg in ("block_rows", "block_cols"):
     t = getattr(block_sizes, arg)
     if not isinstance(t, int) or t <= 0 or t % sub:
-      raise ValueError(f"block_sizes.{arg} must be a positive multiple of {sub} for "
-                       f"{x.dtype} inputs (the sublanes of a vreg), got {t}")
+      raise ValueError(
+        f"block_sizes.{arg} must be a positive multiple of {sub} for "
+        f"{x.dtype} inputs (the sublanes of a vreg), got {t}"
+      )
   return checked, block_sizes
 
 
@@ -173,7 +174,7 @@ class _Plan:
 
   @property
   def directions(self):
-    return (1, -1)[:len(self.hops)]
+    return (1, -1)[: len(self.hops)]
 
 
 def _ring_hops(n_dev, schedule):
@@ -191,8 +192,9 @@ def _remote_copy(kind, offset, src, dst, send_sem, recv_sem, device_id):
   places away in the ring. ``kind`` names the traffic ("chunk", "chunk_ids"); the tests
   hook this to check where copies are placed and that they only go to a neighbour."""
   del kind, offset
-  return pltpu.make_async_remote_copy(src, dst, send_sem, recv_sem, device_id=device_id,
-                                      device_id_type=pl.DeviceIdType.MESH)
+  return pltpu.make_async_remote_copy(
+    src, dst, send_sem, recv_sem, device_id=device_id, device_id_type=pl.DeviceIdType.MESH
+  )
 
 
 def _take_credit(sem):
@@ -204,8 +206,9 @@ def _tile(x, y, xid, yid, params, valid=None):
   """Loss terms (log2 units), G and the similarity s of one (tm, tn) logits tile, all f32
   (``mosaic_common.tile_terms``). ``valid``: None, or a (tm, tn) bool mask of the pairs that
   are not batch padding."""
-  s = lax.dot_general(x, y, _NT, precision=mc.precision(x.dtype),
-                      preferred_element_type=jnp.float32)
+  s = lax.dot_general(
+    x, y, _NT, precision=mc.precision(x.dtype), preferred_element_type=jnp.float32
+  )
   v = params[0] * s + params[1]
   loss, g = mc.tile_terms(v, pos=xid == yid, valid=valid, with_loss=True, with_grad=True)
   return loss, g, s
@@ -246,8 +249,26 @@ class _Refs:
     a_tile, b_tile, a_id_tile, b_id_tile, tile_sems, ring_sems, credits = take(7)
     acc = take(1)[0] if plan.grad else None
     assert not refs, refs
-    return cls(params, me, a, a_ids, b, b_ids, sums, da, slots, id_slots, a_tile, b_tile,
-               a_id_tile, b_id_tile, acc, tile_sems, ring_sems, credits)
+    return cls(
+      params,
+      me,
+      a,
+      a_ids,
+      b,
+      b_ids,
+      sums,
+      da,
+      slots,
+      id_slots,
+      a_tile,
+      b_tile,
+      a_id_tile,
+      b_id_tile,
+      acc,
+      tile_sems,
+      ring_sems,
+      credits,
+    )
 
 
 def _when(cond, body):
@@ -298,23 +319,31 @@ def _sweep(plan: _Plan, r: _Refs, b_blk, b_ids_blk, first):
   ta, tb, tr = plan.ta, plan.tb, plan.transposed
   n_outer, n_inner = plan.b // ta, plan.b // tb
   n_steps = n_outer * n_inner
-  outer = ((lambda o: _rows(r.a, ta, o), r.a_tile),
-           (lambda o: _id_rows(r.a_ids, ta, o, not tr), r.a_id_tile))
-  inner = ((lambda q: _rows(b_blk, tb, q), r.b_tile),
-           (lambda q: _id_rows(b_ids_blk, tb, q, False), r.b_id_tile))
+  outer = (
+    (lambda o: _rows(r.a, ta, o), r.a_tile),
+    (lambda o: _id_rows(r.a_ids, ta, o, not tr), r.a_id_tile),
+  )
+  inner = (
+    (lambda q: _rows(b_blk, tb, q), r.b_tile),
+    (lambda q: _id_rows(b_ids_blk, tb, q, False), r.b_id_tile),
+  )
 
   def fetches(ops, k, slot, kind):
-    return [pltpu.make_async_copy(src(k), buf.at[slot], r.tile_sems.at[kind + a, slot])
-            for a, (src, buf) in enumerate(ops)]
+    return [
+      pltpu.make_async_copy(src(k), buf.at[slot], r.tile_sems.at[kind + a, slot])
+      for a, (src, buf) in enumerate(ops)
+    ]
 
   grad = plan.grad
   if grad:
     acc_tile = lambda slot: r.acc.at[slot]
-    acc_in = lambda o, slot: pltpu.make_async_copy(_rows(r.da, ta, o), acc_tile(slot),
-                                                   r.tile_sems.at[4, slot])
+    acc_in = lambda o, slot: pltpu.make_async_copy(
+      _rows(r.da, ta, o), acc_tile(slot), r.tile_sems.at[4, slot]
+    )
     # One semaphore for the outgoing dA tiles: at most one is in flight.
-    acc_out = lambda o, slot: pltpu.make_async_copy(acc_tile(slot), _rows(r.da, ta, o),
-                                                    r.tile_sems.at[5, 0])
+    acc_out = lambda o, slot: pltpu.make_async_copy(
+      acc_tile(slot), _rows(r.da, ta, o), r.tile_sems.at[5, 0]
+    )
 
   def start_outer(o):
     slot = lax.rem(o, 2)
@@ -344,10 +373,12 @@ def _sweep(plan: _Plan, r: _Refs, b_blk, b_ids_blk, first):
       return None
     gt = (g * r.params[2]).astype(b_val.dtype)
     if tr:  # dY tile = t * G^T @ X
-      return lax.dot_general(gt, b_val, _TN, precision=mc.precision(b_val.dtype),
-                             preferred_element_type=jnp.float32)
-    return jnp.dot(gt, b_val, precision=mc.precision(b_val.dtype),
-                   preferred_element_type=jnp.float32)
+      return lax.dot_general(
+        gt, b_val, _TN, precision=mc.precision(b_val.dtype), preferred_element_type=jnp.float32
+      )
+    return jnp.dot(
+      gt, b_val, precision=mc.precision(b_val.dtype), preferred_element_type=jnp.float32
+    )
 
   def step(c, carry):
     o, q = c // n_inner, lax.rem(c, n_inner)
@@ -375,8 +406,7 @@ def _sweep(plan: _Plan, r: _Refs, b_blk, b_ids_blk, first):
       if grad and not first:
         acc_in(o, so).wait()
 
-    contrib = compute(o, q, [buf.at[so] for _, buf in outer],
-                      [buf.at[si] for _, buf in inner])
+    contrib = compute(o, q, [buf.at[so] for _, buf in outer], [buf.at[si] for _, buf in inner])
     if grad:
       tile = acc_tile(so)
 
@@ -411,10 +441,12 @@ class _Ring:
     """Chunk and ids from ``src`` to the downstream neighbour's ``slot`` of stream s."""
     d, r = self.plan.directions[s], self.r
     sem = lambda k, end: r.ring_sems.at[s, k, end, slot]
-    return (_remote_copy("chunk", d, src, r.slots[s].at[slot], sem(0, 0), sem(0, 1),
-                         self.device(d)),
-            _remote_copy("chunk_ids", d, src_ids, r.id_slots[s].at[slot], sem(1, 0),
-                         sem(1, 1), self.device(d)))
+    return (
+      _remote_copy("chunk", d, src, r.slots[s].at[slot], sem(0, 0), sem(0, 1), self.device(d)),
+      _remote_copy(
+        "chunk_ids", d, src_ids, r.id_slots[s].at[slot], sem(1, 0), sem(1, 1), self.device(d)
+      ),
+    )
 
   def enter(self):
     """A device's slots may be written once it is inside the kernel (before that the
@@ -424,15 +456,17 @@ class _Ring:
     barrier = pltpu.get_barrier_semaphore()
     upstream = sorted({-d for d in self.plan.directions})
     for off in upstream:
-      pl.semaphore_signal(barrier, 1, device_id=self.device(off),
-                          device_id_type=pl.DeviceIdType.MESH)
+      pl.semaphore_signal(
+        barrier, 1, device_id=self.device(off), device_id_type=pl.DeviceIdType.MESH
+      )
     pl.semaphore_wait(barrier, len(upstream))
 
   def grant(self, s):
     """Tell stream s's upstream neighbour that one of our slots is free again."""
     upstream = self.device(-self.plan.directions[s])
-    pl.semaphore_signal(self.r.credits.at[s], 1, device_id=upstream,
-                        device_id_type=pl.DeviceIdType.MESH)
+    pl.semaphore_signal(
+      self.r.credits.at[s], 1, device_id=upstream, device_id_type=pl.DeviceIdType.MESH
+    )
 
   def round_(self, h, streams):
     """Hop h >= 1 of each stream in ``streams``: the chunk from -d * h devices away.
@@ -537,12 +571,15 @@ def _ring_call(plan: _Plan, params, me, a, a_ids, bm, b_ids, *, axis_name, inter
 
   ta, tb, tr = plan.ta, plan.tb, plan.transposed
   id_tile = lambda size, as_rows: (size, 1) if as_rows else (1, size)
-  scratch = [pltpu.VMEM((2, ta, dim), a.dtype), pltpu.VMEM((2, tb, dim), bm.dtype),
-             pltpu.VMEM((2,) + id_tile(ta, not tr), jnp.int32),
-             pltpu.VMEM((2,) + id_tile(tb, False), jnp.int32),
-             pltpu.SemaphoreType.DMA((6, 2)),
-             pltpu.SemaphoreType.DMA((max(n_buf, 1), 2, 2, 2)),
-             pltpu.SemaphoreType.REGULAR((max(n_buf, 1),))]
+  scratch = [
+    pltpu.VMEM((2, ta, dim), a.dtype),
+    pltpu.VMEM((2, tb, dim), bm.dtype),
+    pltpu.VMEM((2,) + id_tile(ta, not tr), jnp.int32),
+    pltpu.VMEM((2,) + id_tile(tb, False), jnp.int32),
+    pltpu.SemaphoreType.DMA((6, 2)),
+    pltpu.SemaphoreType.DMA((max(n_buf, 1), 2, 2, 2)),
+    pltpu.SemaphoreType.REGULAR((max(n_buf, 1),)),
+  ]
   if plan.grad:
     scratch.append(pltpu.VMEM((2, ta, dim), f32))
   vmem = _vmem_bytes(plan.tm, plan.tn, dim, a.dtype.itemsize, plan.grad)
@@ -550,24 +587,24 @@ def _ring_call(plan: _Plan, params, me, a, a_ids, bm, b_ids, *, axis_name, inter
   if interpret is True:
     interpret = pltpu.InterpretParams()
   outs = pl.pallas_call(
-      functools.partial(_ring_kernel, plan, axis_name),
-      out_shape=out_shape,
-      in_specs=[pl.BlockSpec(memory_space=pltpu.SMEM)] * 2 + [hbm] * 4,
-      out_specs=out_specs,
-      scratch_shapes=scratch,
-      compiler_params=pltpu.CompilerParams(
-          collective_id=_COLLECTIVE_ID if n_buf else None, vmem_limit_bytes=vmem_limit),
-      cost_estimate=_cost(plan),
-      interpret=interpret or False,
-      name=name,
+    functools.partial(_ring_kernel, plan, axis_name),
+    out_shape=out_shape,
+    in_specs=[pl.BlockSpec(memory_space=pltpu.SMEM)] * 2 + [hbm] * 4,
+    out_specs=out_specs,
+    scratch_shapes=scratch,
+    compiler_params=pltpu.CompilerParams(
+      collective_id=_COLLECTIVE_ID if n_buf else None, vmem_limit_bytes=vmem_limit
+    ),
+    cost_estimate=_cost(plan),
+    interpret=interpret or False,
+    name=name,
   )(params, me, a, a_ids, bm, b_ids)
   sums = outs[0] if plan.stats else None
   da = outs[1 if plan.stats else 0] if plan.grad else None
   return sums, da
 
 
-def _trip(x, y, x_ids, y_ids, log_t, bias, axis_name, schedule, interpret, block_sizes,
-          with_grads):
+def _trip(x, y, x_ids, y_ids, log_t, bias, axis_name, schedule, interpret, block_sizes, with_grads):
   """This device's loss sum and, if asked for, its float32 (dx, dy, dlog_t, dbias): dx, dy
   the gradients of the global loss sum w.r.t. the local chunks, dlog_t and dbias this
   device's partial sums (not summed over the ring)."""
@@ -590,47 +627,88 @@ def _trip(x, y, x_ids, y_ids, log_t, bias, axis_name, schedule, interpret, block
   if axis_name is not None:
     me = lax.axis_index(axis_name).astype(jnp.int32).reshape(1)
     # Under shard_map with check_vma the kernel's operands must all vary over the axis.
-    params, me, xid, xid_t, yid = (vma.pvary(a, {axis_name})
-                                   for a in (params, me, xid, xid_t, yid))
+    params, me, xid, xid_t, yid = (vma.pvary(a, {axis_name}) for a in (params, me, xid, xid_t, yid))
   hops = _ring_hops(n_dev, schedule)
   plan = functools.partial(_Plan, n_dev, b, b_valid, dim, tm, tn, x.dtype, hops=hops)
-  call = functools.partial(_ring_call, params=params, me=me, axis_name=axis_name,
-                           interpret=interpret)
+  call = functools.partial(
+    _ring_call, params=params, me=me, axis_name=axis_name, interpret=interpret
+  )
   if not with_grads:
-    sums, _ = call(plan(stats=1, grad=False, transposed=False), a=x, a_ids=xid, bm=y,
-                   b_ids=yid, name="siglip_ring_fwd")
+    sums, _ = call(
+      plan(stats=1, grad=False, transposed=False),
+      a=x,
+      a_ids=xid,
+      bm=y,
+      b_ids=yid,
+      name="siglip_ring_fwd",
+    )
     return jnp.sum(sums[0]) * mc.LN_2
-  sums, dx = call(plan(stats=3, grad=True, transposed=False), a=x, a_ids=xid, bm=y,
-                  b_ids=yid, name="siglip_ring_fwd_bwd_dx")
+  sums, dx = call(
+    plan(stats=3, grad=True, transposed=False),
+    a=x,
+    a_ids=xid,
+    bm=y,
+    b_ids=yid,
+    name="siglip_ring_fwd_bwd_dx",
+  )
   # The transposed block: y owned, x travelling with its ids; the same logits tiles.
-  _, dy = call(plan(stats=0, grad=True, transposed=True), a=y, a_ids=yid, bm=x, b_ids=xid_t,
-               name="siglip_ring_fwd_bwd_dy")
+  _, dy = call(
+    plan(stats=0, grad=True, transposed=True),
+    a=y,
+    a_ids=yid,
+    bm=x,
+    b_ids=xid_t,
+    name="siglip_ring_fwd_bwd_dy",
+  )
   # The kernel sums softplus / ln 2 and G * s; d/dlog_t of t s is t s.
-  return jnp.sum(sums[0]) * mc.LN_2, (dx[:b_valid], dy[:b_valid], t * jnp.sum(sums[1]),
-                                      jnp.sum(sums[2]))
+  return jnp.sum(sums[0]) * mc.LN_2, (
+    dx[:b_valid],
+    dy[:b_valid],
+    t * jnp.sum(sums[1]),
+    jnp.sum(sums[2]),
+  )
 
 
+def _checked_trip(
+  x, y, x_ids, y_ids, log_t, bias, with_grads, *, axis_name, schedule, interpret, block_sizes
+):
+  (x_ids, y_ids, log_t, bias), block_sizes = _check_inputs(
+    x, y, x_ids, y_ids, log_t, bias, block_sizes
+  )
+  return _trip(
+    x, y, x_ids, y_ids, log_t, bias, axis_name, schedule, interpret, block_sizes, with_grads
+  )
 
-def _checked_trip(x, y, x_ids, y_ids, log_t, bias, with_grads, *, axis_name, schedule,
-                  interpret, block_sizes):
-  (x_ids, y_ids, log_t, bias), block_sizes = _check_inputs(x, y, x_ids, y_ids, log_t, bias,
-                                                           block_sizes)
-  return _trip(x, y, x_ids, y_ids, log_t, bias, axis_name, schedule, interpret, block_sizes,
-               with_grads)
 
-
-def ring_trip(*, axis_name, schedule="bidirectional", interpret=False,
-              block_sizes: BlockSizes | None = None):
+def ring_trip(
+  *, axis_name, schedule="bidirectional", interpret=False, block_sizes: BlockSizes | None = None
+):
   """This kernel as a trip for ``siglip_fast.ring.global_mean``: per device, the
   loss sum and d(global sum)/d(local inputs); the psum and 1/B stay outside its VJP."""
   if schedule not in SCHEDULES:
     raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-  return functools.partial(_checked_trip, axis_name=axis_name, schedule=schedule,
-                           interpret=interpret, block_sizes=block_sizes)
+  return functools.partial(
+    _checked_trip,
+    axis_name=axis_name,
+    schedule=schedule,
+    interpret=interpret,
+    block_sizes=block_sizes,
+  )
 
 
-def ring_loss(x, y, x_ids, y_ids, log_t, bias, *, axis_name=None, schedule="bidirectional",
-              interpret=False, block_sizes: BlockSizes | None = None):
+def ring_loss(
+  x,
+  y,
+  x_ids,
+  y_ids,
+  log_t,
+  bias,
+  *,
+  axis_name=None,
+  schedule="bidirectional",
+  interpret=False,
+  block_sizes: BlockSizes | None = None,
+):
   """Mean SigLIP loss over the ring on ``axis_name`` (one device when None), in one kernel.
 
   x, y: this device's (b, D) image and text chunks (float32 or bfloat16). x_ids, y_ids:
@@ -638,6 +716,7 @@ def ring_loss(x, y, x_ids, y_ids, log_t, bias, *, axis_name=None, schedule="bidi
   replicated. interpret: False, True or a ``pltpu.InterpretParams`` (TPU interpret mode).
   Returns the float32 global mean loss, replicated; differentiable w.r.t. x, y, log_t, bias.
   """
-  trip = ring_trip(axis_name=axis_name, schedule=schedule, interpret=interpret,
-                   block_sizes=block_sizes)
+  trip = ring_trip(
+    axis_name=axis_name, schedule=schedule, interpret=interpret, block_sizes=block_sizes
+  )
   return global_mean(trip, x, y, x_ids, y_ids, log_t, bias, axis_name)

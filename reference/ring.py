@@ -13,8 +13,18 @@ from siglip_fast.reference import dense
 REFERENCE_OPS = ring_lib.BlockOps("xla", dense.block_loss_sum, dense.block_loss_sum_and_grads)
 
 
-def ring_loss(x, y, x_ids, y_ids, log_t, bias, *, axis_name=None,
-              schedule="bidirectional", ops: ring_lib.BlockOps = REFERENCE_OPS):
+def ring_loss(
+  x,
+  y,
+  x_ids,
+  y_ids,
+  log_t,
+  bias,
+  *,
+  axis_name=None,
+  schedule="bidirectional",
+  ops: ring_lib.BlockOps = REFERENCE_OPS,
+):
   """Mean SigLIP loss over the ring on ``axis_name`` (or one device when None).
 
   x, y: this device's (b, D) image and text chunks. x_ids, y_ids: their (b,) int32 pair ids,

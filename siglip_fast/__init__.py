@@ -8,13 +8,23 @@ and needs flax (``pip install "siglip-fast[flax]"``); the example trainer,
 ``siglip_fast.train``, needs the ``train`` extra.
 """
 
-from siglip_fast.loss import (IMPLEMENTATIONS, block_ops, default_implementation,
-                              sigmoid_loss, sigmoid_loss_sharded)
+from siglip_fast.loss import (
+  IMPLEMENTATIONS,
+  block_ops,
+  default_implementation,
+  sigmoid_loss,
+  sigmoid_loss_sharded,
+)
 from siglip_fast import mesh
 
 __all__ = [
-    "IMPLEMENTATIONS", "SigmoidLoss", "block_ops", "default_implementation", "mesh",
-    "sigmoid_loss", "sigmoid_loss_sharded",
+  "IMPLEMENTATIONS",
+  "SigmoidLoss",
+  "block_ops",
+  "default_implementation",
+  "mesh",
+  "sigmoid_loss",
+  "sigmoid_loss_sharded",
 ]
 __version__ = "0.1.0"
 
@@ -25,8 +35,10 @@ def __getattr__(name):
     try:
       from siglip_fast.module import SigmoidLoss  # pylint: disable=import-outside-toplevel
     except ImportError as e:
-      raise ImportError("siglip_fast.SigmoidLoss is a Flax module and needs flax: "
-                        'pip install "siglip-fast[flax]" (or flax)') from e
+      raise ImportError(
+        "siglip_fast.SigmoidLoss is a Flax module and needs flax: "
+        'pip install "siglip-fast[flax]" (or flax)'
+      ) from e
     globals()["SigmoidLoss"] = SigmoidLoss
     return SigmoidLoss
   raise AttributeError(f"module 'siglip_fast' has no attribute {name!r}")

@@ -30,11 +30,13 @@ _GOOGLE_PCI_VENDOR = "0x1ae0"
 
 def tpu_attached() -> bool:
   """True if this machine may have a TPU chip (when in doubt, True)."""
-  if glob.glob("/dev/accel*") or any(os.path.basename(p).isdigit()
-                                     for p in glob.glob("/dev/vfio/*")):
+  if glob.glob("/dev/accel*") or any(
+    os.path.basename(p).isdigit() for p in glob.glob("/dev/vfio/*")
+  ):
     return True
   try:
     from jax._src import hardware_utils  # pylint: disable=import-outside-toplevel
+
     return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
   except Exception:  # pylint: disable=broad-except  # jax internals moved: scan PCI ourselves
     for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
@@ -60,13 +62,13 @@ def _plugin_installed(*modules) -> bool:
 def platforms_without_tpu() -> list[str]:
   """The platforms of this machine other than TPU, in jax's order of preference."""
   out = []
-  if (glob.glob("/dev/nvidia[0-9]*")
-      and _plugin_installed("jax_cuda13_plugin", "jax_cuda12_plugin", "jax_plugins.xla_cuda13",
-                            "jax_plugins.xla_cuda12")):
+  if glob.glob("/dev/nvidia[0-9]*") and _plugin_installed(
+    "jax_cuda13_plugin", "jax_cuda12_plugin", "jax_plugins.xla_cuda13", "jax_plugins.xla_cuda12"
+  ):
     out.append("cuda")
-  if os.path.exists("/dev/kfd") and _plugin_installed("jax_rocm7_plugin", "jax_rocm60_plugin",
-                                                      "jax_plugins.xla_rocm7",
-                                                      "jax_plugins.xla_rocm60"):
+  if os.path.exists("/dev/kfd") and _plugin_installed(
+    "jax_rocm7_plugin", "jax_rocm60_plugin", "jax_plugins.xla_rocm7", "jax_plugins.xla_rocm60"
+  ):
     out.append("rocm")
   return out + ["cpu"]
 
@@ -80,6 +82,7 @@ def quiet_start() -> str | None:
     return None
   if "jax" in sys.modules:
     import jax  # pylint: disable=import-outside-toplevel
+
     if jax.config.jax_platforms:
       return None
   if tpu_attached():

@@ -54,11 +54,12 @@ class Implementation:
 
 
 REGISTRY = {
-    impl.name: impl for impl in (
-        Implementation("xla", None, None, None),
-        Implementation("pallas_tpu", "tpu", "tpu", "tpu_ring", default_on=("tpu",)),
-        Implementation("pallas_gpu", "gpu", "gpu", None, default_on=("gpu",)),
-    )
+  impl.name: impl
+  for impl in (
+    Implementation("xla", None, None, None),
+    Implementation("pallas_tpu", "tpu", "tpu", "tpu_ring", default_on=("tpu",)),
+    Implementation("pallas_gpu", "gpu", "gpu", None, default_on=("gpu",)),
+  )
 }
 IMPLEMENTATIONS = tuple(REGISTRY)
 
@@ -87,8 +88,9 @@ def default_implementation(platform: str | None = None) -> str:
   return "xla"
 
 
-def _resolve(implementation: str | None, interpret: bool,
-             target: target_lib.Target) -> Implementation:
+def _resolve(
+  implementation: str | None, interpret: bool, target: target_lib.Target
+) -> Implementation:
   """The registry entry to run, after checking it can run on ``target``."""
   name = default_implementation(target.platform) if implementation is None else implementation
   if name not in REGISTRY:
@@ -96,9 +98,10 @@ def _resolve(implementation: str | None, interpret: bool,
   impl = REGISTRY[name]
   if impl.platform is not None and not interpret and target.platform != impl.platform:
     raise ValueError(
-        f"implementation={name!r} compiles for {impl.platform.upper()}, but this call is "
-        f"traced for {target.platform!r} devices ({target.device_kind}); pass interpret=True "
-        "to run it in interpret mode, or use implementation='xla'")
+      f"implementation={name!r} compiles for {impl.platform.upper()}, but this call is "
+      f"traced for {target.platform!r} devices ({target.device_kind}); pass interpret=True "
+      "to run it in interpret mode, or use implementation='xla'"
+    )
   if not _available(impl):
     try:
       _kernel_module(impl.block_module)
@@ -115,13 +118,20 @@ def _check_block_sizes(impl: Implementation, module_name: str | None, block_size
   want = _kernel_module(module_name).BlockSizes
   if not isinstance(block_sizes, want):
     where = "with axis_name (the whole-ring kernel)" if ring else "without axis_name"
-    raise TypeError(f"block_sizes for implementation={impl.name!r} {where} must be a "
-                    f"siglip_fast.kernels.{module_name}.BlockSizes, got "
-                    f"{type(block_sizes).__module__}.{type(block_sizes).__name__}")
+    raise TypeError(
+      f"block_sizes for implementation={impl.name!r} {where} must be a "
+      f"siglip_fast.kernels.{module_name}.BlockSizes, got "
+      f"{type(block_sizes).__module__}.{type(block_sizes).__name__}"
+    )
 
 
-def block_ops(implementation: str | None = None, *, interpret: bool = False,
-              block_sizes=None, target: target_lib.Target | None = None) -> ring_lib.BlockOps:
+def block_ops(
+  implementation: str | None = None,
+  *,
+  interpret: bool = False,
+  block_sizes=None,
+  target: target_lib.Target | None = None,
+) -> ring_lib.BlockOps:
   """The ``BlockOps`` of an implementation, after checking it can run on ``target``
   (default: the default backend's devices)."""
   target = target or target_lib.target_of()
@@ -130,12 +140,23 @@ def block_ops(implementation: str | None = None, *, interpret: bool = False,
   if impl.block_module is None:
     return reference_ring.REFERENCE_OPS
   return _kernel_module(impl.block_module).block_ops(
-      interpret=interpret, block_sizes=block_sizes, target=target)
+    interpret=interpret, block_sizes=block_sizes, target=target
+  )
 
 
-def sigmoid_loss(img_emb, txt_emb, log_t, bias, *, pair_ids=None, axis_name=None,
-                 implementation: str | None = None, interpret: bool = False,
-                 schedule: str = "bidirectional", block_sizes=None) -> jax.Array:
+def sigmoid_loss(
+  img_emb,
+  txt_emb,
+  log_t,
+  bias,
+  *,
+  pair_ids=None,
+  axis_name=None,
+  implementation: str | None = None,
+  interpret: bool = False,
+  schedule: str = "bidirectional",
+  block_sizes=None,
+) -> jax.Array:
   """Mean SigLIP pairwise sigmoid loss, a float32 scalar.
 
   loss = (1/B) sum_ij softplus(-z_ij (t <x_i, y_j> + b)), t = exp(log_t), z_ij = +1 for
@@ -182,8 +203,10 @@ def sigmoid_loss(img_emb, txt_emb, log_t, bias, *, pair_ids=None, axis_name=None
     try:
       offset = jax.lax.axis_index(axis_name) * batch
     except NameError as e:
-      raise ValueError(f"axis_name={axis_name!r} is not a mesh axis in scope; call "
-                       "sigmoid_loss inside shard_map over that axis") from e
+      raise ValueError(
+        f"axis_name={axis_name!r} is not a mesh axis in scope; call "
+        "sigmoid_loss inside shard_map over that axis"
+      ) from e
   if pair_ids is None:
     ids = offset + jnp.arange(batch, dtype=jnp.int32)
   else:
@@ -192,7 +215,8 @@ def sigmoid_loss(img_emb, txt_emb, log_t, bias, *, pair_ids=None, axis_name=None
 
   if ring_kernel:
     trip = _kernel_module(module).ring_trip(
-        axis_name=axis_name, schedule=schedule, interpret=interpret, block_sizes=block_sizes)
+      axis_name=axis_name, schedule=schedule, interpret=interpret, block_sizes=block_sizes
+    )
   else:
     ops = block_ops(impl.name, interpret=interpret, block_sizes=block_sizes, target=target)
     trip = ring_lib.block_trip(axis_name=axis_name, schedule=schedule, ops=ops)
@@ -212,8 +236,9 @@ def _reshard(a, mesh, spec):
   return jax.device_put(a, sharding)
 
 
-def sigmoid_loss_sharded(img_emb, txt_emb, log_t, bias, *, mesh, axis_name,
-                         pair_ids=None, **kwargs) -> jax.Array:
+def sigmoid_loss_sharded(
+  img_emb, txt_emb, log_t, bias, *, mesh, axis_name, pair_ids=None, **kwargs
+) -> jax.Array:
   """``sigmoid_loss`` on global (B, D) arrays, run as the ring over ``mesh``'s ``axis_name``.
 
   For callers outside ``shard_map``: shards the batch over the axis, runs the ring, and
@@ -225,8 +250,10 @@ def sigmoid_loss_sharded(img_emb, txt_emb, log_t, bias, *, mesh, axis_name,
     raise ValueError(f"axis_name={axis_name!r} is not an axis of the mesh {mesh.axis_names}")
   n_dev = mesh.shape[axis_name]
   if img_emb.shape[0] % n_dev:
-    raise ValueError(f"the batch ({img_emb.shape[0]}) must be divisible by the number of "
-                     f"devices on axis {axis_name!r} ({n_dev})")
+    raise ValueError(
+      f"the batch ({img_emb.shape[0]}) must be divisible by the number of "
+      f"devices on axis {axis_name!r} ({n_dev})"
+    )
   P = jax.sharding.PartitionSpec
   log_t, bias = validate.as_scalar("log_t", log_t), validate.as_scalar("bias", bias)
   if pair_ids is None:
@@ -237,7 +264,7 @@ def sigmoid_loss_sharded(img_emb, txt_emb, log_t, bias, *, mesh, axis_name,
     return sigmoid_loss(x, y, lt, b, pair_ids=ids, axis_name=axis_name, **kwargs)
 
   specs = (P(axis_name), P(axis_name), P(axis_name), P(), P())
-  args = tuple(_reshard(a, mesh, s)
-               for a, s in zip((img_emb, txt_emb, pair_ids, log_t, bias), specs))
+  args = tuple(
+    _reshard(a, mesh, s) for a, s in zip((img_emb, txt_emb, pair_ids, log_t, bias), specs)
+  )
   return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P())(*args)
-

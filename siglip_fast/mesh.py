@@ -37,8 +37,7 @@ def _hamiltonian_cycle(points):
   n = len(points)
   if n <= 2:
     return list(range(n))
-  adj = [[j for j in range(n) if j != i and _neighbours(points[i], points[j])]
-         for i in range(n)]
+  adj = [[j for j in range(n) if j != i and _neighbours(points[i], points[j])] for i in range(n)]
   path, seen = [0], [False] * n
   seen[0] = True
   budget = [200_000]  # slices have at most a few hundred chips; bound the search anyway
@@ -50,8 +49,9 @@ def _hamiltonian_cycle(points):
     if len(path) == n:
       return 0 in adj[path[-1]]
     # Warnsdorff: try the neighbour with the fewest free neighbours first.
-    nxt = sorted((j for j in adj[path[-1]] if not seen[j]),
-                 key=lambda j: sum(not seen[k] for k in adj[j]))
+    nxt = sorted(
+      (j for j in adj[path[-1]] if not seen[j]), key=lambda j: sum(not seen[k] for k in adj[j])
+    )
     for j in nxt:
       seen[j] = True
       path.append(j)
@@ -84,8 +84,11 @@ def is_ring(devices) -> bool | None:
   points = [_position(d) for d in devices]
   if any(p is None for p in points):
     return None
-  return all(_neighbours(a, b) for a, b in zip(points, points[1:] + points[:1])) \
-      if len(points) > 2 else True
+  return (
+    all(_neighbours(a, b) for a, b in zip(points, points[1:] + points[:1]))
+    if len(points) > 2
+    else True
+  )
 
 
 def ring_mesh(axis_name: str = "batch", devices=None) -> jax.sharding.Mesh:

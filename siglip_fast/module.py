@@ -30,7 +30,15 @@ class SigmoidLoss(nn.Module):
   def __call__(self, img_emb, txt_emb, pair_ids=None):
     log_t = self.param("log_t", lambda _: jnp.asarray(self.log_t_init, jnp.float32))
     bias = self.param("bias", lambda _: jnp.asarray(self.bias_init, jnp.float32))
-    return sigmoid_loss(img_emb, txt_emb, log_t, bias, pair_ids=pair_ids,
-                        axis_name=self.axis_name, implementation=self.implementation,
-                        interpret=self.interpret, schedule=self.schedule,
-                        block_sizes=self.block_sizes)
+    return sigmoid_loss(
+      img_emb,
+      txt_emb,
+      log_t,
+      bias,
+      pair_ids=pair_ids,
+      axis_name=self.axis_name,
+      implementation=self.implementation,
+      interpret=self.interpret,
+      schedule=self.schedule,
+      block_sizes=self.block_sizes,
+    )

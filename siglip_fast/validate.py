@@ -32,19 +32,23 @@ def check_embeddings(a, b, names=("img_emb", "txt_emb"), *, same_rows: bool = Tr
   shape_ok = a.shape == b.shape if same_rows else a.shape[1] == b.shape[1]
   if not shape_ok:
     what = "(batch, dim) shape" if same_rows else "dim"
-    raise ValueError(f"{names[0]} and {names[1]} must have the same {what}, got "
-                     f"{tuple(a.shape)} and {tuple(b.shape)}")
+    raise ValueError(
+      f"{names[0]} and {names[1]} must have the same {what}, got "
+      f"{tuple(a.shape)} and {tuple(b.shape)}"
+    )
   if a.dtype != b.dtype:
-    raise TypeError(f"{names[0]} and {names[1]} must have the same dtype, got {a.dtype} and "
-                    f"{b.dtype}")
+    raise TypeError(
+      f"{names[0]} and {names[1]} must have the same dtype, got {a.dtype} and {b.dtype}"
+    )
 
 
 def as_scalar(arg: str, v) -> jax.Array:
   """A float32 scalar from a Python number or a real array of shape () or (1,)."""
-  if isinstance(v, (bool, np.bool_)) or not (isinstance(v, numbers.Real)
-                                             or hasattr(v, "dtype")):
-    raise TypeError(f"{arg} must be a real scalar (a Python number or an array of shape () "
-                    f"or (1,)), got {type(v).__name__}")
+  if isinstance(v, (bool, np.bool_)) or not (isinstance(v, numbers.Real) or hasattr(v, "dtype")):
+    raise TypeError(
+      f"{arg} must be a real scalar (a Python number or an array of shape () "
+      f"or (1,)), got {type(v).__name__}"
+    )
   v = jnp.asarray(v)
   if v.shape not in ((), (1,)):
     raise ValueError(f"{arg} must be a scalar (shape () or (1,)), got shape {v.shape}")
@@ -70,8 +74,12 @@ def check_block_inputs(x, y, x_ids, y_ids, log_t, bias):
   Returns (x_ids, y_ids, log_t, bias) as int32 ids and float32 scalars.
   """
   check_embeddings(x, y, ("x", "y"), same_rows=False)
-  return (check_ids("x_ids", x_ids, x.shape[0]), check_ids("y_ids", y_ids, y.shape[0]),
-          as_scalar("log_t", log_t), as_scalar("bias", bias))
+  return (
+    check_ids("x_ids", x_ids, x.shape[0]),
+    check_ids("y_ids", y_ids, y.shape[0]),
+    as_scalar("log_t", log_t),
+    as_scalar("bias", bias),
+  )
 
 
 def _concrete(a):

@@ -6,8 +6,9 @@ The environment must be set before jax is imported anywhere, hence at the top of
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=8").strip()
+os.environ["XLA_FLAGS"] = (
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 # Compile-only TPU checks in several processes (pytest -n, subprocess tests) share libtpu.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -16,8 +17,9 @@ import pytest  # noqa: E402
 
 
 def pytest_addoption(parser):
-  parser.addoption("--runslow", action="store_true", default=False,
-                   help="also run tests marked slow")
+  parser.addoption(
+    "--runslow", action="store_true", default=False, help="also run tests marked slow"
+  )
 
 
 def pytest_collection_modifyitems(config, items):

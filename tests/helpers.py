@@ -68,6 +68,7 @@ def persistent_compilation_cache(cache_dir):
   """jax's persistent compilation cache in ``cache_dir`` for the duration: test modules whose
   runs share programs (the trainer's tiny configs) spend most of their time compiling."""
   from jax.experimental.compilation_cache import compilation_cache as cc
+
   names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
   old = {n: getattr(jax.config, n) for n in names}
   jax.config.update(names[0], str(cache_dir))
@@ -79,4 +80,3 @@ def persistent_compilation_cache(cache_dir):
     for n, v in old.items():
       jax.config.update(n, v)
     cc.reset_cache()
-

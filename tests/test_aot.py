@@ -42,13 +42,14 @@ def test_single_chip_value_and_grad_every_generation(gen):
 
 def test_ring_mesh_orders_compile_only_slices_as_rings():
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+
   for name in ("v5e:2x2", "v5e:2x4", "v6e:4x4", "v4:2x2x1", "v5p:2x2x2"):
     devices = topologies.get_topology_desc(platform="tpu", topology_name=name).devices
-    assert mesh_lib.is_ring(devices) is False, name      # raw order has diagonal edges
+    assert mesh_lib.is_ring(devices) is False, name  # raw order has diagonal edges
     ordered = mesh_lib.ring_order(devices)
     assert mesh_lib.is_ring(ordered), name
     assert sorted(d.id for d in ordered) == sorted(d.id for d in devices)
-  assert mesh_lib.ring_mesh("batch").axis_names == ("batch",)   # CPU devices: as given
+  assert mesh_lib.ring_mesh("batch").axis_names == ("batch",)  # CPU devices: as given
 
 
 @pytest.mark.slow

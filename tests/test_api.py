@@ -17,8 +17,9 @@ LT, B = jnp.float32(math.log(10.0)), jnp.float32(-10.0)
 
 def test_xla_under_jit_and_grad():
   x, y = random_inputs(0, 24, 16)
-  f = jax.jit(jax.value_and_grad(
-      lambda *a: sigmoid_loss(*a, implementation="xla"), argnums=(0, 1, 2, 3)))
+  f = jax.jit(
+    jax.value_and_grad(lambda *a: sigmoid_loss(*a, implementation="xla"), argnums=(0, 1, 2, 3))
+  )
   loss, grads = f(x, y, LT, B)
   ref_loss, ref_grads = numpy_loss_and_grads(x, y, LT, B)
   assert loss.dtype == jnp.float32 and loss.shape == ()
@@ -30,8 +31,9 @@ def test_xla_under_jit_and_grad():
 def test_default_implementation_on_cpu_is_xla():
   assert siglip_fast.default_implementation("cpu") == "xla"
   x, y = random_inputs(1, 8, 4)
-  np.testing.assert_allclose(float(sigmoid_loss(x, y, LT, B)),
-                             float(sigmoid_loss(x, y, LT, B, implementation="xla")))
+  np.testing.assert_allclose(
+    float(sigmoid_loss(x, y, LT, B)), float(sigmoid_loss(x, y, LT, B, implementation="xla"))
+  )
 
 
 def test_scalars_of_shape_one_and_python_floats():
@@ -71,7 +73,9 @@ def test_sharded_wrapper_matches_dense():
 X, Y = random_inputs(5, 8, 4)
 
 
-@pytest.mark.parametrize("args,kwargs,exc,match", [
+@pytest.mark.parametrize(
+  "args,kwargs,exc,match",
+  [
     ((X[0], Y, LT, B), {}, ValueError, "img_emb must have shape \\(batch, dim\\)"),
     ((X, Y[None], LT, B), {}, ValueError, "txt_emb must have shape \\(batch, dim\\)"),
     ((X, Y[:7], LT, B), {}, ValueError, "same \\(batch, dim\\) shape"),
@@ -92,12 +96,17 @@ X, Y = random_inputs(5, 8, 4)
     ((X, Y, LT, B), {"implementation": "pallas_tpu"}, ValueError, "interpret=True"),
     ((X, Y, LT, B), {"implementation": "pallas_gpu"}, ValueError, "interpret=True"),
     ((X, Y, LT, B), {"schedule": "ring"}, ValueError, "schedule must be one of"),
-    ((X, Y, LT, B), {"implementation": "xla", "block_sizes": object()}, ValueError,
-     "block_sizes applies to the Pallas"),
+    (
+      (X, Y, LT, B),
+      {"implementation": "xla", "block_sizes": object()},
+      ValueError,
+      "block_sizes applies to the Pallas",
+    ),
     ((X, Y, LT, B), {"axis_name": "nope"}, ValueError, "is not a mesh axis in scope"),
     ((X.at[0, 0].set(jnp.nan), Y, LT, B), {}, ValueError, "img_emb contains non-finite"),
     ((X, Y, LT, jnp.float32(jnp.inf)), {}, ValueError, "bias contains non-finite"),
-])
+  ],
+)
 def test_bad_input_raises_naming_the_argument(args, kwargs, exc, match):
   with pytest.raises(exc, match=match):
     sigmoid_loss(*args, **kwargs)
@@ -105,8 +114,10 @@ def test_bad_input_raises_naming_the_argument(args, kwargs, exc, match):
 
 def test_sharded_batch_not_divisible_by_devices():
   mesh = Mesh(np.array(jax.devices()[:3]), ("batch",))
-  with pytest.raises(ValueError, match="batch \\(8\\) must be divisible by the number of "
-                                       "devices on axis 'batch' \\(3\\)"):
+  with pytest.raises(
+    ValueError,
+    match="batch \\(8\\) must be divisible by the number of devices on axis 'batch' \\(3\\)",
+  ):
     sigmoid_loss_sharded(X, Y, LT, B, mesh=mesh, axis_name="batch")
   with pytest.raises(ValueError, match="is not an axis of the mesh"):
     sigmoid_loss_sharded(X, Y, LT, B, mesh=mesh, axis_name="data")
@@ -119,9 +130,12 @@ def test_errors_are_raised_at_trace_time_under_jit():
 
 def test_shard_map_local_pair_ids_shape_checked():
   mesh = Mesh(np.array(jax.devices()[:2]), ("x",))
-  f = jax.shard_map(lambda x, y: sigmoid_loss(x, y, LT, B, axis_name="x",
-                                              pair_ids=jnp.arange(8, dtype=jnp.int32)),
-                    mesh=mesh, in_specs=(P("x"), P("x")), out_specs=P())
+  f = jax.shard_map(
+    lambda x, y: sigmoid_loss(x, y, LT, B, axis_name="x", pair_ids=jnp.arange(8, dtype=jnp.int32)),
+    mesh=mesh,
+    in_specs=(P("x"), P("x")),
+    out_specs=P(),
+  )
   with pytest.raises(ValueError, match="pair_ids must have shape \\(batch,\\) = \\(4,\\)"):
     f(X, Y)
 
@@ -133,8 +147,7 @@ def test_pallas_tpu_with_axis_name_runs_the_in_kernel_ring():
   x, y = random_inputs(41, 64, 128)
 
   def local(x, y, lt, b):
-    return sigmoid_loss(x, y, lt, b, axis_name="x", implementation="pallas_tpu",
-                        interpret=True)
+    return sigmoid_loss(x, y, lt, b, axis_name="x", implementation="pallas_tpu", interpret=True)
 
   f = jax.shard_map(local, mesh=mesh, in_specs=(P("x"), P("x"), P(), P()), out_specs=P())
   loss, grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3)))(x, y, LT, B)
@@ -153,6 +166,7 @@ def _plain_ring_loss(x, y, lt, b):
   """The same loss written with standard collectives only (all_gather + dense + psum), so
   that JAX's own transpose rules define its gradients under each transformation."""
   from siglip_fast.reference import dense  # pylint: disable=import-outside-toplevel
+
   xs = jax.lax.all_gather(y, "batch", tiled=True)
   k = jax.lax.axis_index("batch")
   my_ids = k * x.shape[0] + jnp.arange(x.shape[0])
@@ -176,11 +190,13 @@ def test_gradients_under_shard_map_check_vma(impl, kw, check_vma, grad_inside):
   specs = (P("batch"), P("batch"), P(), P())
   grad = lambda f: jax.grad(f, argnums=(0, 1, 2, 3))
   if grad_inside:
-    run = lambda f: jax.jit(jax.shard_map(grad(f), mesh=mesh, in_specs=specs,
-                                          out_specs=specs, check_vma=check_vma))
+    run = lambda f: jax.jit(
+      jax.shard_map(grad(f), mesh=mesh, in_specs=specs, out_specs=specs, check_vma=check_vma)
+    )
   else:
-    run = lambda f: jax.jit(grad(jax.shard_map(f, mesh=mesh, in_specs=specs, out_specs=P(),
-                                               check_vma=check_vma)))
+    run = lambda f: jax.jit(
+      grad(jax.shard_map(f, mesh=mesh, in_specs=specs, out_specs=P(), check_vma=check_vma))
+    )
   got, want = run(ours)(x, y, lt, b), run(_plain_ring_loss)(x, y, lt, b)
   # dlog_t and dbias are cancelling sums: error against the sum of their terms' magnitudes;
   # where JAX's rule makes each device's value n times its partial sum, n times that.
@@ -208,17 +224,20 @@ def test_pmap_with_pmean_of_gradients_is_exact(impl, kw):
   lt, bias = jnp.float32(math.log(10.0)), jnp.float32(-10.0)
 
   def loss(params, a, c):
-    return sigmoid_loss(a @ params["w"], c, params["lt"], params["b"], axis_name="batch",
-                        implementation=impl, **kw)
+    return sigmoid_loss(
+      a @ params["w"], c, params["lt"], params["b"], axis_name="batch", implementation=impl, **kw
+    )
 
   def step(params, a, c):
     return jax.lax.pmean(jax.grad(loss)(params, a, c), "batch")
 
   params = {"w": w, "lt": lt, "b": bias}
   got = jax.pmap(step, axis_name="batch", in_axes=(None, 0, 0), devices=jax.devices()[:n])(
-      params, x.reshape(n, b, d), y.reshape(n, b, d))
-  want = jax.grad(lambda p: siglip_fast.reference.sigmoid_loss_dense(
-      x @ p["w"], y, p["lt"], p["b"]))(params)
+    params, x.reshape(n, b, d), y.reshape(n, b, d)
+  )
+  want = jax.grad(
+    lambda p: siglip_fast.reference.sigmoid_loss_dense(x @ p["w"], y, p["lt"], p["b"])
+  )(params)
   assert rel_err(got["w"][0], np.asarray(want["w"], np.float64)) < 1e-5
   # dlog_t and dbias are cancelling sums: error against the sum of their terms' magnitudes.
   scales = scalar_grad_scales(x @ w, y, lt, bias)
@@ -232,25 +251,26 @@ def test_sharded_wrapper_and_readme_recipe_on_every_mesh_kind(kind):
   if kind == "classic":
     mesh = Mesh(np.array(jax.devices()[:n]), ("batch",))
   else:
-    axis_type = getattr(jax.sharding.AxisType, "Explicit" if kind.endswith("explicit")
-                        else "Auto")
+    axis_type = getattr(jax.sharding.AxisType, "Explicit" if kind.endswith("explicit") else "Auto")
     mesh = jax.make_mesh((n,), ("batch",), axis_types=(axis_type,), devices=jax.devices()[:n])
   x, y = random_inputs(53, 8 * n, 16)
   ref_loss, ref_grads = numpy_loss_and_grads(x, y, math.log(10.0), -10.0)
-  for f in (sigmoid_loss_sharded, jax.jit(sigmoid_loss_sharded, static_argnames=("mesh",
-                                                                                   "axis_name"))):
+  for f in (
+    sigmoid_loss_sharded,
+    jax.jit(sigmoid_loss_sharded, static_argnames=("mesh", "axis_name")),
+  ):
     loss = f(x, y, math.log(10.0), -10.0, mesh=mesh, axis_name="batch")
     assert rel_err(loss, ref_loss) < 1e-5
+
   # The README's shard_map recipe, on global arrays laid out on the mesh.
   def step(params, img_local, txt_local):
-    return sigmoid_loss(img_local, txt_local, params["log_t"], params["bias"],
-                        axis_name="batch")
+    return sigmoid_loss(img_local, txt_local, params["log_t"], params["bias"], axis_name="batch")
 
   shard = lambda a: jax.device_put(a, jax.sharding.NamedSharding(mesh, P("batch")))
   params = {"log_t": jnp.float32(math.log(10.0)), "bias": jnp.float32(-10.0)}
-  grads = jax.jit(jax.shard_map(jax.grad(step), mesh=mesh, in_specs=(P(), P("batch"),
-                                                                     P("batch")),
-                                out_specs=P()))(params, shard(x), shard(y))
+  grads = jax.jit(
+    jax.shard_map(jax.grad(step), mesh=mesh, in_specs=(P(), P("batch"), P("batch")), out_specs=P())
+  )(params, shard(x), shard(y))
   assert rel_err(grads["log_t"], ref_grads[2]) < 1e-5
   assert rel_err(grads["bias"], ref_grads[3]) < 1e-5
 
@@ -275,20 +295,31 @@ def test_non_finite_inputs_raise_in_eager_grad_too():
 
 def test_block_sizes_go_to_the_kernel_that_runs():
   from siglip_fast.kernels import tpu, tpu_ring  # pylint: disable=import-outside-toplevel
+
   mesh = Mesh(np.array(jax.devices()[:2]), ("x",))
   x, y = random_inputs(56, 32, 128)
 
   def ring(bs):
-    f = lambda x, y: sigmoid_loss(x, y, LT, B, axis_name="x", implementation="pallas_tpu",
-                                  interpret=True, block_sizes=bs)
+    f = lambda x, y: sigmoid_loss(
+      x, y, LT, B, axis_name="x", implementation="pallas_tpu", interpret=True, block_sizes=bs
+    )
     return jax.shard_map(f, mesh=mesh, in_specs=(P("x"), P("x")), out_specs=P())(x, y)
 
   ref_loss, _ = numpy_loss_and_grads(x, y, LT, B)
   assert rel_err(ring(tpu_ring.BlockSizes(16, 16)), ref_loss) < 1e-5
-  with pytest.raises(TypeError, match="with axis_name .* must be a "
-                                      "siglip_fast.kernels.tpu_ring.BlockSizes"):
+  with pytest.raises(
+    TypeError, match="with axis_name .* must be a siglip_fast.kernels.tpu_ring.BlockSizes"
+  ):
     ring(tpu.BlockSizes(128, 128))
-  with pytest.raises(TypeError, match="without axis_name must be a "
-                                      "siglip_fast.kernels.tpu.BlockSizes"):
-    sigmoid_loss(x, y, LT, B, implementation="pallas_tpu", interpret=True,
-                 block_sizes=tpu_ring.BlockSizes(16, 16))
+  with pytest.raises(
+    TypeError, match="without axis_name must be a siglip_fast.kernels.tpu.BlockSizes"
+  ):
+    sigmoid_loss(
+      x,
+      y,
+      LT,
+      B,
+      implementation="pallas_tpu",
+      interpret=True,
+      block_sizes=tpu_ring.BlockSizes(16, 16),
+    )

@@ -15,8 +15,14 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def _run(args, timeout):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)  # one CPU device is enough
-  return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, "-m", *args],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 def _rows(out_dir):
@@ -27,13 +33,32 @@ def _rows(out_dir):
 
 
 def test_bench_loss_smoke_xla_and_chunked(tmp_path):
-  proc = _run(["benchmarks.bench_loss", "--sizes", "256x128", "--impls", "xla,chunked",
-               "--repeats", "3", "--warmup", "1", "--min-sample-ms", "1",
-               "--out-dir", str(tmp_path)], timeout=120)
+  proc = _run(
+    [
+      "benchmarks.bench_loss",
+      "--sizes",
+      "256x128",
+      "--impls",
+      "xla,chunked",
+      "--repeats",
+      "3",
+      "--warmup",
+      "1",
+      "--min-sample-ms",
+      "1",
+      "--out-dir",
+      str(tmp_path),
+    ],
+    timeout=120,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = _rows(tmp_path)
   assert {(r["impl"], r["mode"]) for r in rows} == {
-      ("xla", "fwd"), ("xla", "vg"), ("chunked", "fwd"), ("chunked", "vg")}
+    ("xla", "fwd"),
+    ("xla", "vg"),
+    ("chunked", "fwd"),
+    ("chunked", "vg"),
+  }
   for r in rows:
     assert r["ms"] > 0 and r["finite"] and r["temp_bytes"] is not None
     assert r["flops"] == (2 if r["mode"] == "fwd" else 6) * 256 * 256 * 128
@@ -45,10 +70,29 @@ def test_bench_loss_smoke_xla_and_chunked(tmp_path):
 
 @pytest.mark.slow
 def test_bench_loss_smoke_interpreted_kernel_big_and_tune(tmp_path):
-  proc = _run(["benchmarks.bench_loss", "--sizes", "64x32", "--impls", "kernel,xla,matmul",
-               "--interpret", "--big", "128x32", "--tune", "64x32", "--repeats", "2",
-               "--warmup", "1", "--min-sample-ms", "1", "--out-dir", str(tmp_path)],
-              timeout=600)
+  proc = _run(
+    [
+      "benchmarks.bench_loss",
+      "--sizes",
+      "64x32",
+      "--impls",
+      "kernel,xla,matmul",
+      "--interpret",
+      "--big",
+      "128x32",
+      "--tune",
+      "64x32",
+      "--repeats",
+      "2",
+      "--warmup",
+      "1",
+      "--min-sample-ms",
+      "1",
+      "--out-dir",
+      str(tmp_path),
+    ],
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = _rows(tmp_path)
   kernel = [r for r in rows if r["impl"] == "pallas_gpu" and not r.get("big")]
@@ -63,8 +107,10 @@ def test_bench_loss_smoke_interpreted_kernel_big_and_tune(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_check_smoke_interpreted():
-  proc = _run(["benchmarks.gpu_check", "--cases", "48x32:float32:dup:api,40x16:bfloat16",
-               "--interpret"], timeout=600)
+  proc = _run(
+    ["benchmarks.gpu_check", "--cases", "48x32:float32:dup:api,40x16:bfloat16", "--interpret"],
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert "all passed" in proc.stdout
 
@@ -76,11 +122,23 @@ def test_gpu_check_refuses_without_gpu():
 
 def _run_gpu_sh(out_dir, timeout, **env):
   """benchmarks/run_gpu.sh in its dry-run mode (CPU, interpret mode, tiny shapes)."""
-  full = dict(os.environ, JAX_PLATFORMS="cpu", SIGLIP_DRY_RUN="1", OUT=str(out_dir),
-              PYTHON=sys.executable, **env)
+  full = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    SIGLIP_DRY_RUN="1",
+    OUT=str(out_dir),
+    PYTHON=sys.executable,
+    **env,
+  )
   full.pop("XLA_FLAGS", None)
-  return subprocess.run(["bash", str(ROOT / "benchmarks" / "run_gpu.sh")], cwd=ROOT, env=full,
-                        capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+    ["bash", str(ROOT / "benchmarks" / "run_gpu.sh")],
+    cwd=ROOT,
+    env=full,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 def test_run_gpu_sh_dry_run_end_to_end(tmp_path):
@@ -100,8 +158,12 @@ def test_run_gpu_sh_dry_run_end_to_end(tmp_path):
   assert {("pallas_gpu", "fwd"), ("pallas_gpu", "vg"), ("xla", "vg"), ("matmul", "mm")} <= impls
   assert all(r.get("ms") and r.get("finite") for r in data["rows"]), data["rows"]
   goals = {g["goal"].split(" (")[0] for g in data["meta"]["goals"]}
-  assert {"vg <= 1.25x the 6B^2D floor", "fwd <= 1.1x one bf16 matmul",
-          "vg temp >= 50x below XLA dense", "vg runs at B=128, D=32"} <= goals
+  assert {
+    "vg <= 1.25x the 6B^2D floor",
+    "fwd <= 1.1x one bf16 matmul",
+    "vg temp >= 50x below XLA dense",
+    "vg runs at B=128, D=32",
+  } <= goals
   text = (tmp_path / "summary.txt").read_text()
   assert "gpu_check: all passed" in text and "Goals at B=64, D=32" in text
   assert "not performance figures" in text
@@ -114,12 +176,12 @@ def test_run_gpu_sh_maps_its_own_timeouts_to_75(tmp_path):
   # A stage killed by the script's own limit must not exit 124 (the tool's timeout code).
   # Also the fallback when the install fails or siglip_fast's __init__ cannot import: the
   # PYTHONPATH shim, whose package __init__ imports nothing.
-  proc = _run_gpu_sh(tmp_path, timeout=200, SIGLIP_STAGES="gpu_check", CHECK_S="1",
-                     SIGLIP_FORCE_SHIM="1")
+  proc = _run_gpu_sh(
+    tmp_path, timeout=200, SIGLIP_STAGES="gpu_check", CHECK_S="1", SIGLIP_FORCE_SHIM="1"
+  )
   assert proc.returncode == 75, proc.stdout[-3000:]
   assert "using the shim" in proc.stdout
   assert "killed by this script's own 1s limit" in proc.stdout
   summary = json.loads((tmp_path / "summary.json").read_text())
   assert summary["final_rc"] == 75
-  assert [(s["stage"], s["rc"]) for s in summary["stages"]] == [("install", 0),
-                                                                ("gpu_check", 75)]
+  assert [(s["stage"], s["rc"]) for s in summary["stages"]] == [("install", 0), ("gpu_check", 75)]

@@ -34,8 +34,9 @@ import pytest
 
 # Under `bazel test` the runfiles tree holds only declared files, so a scan would prove
 # nothing; Bazel checks BUILD itself when it builds.
-pytestmark = pytest.mark.skipif("TEST_SRCDIR" in os.environ,
-                                reason="checks BUILD without Bazel; Bazel checks it itself")
+pytestmark = pytest.mark.skipif(
+  "TEST_SRCDIR" in os.environ, reason="checks BUILD without Bazel; Bazel checks it itself"
+)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BUILD = ROOT / "BUILD"
@@ -61,20 +62,31 @@ class Target:
 
 
 def _check_starlark(tree: ast.AST, path: pathlib.Path):
-  banned = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.ClassDef, ast.While, ast.Try,
-            ast.With, ast.Global, ast.Nonlocal, ast.Lambda, ast.AsyncFunctionDef)
+  banned = (
+    ast.Import,
+    ast.ImportFrom,
+    ast.FunctionDef,
+    ast.ClassDef,
+    ast.While,
+    ast.Try,
+    ast.With,
+    ast.Global,
+    ast.Nonlocal,
+    ast.Lambda,
+    ast.AsyncFunctionDef,
+  )
   for node in ast.walk(tree):
     if isinstance(node, banned):
-      raise AssertionError(f"{path.name}:{node.lineno}: {type(node).__name__} is not allowed "
-                           "in a BUILD file")
+      raise AssertionError(
+        f"{path.name}:{node.lineno}: {type(node).__name__} is not allowed in a BUILD file"
+      )
 
 
 def _evaluate(path: pathlib.Path, rules: dict) -> None:
   """Runs a Starlark file with ``rules`` as its only globals (plus a few pure builtins)."""
   tree = ast.parse(path.read_text(), filename=str(path))
   _check_starlark(tree, path)
-  env = {"__builtins__": {"len": len, "sorted": sorted, "True": True, "False": False,
-                          "None": None}}
+  env = {"__builtins__": {"len": len, "sorted": sorted, "True": True, "False": False, "None": None}}
   env.update(rules)
   exec(compile(tree, str(path), "exec"), env)  # noqa: S102 - the repo's own Starlark
 
@@ -87,15 +99,21 @@ def build_targets() -> dict[str, Target]:
     def define(name, **attrs):
       assert name not in targets, f"BUILD: two targets are named {name!r}"
       targets[name] = Target(kind, name, attrs)
+
     return define
 
   def glob(*_, **__):
-    raise AssertionError("BUILD: list files explicitly, not with glob(), so that the "
-                         "declaration test sees every file")
+    raise AssertionError(
+      "BUILD: list files explicitly, not with glob(), so that the declaration test sees every file"
+    )
 
   rules = {k: rule(k) for k in _PY_RULES + ("genrule", "filegroup")}
-  rules.update(load=lambda *a, **k: None, package=lambda **k: None,
-               exports_files=lambda *a, **k: None, glob=glob)
+  rules.update(
+    load=lambda *a, **k: None,
+    package=lambda **k: None,
+    exports_files=lambda *a, **k: None,
+    glob=glob,
+  )
   _evaluate(BUILD, rules)
   return targets
 
@@ -114,10 +132,20 @@ def module_calls() -> list[tuple[str, dict]]:
   def record(kind):
     def f(*args, **kw):
       calls.append((kind, dict(kw, _args=args)))
+
     return f
 
-  rules = {k: record(k) for k in ("module", "bazel_dep", "use_repo", "register_toolchains",
-                                  "local_path_override", "git_override")}
+  rules = {
+    k: record(k)
+    for k in (
+      "module",
+      "bazel_dep",
+      "use_repo",
+      "register_toolchains",
+      "local_path_override",
+      "git_override",
+    )
+  }
   rules["use_extension"] = lambda bzl, name, **kw: Ext(name)
   _evaluate(MODULE, rules)
   return calls
@@ -162,7 +190,7 @@ def installed_path(src: str) -> str:
   """Where pip (and the BUILD genrules) put a source file: kernels/x.py -> siglip_fast/kernels/x.py."""
   for pkg, folder in sorted(package_dirs().items(), key=lambda kv: -len(kv[1])):
     if src.startswith(folder + "/"):
-      return pkg.replace(".", "/") + src[len(folder):]
+      return pkg.replace(".", "/") + src[len(folder) :]
   return src
 
 
@@ -170,11 +198,13 @@ def installed_path(src: str) -> str:
 def python_files() -> tuple[str, ...]:
   out = []
   for dirpath, dirnames, filenames in os.walk(ROOT):
-    dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS
-                         and not d.startswith(_SKIP_PREFIXES) and not d.endswith(".egg-info"))
+    dirnames[:] = sorted(
+      d
+      for d in dirnames
+      if d not in _SKIP_DIRS and not d.startswith(_SKIP_PREFIXES) and not d.endswith(".egg-info")
+    )
     rel = pathlib.Path(dirpath).relative_to(ROOT)
-    out += [str(rel / f) if str(rel) != "." else f for f in sorted(filenames)
-            if f.endswith(".py")]
+    out += [str(rel / f) if str(rel) != "." else f for f in sorted(filenames) if f.endswith(".py")]
   return tuple(out)
 
 
@@ -184,8 +214,8 @@ def module_file(module: str) -> str | None:
   candidates = []
   for pkg, folder in package_dirs().items():
     pkg_parts = pkg.split(".")
-    if parts[:len(pkg_parts)] == pkg_parts:
-      candidates.append((len(pkg_parts), folder, parts[len(pkg_parts):]))
+    if parts[: len(pkg_parts)] == pkg_parts:
+      candidates.append((len(pkg_parts), folder, parts[len(pkg_parts) :]))
   if candidates:
     _, folder, rest = max(candidates)
     base = "/".join([folder] + rest)
@@ -200,8 +230,8 @@ def module_file(module: str) -> str | None:
 
 def file_module(path: str) -> str:
   """The import name of a repository file (the inverse of ``module_file``)."""
-  mod = installed_path(path)[:-len(".py")].replace("/", ".")
-  return mod[:-len(".__init__")] if mod.endswith(".__init__") else mod
+  mod = installed_path(path)[: -len(".py")].replace("/", ".")
+  return mod[: -len(".__init__")] if mod.endswith(".__init__") else mod
 
 
 def _catches_import_error(node: ast.Try) -> bool:
@@ -210,9 +240,11 @@ def _catches_import_error(node: ast.Try) -> bool:
     if h.type is None:
       return True
     types = h.type.elts if isinstance(h.type, ast.Tuple) else [h.type]
-    if any(isinstance(t, ast.Name) and t.id in ("ImportError", "ModuleNotFoundError",
-                                                 "Exception", "BaseException")
-           for t in types):
+    if any(
+      isinstance(t, ast.Name)
+      and t.id in ("ImportError", "ModuleNotFoundError", "Exception", "BaseException")
+      for t in types
+    ):
       return True
   return False
 
@@ -250,7 +282,7 @@ def required_imports(path: str) -> tuple[tuple[str, int], ...]:
       continue
     base = node.module or ""
     if node.level:
-      anchor = package.split(".")[:len(package.split(".")) - (node.level - 1)]
+      anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
       base = ".".join(anchor + ([base] if base else []))
     if base == "__future__":
       continue
@@ -261,7 +293,8 @@ def required_imports(path: str) -> tuple[tuple[str, int], ...]:
 
 def project_roots() -> set[str]:
   return {pkg.split(".")[0] for pkg in package_dirs()} | {
-      p.split("/")[0] for p in python_files() if "/" in p}
+    p.split("/")[0] for p in python_files() if "/" in p
+  }
 
 
 @functools.cache
@@ -276,15 +309,18 @@ def _dists_of(top: str) -> tuple[str, ...]:
 def _local(label: str) -> str | None:
   for prefix in ("//:", ":"):
     if label.startswith(prefix):
-      return label[len(prefix):]
+      return label[len(prefix) :]
   return None
 
 
 def _uses_topologies(path: str) -> bool:
   """Calls ``...get_topology_desc(...)``: compiles for TPUs, so needs libtpu at run time."""
   tree = ast.parse((ROOT / path).read_text(), filename=path)
-  return any(isinstance(n, ast.Call) and getattr(n.func, "attr", getattr(n.func, "id", None))
-             == _NEEDS_LIBTPU for n in ast.walk(tree))
+  return any(
+    isinstance(n, ast.Call)
+    and getattr(n.func, "attr", getattr(n.func, "id", None)) == _NEEDS_LIBTPU
+    for n in ast.walk(tree)
+  )
 
 
 class Build:
@@ -305,8 +341,9 @@ class Build:
       srcs, outs = t.attrs.get("srcs", []), t.attrs.get("outs", [])
       expected = [installed_path(s) for s in srcs]
       assert outs == expected, (
-          f"BUILD genrule {t.name!r}: outs must be the installed paths of srcs, in order "
-          f"(pyproject.toml package-dir); expected {expected}, got {outs}")
+        f"BUILD genrule {t.name!r}: outs must be the installed paths of srcs, in order "
+        f"(pyproject.toml package-dir); expected {expected}, got {outs}"
+      )
       assert "cp " in t.attrs.get("cmd", ""), f"BUILD genrule {t.name!r} must copy its srcs"
       out.update(zip(outs, srcs))
     return out
@@ -319,13 +356,13 @@ class Build:
       if name is not None:
         gen = self.targets.get(name)
         assert gen is not None and gen.kind == "genrule", (
-            f"BUILD target {target.name!r}: srcs entry {s!r} is not a genrule in BUILD")
+          f"BUILD target {target.name!r}: srcs entry {s!r} is not a genrule in BUILD"
+        )
         out += [self.copies[o] for o in gen.attrs["outs"]]
       elif s in self.copies:
         out.append(self.copies[s])
       else:
-        assert (ROOT / s).is_file(), (
-            f"BUILD target {target.name!r}: srcs file {s!r} does not exist")
+        assert (ROOT / s).is_file(), f"BUILD target {target.name!r}: srcs file {s!r} does not exist"
         out.append(s)
     return out
 
@@ -341,19 +378,23 @@ class Build:
       if local is not None:
         assert local in self.targets, f"BUILD target {name!r}: dep {dep!r} is not defined"
         assert self.targets[local].kind in _PY_RULES, (
-            f"BUILD target {name!r}: dep {dep!r} is not a py_* target")
+          f"BUILD target {name!r}: dep {dep!r} is not a py_* target"
+        )
         f, d, a = self.closure(local)
         files |= f
         dists |= d
         data |= a
       elif dep.startswith(f"@{self.hub}//"):
-        dist = dep[len(f"@{self.hub}//"):]
+        dist = dep[len(f"@{self.hub}//") :]
         assert dist in pinned(), (
-            f"BUILD target {name!r}: {dep!r} is not pinned in requirements_lock.txt")
+          f"BUILD target {name!r}: {dep!r} is not pinned in requirements_lock.txt"
+        )
         dists.add(dist)
       else:
-        raise AssertionError(f"BUILD target {name!r}: dep {dep!r} is neither a target of "
-                             f"this BUILD nor @{self.hub}//<distribution>")
+        raise AssertionError(
+          f"BUILD target {name!r}: dep {dep!r} is neither a target of "
+          f"this BUILD nor @{self.hub}//<distribution>"
+        )
     self._closures[name] = (frozenset(files), frozenset(dists), frozenset(data))
     return self._closures[name]
 
@@ -381,13 +422,17 @@ class Build:
       is_test = re.fullmatch(r"tests/test_\w+\.py", path)
       if not where:
         kind = "a py_test" if is_test else "a py_library or py_binary"
-        via = (f" (through the genrule that copies {path.split('/')[0]}/ into "
-               f"{installed_path(path).rpartition('/')[0]}/)"
-               if installed_path(path) != path else "")
+        via = (
+          f" (through the genrule that copies {path.split('/')[0]}/ into "
+          f"{installed_path(path).rpartition('/')[0]}/)"
+          if installed_path(path) != path
+          else ""
+        )
         problems.append(f"{path}: declared in no BUILD target; add it to {kind}{via}")
       elif len(where) > 1:
-        problems.append(f"{path}: declared in {len(where)} targets {where}; keep one and "
-                        "depend on it")
+        problems.append(
+          f"{path}: declared in {len(where)} targets {where}; keep one and depend on it"
+        )
       elif is_test and self.targets[where[0]].kind != "py_test":
         problems.append(f"{path}: a test file must be a py_test, not in {where[0]!r}")
     return problems
@@ -413,24 +458,32 @@ class Build:
             chain = [module_file(".".join(parts[:i])) for i in range(1, len(parts))]
             for f in [c for c in chain if c] + [needed]:
               if f not in have and f in self.owners:
-                problems.append(f"{where}: {f} is not in its transitive srcs; add "
-                                f"':{self.owners[f][0]}' to the deps of {name!r}")
+                problems.append(
+                  f"{where}: {f} is not in its transitive srcs; add "
+                  f"':{self.owners[f][0]}' to the deps of {name!r}"
+                )
               elif f not in have:
-                problems.append(f"{where}: {f} is in no BUILD target; declare it in a "
-                                f"py_library and add that to the deps of {name!r}")
+                problems.append(
+                  f"{where}: {f} is in no BUILD target; declare it in a "
+                  f"py_library and add that to the deps of {name!r}"
+                )
             continue
           candidates = [_normalise(d) for d in _dists_of(top)]
           if not candidates:
-            problems.append(f"{where}, which is neither the standard library, this project "
-                            "nor an installed distribution; declare it in pyproject.toml and "
-                            "requirements_lock.txt")
+            problems.append(
+              f"{where}, which is neither the standard library, this project "
+              "nor an installed distribution; declare it in pyproject.toml and "
+              "requirements_lock.txt"
+            )
           elif not any(c in dists for c in candidates):
             labels = " or ".join(f"'@{self.hub}//{c}'" for c in candidates)
             problems.append(f"{where}: add {labels} to the deps of {name!r}")
         if _uses_topologies(path) and "libtpu" not in dists:
-          problems.append(f"{path} (target {name!r}) compiles for TPU topologies, which "
-                          f"needs libtpu at run time: add '@{self.hub}//libtpu' to the deps "
-                          f"of {name!r}")
+          problems.append(
+            f"{path} (target {name!r}) compiles for TPU topologies, which "
+            f"needs libtpu at run time: add '@{self.hub}//libtpu' to the deps "
+            f"of {name!r}"
+          )
     return sorted(set(problems))
 
 
@@ -454,14 +507,22 @@ def test_buildifier_check_and_lint():
   exe = _buildifier()
   if exe is None:
     if os.environ.get("CI"):
-      pytest.fail("buildifier is missing: run `npm install --no-audit --no-fund` in the repo "
-                  "root (package.json pins @bazel/buildifier)")
+      pytest.fail(
+        "buildifier is missing: run `npm install --no-audit --no-fund` in the repo "
+        "root (package.json pins @bazel/buildifier)"
+      )
     pytest.skip("buildifier not installed (npm install); CI=1 makes this a failure")
-  result = subprocess.run([exe, "-mode=check", "-lint=warn", str(BUILD), str(MODULE)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+  result = subprocess.run(
+    [exe, "-mode=check", "-lint=warn", str(BUILD), str(MODULE)],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
   assert result.returncode == 0, (
-      "buildifier found formatting or lint problems (fix with `node_modules/.bin/buildifier "
-      f"-lint=fix BUILD MODULE.bazel`):\n{result.stdout}{result.stderr}")
+    "buildifier found formatting or lint problems (fix with `node_modules/.bin/buildifier "
+    f"-lint=fix BUILD MODULE.bazel`):\n{result.stdout}{result.stderr}"
+  )
 
 
 def test_module_bazel_declares_rules_python_and_the_pip_hub():
@@ -471,7 +532,8 @@ def test_module_bazel_declares_rules_python_and_the_pip_hub():
   parse = next(kw for k, kw in calls if k == "pip.parse")
   assert parse["requirements_lock"] == "//:requirements_lock.txt" and LOCK.is_file()
   assert any(k == "use_repo" and parse["hub_name"] in kw["_args"][1:] for k, kw in calls), (
-      "MODULE.bazel must use_repo(pip, <hub_name>)")
+    "MODULE.bazel must use_repo(pip, <hub_name>)"
+  )
   toolchains = [kw for k, kw in calls if k == "python.toolchain"]
   assert [t["python_version"] for t in toolchains] == [parse["python_version"]]
   with open(ROOT / "pyproject.toml", "rb") as f:
@@ -492,18 +554,22 @@ def test_build_targets_are_well_formed():
       assert (ROOT / d).exists(), f"BUILD target {t.name!r}: data {d!r} does not exist"
     if t.kind in ("py_binary", "py_test"):
       assert t.attrs.get("main") in t.attrs["srcs"], (
-          f"BUILD {t.kind} {t.name!r}: main must be one of its srcs")
+        f"BUILD {t.kind} {t.name!r}: main must be one of its srcs"
+      )
     if t.kind == "py_test":
       own = [f for f in b.src_files(t) if f != t.attrs["main"]]
       assert own == [f"tests/{t.name}.py"], (
-          f"BUILD py_test {t.name!r} must have exactly tests/{t.name}.py besides its main")
+        f"BUILD py_test {t.name!r} must have exactly tests/{t.name}.py besides its main"
+      )
       assert t.attrs.get("args") == [f"$(rootpath tests/{t.name}.py)"], (
-          f"BUILD py_test {t.name!r}: args must be ['$(rootpath tests/{t.name}.py)'] so the "
-          "pytest main runs this file")
+        f"BUILD py_test {t.name!r}: args must be ['$(rootpath tests/{t.name}.py)'] so the "
+        "pytest main runs this file"
+      )
       files, _, data = b.closure(t.name)
       assert "tests/conftest.py" in files and "pyproject.toml" in data, (
-          f"BUILD py_test {t.name!r} must depend on :test_support (conftest.py, pytest "
-          "configuration in pyproject.toml)")
+        f"BUILD py_test {t.name!r} must depend on :test_support (conftest.py, pytest "
+        "configuration in pyproject.toml)"
+      )
 
 
 def test_every_python_file_is_declared_in_exactly_one_target():
@@ -536,8 +602,10 @@ def test_the_checks_catch_a_missing_pip_dep():
   target = _owner("siglip_fast/module.py")
   b = _without(build_targets(), target, dep=f"@{_hub()}//flax")
   problems = b.import_problems(["siglip_fast/module.py"])
-  assert any("siglip_fast/module.py" in p and "imports flax" in p and "//flax'" in p
-             and f"{target!r}" in p for p in problems), problems
+  assert any(
+    "siglip_fast/module.py" in p and "imports flax" in p and "//flax'" in p and f"{target!r}" in p
+    for p in problems
+  ), problems
 
 
 def test_the_checks_catch_a_missing_project_dep():
@@ -550,8 +618,9 @@ def test_the_checks_catch_a_missing_project_dep():
 def test_the_checks_catch_an_undeclared_file():
   b = _without(build_targets(), _owner("benchmarks/chips.py"), src="benchmarks/chips.py")
   problems = b.declaration_problems(["benchmarks/chips.py"])
-  assert problems == ["benchmarks/chips.py: declared in no BUILD target; add it to a "
-                      "py_library or py_binary"]
+  assert problems == [
+    "benchmarks/chips.py: declared in no BUILD target; add it to a py_library or py_binary"
+  ]
 
 
 def test_the_checks_catch_a_genrule_that_renames():
@@ -566,9 +635,11 @@ def test_the_checks_catch_a_genrule_that_renames():
 
 def test_the_pytest_main_maps_bazel_test_env():
   from tests.bazel_pytest_main import pytest_args
-  args = pytest_args(["tests/test_api.py"], {"XML_OUTPUT_FILE": "/x.xml",
-                                              "TEST_TMPDIR": "/tmp/t",
-                                              "TESTBRIDGE_TEST_ONLY": "jit"})
+
+  args = pytest_args(
+    ["tests/test_api.py"],
+    {"XML_OUTPUT_FILE": "/x.xml", "TEST_TMPDIR": "/tmp/t", "TESTBRIDGE_TEST_ONLY": "jit"},
+  )
   assert args[0] == "tests/test_api.py" and "--junitxml=/x.xml" in args
   assert "--basetemp=/tmp/t/pytest" in args and args[-2:] == ["-k", "jit"]
   assert pytest_args([], {}) == ["-p", "no:cacheprovider"]

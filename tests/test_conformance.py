@@ -63,13 +63,13 @@ def _value_and_grad(fn, *args):
 
 
 CASES = {
-    # name: (batch, dim, log_t, bias, pair ids or None)
-    "square": (64, 32, LOG10, -10.0, None),
-    "ragged": (100, 48, LOG10, -10.0, None),
-    "one_row": (1, 8, LOG10, -10.0, None),
-    "duplicate_ids": (40, 16, LOG10, -10.0, np.arange(40) // 3),
-    "hot_and_biased": (48, 16, math.log(100.0), 20.0, None),
-    "cold_negative_bias": (48, 16, 0.0, -20.0, None),
+  # name: (batch, dim, log_t, bias, pair ids or None)
+  "square": (64, 32, LOG10, -10.0, None),
+  "ragged": (100, 48, LOG10, -10.0, None),
+  "one_row": (1, 8, LOG10, -10.0, None),
+  "duplicate_ids": (40, 16, LOG10, -10.0, np.arange(40) // 3),
+  "hot_and_biased": (48, 16, math.log(100.0), 20.0, None),
+  "cold_negative_bias": (48, 16, 0.0, -20.0, None),
 }
 
 
@@ -87,8 +87,12 @@ def test_single_device(impl, case, dtype):
   got = _value_and_grad(f, x, y, jnp.float32(lt), jnp.float32(b))
   _check(got, *_oracle(x, y, lt, b, ids), dtype, f"{impl} {case}")
   # The forward alone (no grad: the loss-only kernels) gives the same value.
-  assert rel_err(jax.jit(f)(x, y, jnp.float32(lt), jnp.float32(b)),
-                 numpy_loss_and_grads(x, y, lt, b, ids)[0]) < TOL[dtype]["value"]
+  assert (
+    rel_err(
+      jax.jit(f)(x, y, jnp.float32(lt), jnp.float32(b)), numpy_loss_and_grads(x, y, lt, b, ids)[0]
+    )
+    < TOL[dtype]["value"]
+  )
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -97,12 +101,15 @@ def test_cotangent_scales_every_gradient(impl):
   kw = _kwargs(impl)
   f = lambda x, y, lt, b: 3.5 * siglip_fast.sigmoid_loss(x, y, lt, b, **kw)
   val, grads = _value_and_grad(f, x, y, jnp.float32(LOG10), jnp.float32(-10.0))
-  _check((val / 3.5, [g / 3.5 for g in grads]), *_oracle(x, y, LOG10, -10.0), jnp.float32,
-         impl)
+  _check((val / 3.5, [g / 3.5 for g in grads]), *_oracle(x, y, LOG10, -10.0), jnp.float32, impl)
 
 
-RINGS = [(impl, n, schedule) for impl in IMPLS for n in (2, 3, 4)
-         for schedule in ("bidirectional", "unidirectional")]
+RINGS = [
+  (impl, n, schedule)
+  for impl in IMPLS
+  for n in (2, 3, 4)
+  for schedule in ("bidirectional", "unidirectional")
+]
 
 
 @pytest.mark.parametrize("impl,n_dev,schedule", RINGS)
@@ -116,16 +123,16 @@ def test_ring_under_shard_map(impl, n_dev, schedule):
   kw = _kwargs(impl)
 
   def local(x, y, ids, lt, b):
-    return siglip_fast.sigmoid_loss(x, y, lt, b, pair_ids=ids, axis_name="batch",
-                                    schedule=schedule, **kw)
+    return siglip_fast.sigmoid_loss(
+      x, y, lt, b, pair_ids=ids, axis_name="batch", schedule=schedule, **kw
+    )
 
-  f = jax.shard_map(local, mesh=mesh, in_specs=(P("batch"),) * 3 + (P(), P()),
-                    out_specs=P())
+  f = jax.shard_map(local, mesh=mesh, in_specs=(P("batch"),) * 3 + (P(), P()), out_specs=P())
   lt, b = jnp.float32(LOG10), jnp.float32(-10.0)
-  got = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 3, 4)))(x, y, jnp.asarray(ids, jnp.int32),
-                                                            lt, b)
-  _check(got, *_oracle(x, y, LOG10, -10.0, ids), jnp.float32,
-         f"{impl} ring of {n_dev} {schedule}")
+  got = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 3, 4)))(
+    x, y, jnp.asarray(ids, jnp.int32), lt, b
+  )
+  _check(got, *_oracle(x, y, LOG10, -10.0, ids), jnp.float32, f"{impl} ring of {n_dev} {schedule}")
 
 
 @pytest.mark.slow
@@ -135,8 +142,19 @@ def test_ring_of_eight_bf16(impl, schedule):
   n_dev, b_local, dim = 8, 16, 32
   x, y = random_inputs(88, n_dev * b_local, dim, jnp.bfloat16)
   got = _value_and_grad(
-      lambda x, y, lt, b: siglip_fast.sigmoid_loss_sharded(
-          x, y, lt, b, mesh=Mesh(np.array(jax.devices()[:n_dev]), ("batch",)),
-          axis_name="batch", schedule=schedule, **_kwargs(impl)),
-      x, y, jnp.float32(LOG10), jnp.float32(-10.0))
+    lambda x, y, lt, b: siglip_fast.sigmoid_loss_sharded(
+      x,
+      y,
+      lt,
+      b,
+      mesh=Mesh(np.array(jax.devices()[:n_dev]), ("batch",)),
+      axis_name="batch",
+      schedule=schedule,
+      **_kwargs(impl),
+    ),
+    x,
+    y,
+    jnp.float32(LOG10),
+    jnp.float32(-10.0),
+  )
   _check(got, *_oracle(x, y, LOG10, -10.0), jnp.bfloat16, f"{impl} ring of 8")

@@ -103,8 +103,7 @@ def _write_images(folder, n, size=10):
   names = []
   for i in range(n):
     name = f"img{i}.png"
-    Image.fromarray(rng.integers(0, 255, (size, size + i, 3), dtype=np.uint8)).save(
-        folder / name)
+    Image.fromarray(rng.integers(0, 255, (size, size + i, 3), dtype=np.uint8)).save(folder / name)
     names.append(name)
   return names
 
@@ -124,8 +123,7 @@ def test_manifest_csv_and_tsv(tmp_path):
   assert b["ids"][0] == b["ids"][1]  # same caption, same pair id
   assert m.label_names == ["cls0", "cls1"] and list(b["label"]) == [0, 0]
   # The pixels are the file's, resized: compare with Pillow directly.
-  ref = np.asarray(Image.open(tmp_path / names[1]).convert("RGB").resize((8, 8),
-                                                                         Image.BILINEAR))
+  ref = np.asarray(Image.open(tmp_path / names[1]).convert("RGB").resize((8, 8), Image.BILINEAR))
   np.testing.assert_allclose(m.images[1], ref / 127.5 - 1, atol=1e-6)
 
   # TSV, with an absolute path.
@@ -164,8 +162,7 @@ def test_manifest_with_a_byte_order_mark(tmp_path):
 def test_manifest_missing_image_names_the_line(tmp_path):
   names = _write_images(tmp_path, 1)
   # The second row's caption spans two lines, so the missing image is on line 4.
-  (tmp_path / "m.csv").write_text(
-      f'image,caption\n{names[0]},"two\nlines"\nnot_there.png,lost\n')
+  (tmp_path / "m.csv").write_text(f'image,caption\n{names[0]},"two\nlines"\nnot_there.png,lost\n')
   with pytest.raises(data.DataError, match=r"m.csv line 4: image file not found: .*not_there"):
     data.Manifest(tmp_path / "m.csv", 8, TOK)
 
@@ -195,18 +192,22 @@ def test_retrieval_recall_and_chance():
   shifted = evaluate.retrieval(z, np.roll(z, 1, axis=0), keys, keys)
   assert shifted["i2t_r1"] == 0.0 and shifted["t2i_r1"] == 0.0
   # With duplicated keys, the neighbour counts when it has the same key.
-  dup = evaluate.retrieval(z, np.roll(z, 1, axis=0), keys // 2, np.roll(keys // 2, 1),
-                           unique_texts=False)
+  dup = evaluate.retrieval(
+    z, np.roll(z, 1, axis=0), keys // 2, np.roll(keys // 2, 1), unique_texts=False
+  )
   assert dup["i2t_r1"] == 1.0
   # Chance for m hits among n candidates: 1 - C(n-m, k)/C(n, k); here m = 2.
   assert dup["i2t_r1_chance"] == pytest.approx(2 / n)
-  assert dup["i2t_r5_chance"] == pytest.approx(1 - (18 * 17 * 16 * 15 * 14) / (20 * 19 * 18 * 17 * 16))
+  assert dup["i2t_r5_chance"] == pytest.approx(
+    1 - (18 * 17 * 16 * 15 * 14) / (20 * 19 * 18 * 17 * 16)
+  )
   # Identical texts are ranked once: two copies of one wrong caption cannot fill a top 2.
   t = np.stack([z[0], z[0], z[1]])  # the wrong caption "b" is the closest
   r = evaluate.retrieval(z[:1], t, np.array(["a"]), np.array(["b", "b", "a"]), ks=(1, 2))
   assert r["i2t_r1"] == 0.0 and r["i2t_r2"] == 1.0 and r["i2t_r1_chance"] == 0.5
-  r = evaluate.retrieval(z[:1], t, np.array(["a"]), np.array(["b", "b", "a"]), ks=(1, 2),
-                         unique_texts=False)
+  r = evaluate.retrieval(
+    z[:1], t, np.array(["a"]), np.array(["b", "b", "a"]), ks=(1, 2), unique_texts=False
+  )
   assert r["i2t_r2"] == 0.0
   with pytest.raises(ValueError, match="one key per"):
     evaluate.retrieval(z, z, keys[:-1], keys)
@@ -219,8 +220,9 @@ def test_zero_shot_accuracy_and_class_embeddings():
   assert evaluate.zero_shot_accuracy(imgs, np.array([0, 1, 1]), cls) == pytest.approx(2 / 3)
   # Prompt ensembling averages over templates and renormalises.
   table = {"a x": [1.0, 0.0], "the x": [0.0, 1.0], "a y": [1.0, 0.0], "the y": [1.0, 0.0]}
-  emb = evaluate.class_embeddings(lambda ps: np.array([table[p] for p in ps]), ["x", "y"],
-                                  ["a {}", "the {}"])
+  emb = evaluate.class_embeddings(
+    lambda ps: np.array([table[p] for p in ps]), ["x", "y"], ["a {}", "the {}"]
+  )
   np.testing.assert_allclose(emb, [[2**-0.5, 2**-0.5], [1.0, 0.0]])
   # Scoring a class by its best prompt instead: where the two rules disagree. x's prompts
   # point two ways, y's both one way; the image is exactly x's first prompt.

@@ -24,7 +24,7 @@ def _blocks():
   for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
     text = path.read_text(encoding="utf-8")
     for m in _BLOCK.finditer(text):
-      line = text[:m.start()].count("\n") + 1
+      line = text[: m.start()].count("\n") + 1
       yield pytest.param(m.group(1), id=f"{path.relative_to(ROOT)}:{line}")
 
 
@@ -37,9 +37,20 @@ def test_there_are_blocks_to_run():
 
 @pytest.mark.parametrize("code", BLOCKS)
 def test_block_runs(code):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1",
-             ALLOW_MULTIPLE_LIBTPU_LOAD="1",
-             XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=600, check=False)
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    TPU_SKIP_MDS_QUERY="1",
+    ALLOW_MULTIPLE_LIBTPU_LOAD="1",
+    XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  )
+  proc = subprocess.run(
+    [sys.executable, "-c", code],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    check=False,
+  )
   assert proc.returncode == 0, f"block failed:\n{code}\n--- stderr ---\n{proc.stderr[-3000:]}"

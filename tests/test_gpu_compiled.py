@@ -28,8 +28,13 @@ pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"{_WHY}; pip install -
 @pytest.fixture(scope="module")
 def rows(tmp_path_factory):
   # The benchmark's target shape in both dtypes, and the B = 1M value-and-grad.
-  return gpu_ptxas.run([(32768, 1152)], [jnp.bfloat16, jnp.float32], (1 << 20, 768),
-                       tmp_path_factory.mktemp("ptx"), log=lambda s: None)
+  return gpu_ptxas.run(
+    [(32768, 1152)],
+    [jnp.bfloat16, jnp.float32],
+    (1 << 20, 768),
+    tmp_path_factory.mktemp("ptx"),
+    log=lambda s: None,
+  )
 
 
 def test_defaults_compile_without_spills_within_shared_memory(rows):
@@ -45,7 +50,7 @@ def test_tensor_cores_and_fast_math_in_the_ptx(rows):
     # Hopper MMAs for both dtypes: float32 is bf16x3, not CUDA-core FMAs.
     assert r["wgmma"] > 0 and r["mma_sync"] == 0, r
     assert r["ex2_approx"] > 0 and r["div_rn_f32"] == 0, r
-    assert r["lg2_approx"] == 0, r   # log1p is a polynomial, not __nv_log1pf
+    assert r["lg2_approx"] == 0, r  # log1p is a polynomial, not __nv_log1pf
     assert (r["rcp_approx"] > 0) == (r["mode"] == "vg"), r
   by = {(r["config"], r["mode"]): r for r in rows}
   # bf16x3 issues three times the MMAs of bf16 per K step (BK 32 against 64: 1.5x as many

@@ -49,8 +49,10 @@ def oracle(x, y, x_ids, y_ids, log_t, bias, norm=1.0):
   loss = np.sum(np.maximum(u, 0) + np.log1p(np.exp(-np.abs(u))))
   g = 1.0 / (1.0 + np.exp(-logits)) - pos
   scales = {"dlog_t": np.sum(np.abs(g * t * s)) / norm, "dbias": np.sum(np.abs(g)) / norm}
-  return ((loss / norm, tuple(v / norm for v in (t * g @ y, t * g.T @ x, np.sum(g * t * s),
-                                                 np.sum(g)))), scales)
+  return (
+    (loss / norm, tuple(v / norm for v in (t * g @ y, t * g.T @ x, np.sum(g * t * s), np.sum(g)))),
+    scales,
+  )
 
 
 def inputs(seed, n, m, dim, dtype):
@@ -64,8 +66,13 @@ def check(got, want, dtype, what="", scales=None):
   tol = TOL[dtype]
   loss, (dx, dy, dlt, db) = got
   wl, (wdx, wdy, wdlt, wdb) = want
-  errs = {"loss": rel_err(loss, wl), "dx": rel_err(dx, wdx), "dy": rel_err(dy, wdy),
-          "dlog_t": rel_err(dlt, wdlt), "dbias": rel_err(db, wdb)}
+  errs = {
+    "loss": rel_err(loss, wl),
+    "dx": rel_err(dx, wdx),
+    "dy": rel_err(dy, wdy),
+    "dlog_t": rel_err(dlt, wdlt),
+    "dbias": rel_err(db, wdb),
+  }
   for k, (v, w) in {"dlog_t": (dlt, wdlt), "dbias": (db, wdb)}.items():
     if scales is not None:
       errs[k] = abs(float(v) - float(w)) / scales[k]
@@ -75,7 +82,9 @@ def check(got, want, dtype, what="", scales=None):
   return errs
 
 
-@pytest.mark.parametrize("dtype,n,m,dim,block_sizes", [
+@pytest.mark.parametrize(
+  "dtype,n,m,dim,block_sizes",
+  [
     # square, one tile each way in the dY kernel, several in the dX kernel
     (jnp.float32, 256, 256, 128, tpu.BlockSizes(128, 128, 256, 256)),
     # rectangular and ragged in both directions (masking), tiles clamped to the input
@@ -85,12 +94,13 @@ def check(got, want, dtype, what="", scales=None):
     # the fused kernel (resident dY, 6 n m D), alone and split over two TensorCores (v5p)
     (jnp.bfloat16, 256, 200, 128, tpu.BlockSizes(128, 128, fuse_dy=True)),
     (jnp.float32, 300, 200, 64, tpu.BlockSizes(128, 128, fuse_dy=True, generation="v5p")),
-])
+  ],
+)
 def test_value_and_grads_match_oracle(dtype, n, m, dim, block_sizes):
   seed = 11 + n + m + dim
   x, y = inputs(seed, n, m, dim, dtype)
   x_ids = jnp.arange(n, dtype=jnp.int32)
-  y_ids = jnp.arange(m, dtype=jnp.int32) + 7      # the positives are off the diagonal
+  y_ids = jnp.arange(m, dtype=jnp.int32) + 7  # the positives are off the diagonal
   log_t, bias = jnp.float32(LOG10), jnp.float32(-10.0)
   kw = dict(block_sizes=block_sizes, interpret=True)
 
@@ -111,14 +121,14 @@ def test_square_batch_matches_helpers_oracle_and_reference():
   x, y = random_inputs(2024, n, dim, jnp.float32)
   ids = jnp.arange(n, dtype=jnp.int32)
   lt, b = jnp.float32(LOG10), jnp.float32(-10.0)
-  got = tpu.loss_sum_and_grads(x, y, ids, ids, lt, b, interpret=True,
-                               block_sizes=tpu.BlockSizes(128, 256))
+  got = tpu.loss_sum_and_grads(
+    x, y, ids, ids, lt, b, interpret=True, block_sizes=tpu.BlockSizes(128, 256)
+  )
   mean, grads = numpy_loss_and_grads(x, y, LOG10, -10.0)
   _, scales = oracle(x, y, ids, ids, LOG10, -10.0)
   # helpers' oracle is the mean loss: the block sum is n times it.
   check(got, (mean * n, tuple(g * n for g in grads)), jnp.float32, "vs helpers", scales)
-  check(got, dense.block_loss_sum_and_grads(x, y, ids, ids, lt, b), jnp.float32, "vs dense",
-        scales)
+  check(got, dense.block_loss_sum_and_grads(x, y, ids, ids, lt, b), jnp.float32, "vs dense", scales)
 
 
 def test_duplicate_pair_ids_ragged():
@@ -129,8 +139,9 @@ def test_duplicate_pair_ids_ragged():
   ids = jnp.asarray(rng.integers(0, 60, size=n), jnp.int32)
   assert len(np.unique(np.asarray(ids))) < n
   lt, b = jnp.float32(LOG10), jnp.float32(-10.0)
-  got = tpu.loss_sum_and_grads(x, y, ids, ids, lt, b, interpret=True,
-                               block_sizes=tpu.BlockSizes(128, 128))
+  got = tpu.loss_sum_and_grads(
+    x, y, ids, ids, lt, b, interpret=True, block_sizes=tpu.BlockSizes(128, 128)
+  )
   mean, grads = numpy_loss_and_grads(x, y, LOG10, -10.0, ids=np.asarray(ids))
   _, scales = oracle(x, y, ids, ids, LOG10, -10.0)
   check(got, (mean * n, tuple(g * n for g in grads)), jnp.float32, "duplicate ids", scales)
@@ -141,11 +152,19 @@ def test_extreme_temperature_and_bias_stay_finite(bias):
   # t = 100 and |b| = 20: |logits| up to 120, where a naive log(sigmoid) overflows.
   n, dim = 256, 128
   x, y = random_inputs(31 + int(bias), n, dim, jnp.float32)
-  y = y.at[:8].set(-x[:8])                    # some positives far on the wrong side too
+  y = y.at[:8].set(-x[:8])  # some positives far on the wrong side too
   ids = jnp.arange(n, dtype=jnp.int32)
   log_t = float(np.log(100.0))
-  got = tpu.loss_sum_and_grads(x, y, ids, ids, jnp.float32(log_t), jnp.float32(bias),
-                               interpret=True, block_sizes=tpu.BlockSizes(128, 256))
+  got = tpu.loss_sum_and_grads(
+    x,
+    y,
+    ids,
+    ids,
+    jnp.float32(log_t),
+    jnp.float32(bias),
+    interpret=True,
+    block_sizes=tpu.BlockSizes(128, 256),
+  )
   leaves = jax.tree.leaves(got)
   assert all(bool(jnp.all(jnp.isfinite(v))) for v in leaves)
   want, scales = oracle(x, y, ids, ids, log_t, bias)
@@ -158,8 +177,9 @@ def test_public_api_jit_and_grad():
   lt, b = jnp.float32(LOG10), jnp.float32(-10.0)
 
   def loss(impl, interpret):
-    return lambda x, y, lt, b: siglip_fast.sigmoid_loss(x, y, lt, b, implementation=impl,
-                                                        interpret=interpret)
+    return lambda x, y, lt, b: siglip_fast.sigmoid_loss(
+      x, y, lt, b, implementation=impl, interpret=interpret
+    )
 
   vg = jax.jit(jax.value_and_grad(loss("pallas_tpu", True), argnums=(0, 1, 2, 3)))
   got_loss, got_grads = vg(x, y, lt, b)
@@ -183,13 +203,17 @@ def test_standalone_custom_vjp_scales_by_cotangent():
   val, grads = jax.value_and_grad(f, argnums=(0, 1, 2, 3))(x, y, lt, b)
   assert grads[0].dtype == jnp.bfloat16 and grads[2].shape == ()
   (wl, wg), scales = oracle(x, y, x_ids, y_ids, LOG10, -10.0)
-  check((val, grads), (-2.5 * wl, tuple(-2.5 * g for g in wg)), jnp.bfloat16, "custom_vjp",
-        {k: 2.5 * v for k, v in scales.items()})
+  check(
+    (val, grads),
+    (-2.5 * wl, tuple(-2.5 * g for g in wg)),
+    jnp.bfloat16,
+    "custom_vjp",
+    {k: 2.5 * v for k, v in scales.items()},
+  )
 
 
 def test_block_ops_contract():
-  ops = siglip_fast.block_ops("pallas_tpu", interpret=True,
-                              block_sizes=tpu.BlockSizes(128, 128))
+  ops = siglip_fast.block_ops("pallas_tpu", interpret=True, block_sizes=tpu.BlockSizes(128, 128))
   assert ops.name == "pallas_tpu"
   with pytest.raises(TypeError, match="block_sizes"):
     tpu.block_ops(block_sizes=(128, 128))
@@ -211,7 +235,7 @@ def test_forward_pays_no_gradient_work_and_costs_are_declared():
   fused_kw = dict(kw, block_sizes=tpu.BlockSizes(128, 128, fuse_dy=True))
   fused = _pallas_costs(lambda *a: tpu.loss_sum_and_grads(*a, **fused_kw), *args)
   assert [c.flops for c in fwd] == [2 * n * m * dim]
-  assert sorted(c.flops for c in vg) == [4 * n * m * dim] * 2       # 8 n m D in all
+  assert sorted(c.flops for c in vg) == [4 * n * m * dim] * 2  # 8 n m D in all
   assert [c.flops for c in fused] == [6 * n * m * dim]
   assert fwd[0].transcendentals == 2 * n * m
   assert all(c.bytes_accessed >= (n + m) * dim * 2 for c in fwd + vg + fused)
@@ -223,10 +247,12 @@ def test_padding_from_the_lcm_of_two_tiles_is_masked():
   # summed (loss rel. error 1.4e-3, dbias 1.4e-2 against the float64 oracle).
   x, y = random_inputs(90, 384, 128)
   bs = tpu.BlockSizes(128, 128, 256, 256, fuse_dy=False)
-  f = lambda *a: siglip_fast.sigmoid_loss(*a, implementation="pallas_tpu", interpret=True,
-                                          block_sizes=bs)
-  val, grads = jax.value_and_grad(f, argnums=(0, 1, 2, 3))(x, y, jnp.float32(LOG10),
-                                                           jnp.float32(-10.0))
+  f = lambda *a: siglip_fast.sigmoid_loss(
+    *a, implementation="pallas_tpu", interpret=True, block_sizes=bs
+  )
+  val, grads = jax.value_and_grad(f, argnums=(0, 1, 2, 3))(
+    x, y, jnp.float32(LOG10), jnp.float32(-10.0)
+  )
   mean, want = numpy_loss_and_grads(x, y, LOG10, -10.0)
   assert rel_err(val, mean) < 1e-5
   for g, w in zip(grads, want):
@@ -241,13 +267,15 @@ def _kernel_operand_rows(fn, n, dim, block_sizes):
   rows = []
   for eqn in jaxpr.eqns:
     if eqn.primitive.name == "pallas_call":
-      rows += [v.aval.shape[0] for v in eqn.invars
-               if len(v.aval.shape) == 2 and v.aval.shape[1] == dim]
+      rows += [
+        v.aval.shape[0] for v in eqn.invars if len(v.aval.shape) == 2 and v.aval.shape[1] == dim
+      ]
   return rows
 
 
-@pytest.mark.parametrize("n,gen,dim", [(896, "v6e", 1152), (1152, "v6e", 768),
-                                       (4100, "v5e", 1152), (1000, "v5p", 768)])
+@pytest.mark.parametrize(
+  "n,gen,dim", [(896, "v6e", 1152), (1152, "v6e", 768), (4100, "v5e", 1152), (1000, "v5p", 768)]
+)
 def test_padding_stays_under_one_tile(n, gen, dim):
   # Regression: B = 896 with v6e tiles padded operands to 3584 rows (the lcm of a 1024-row
   # and a 512-row tile; 16x the pair work), B = 1152 to 2048 x 1536.
@@ -261,7 +289,9 @@ def test_padding_stays_under_one_tile(n, gen, dim):
   assert tpu._tile(1152, 512) == 384 and tpu._tile(1152, 1024) == 640
 
 
-@pytest.mark.parametrize("bad,exc,match", [
+@pytest.mark.parametrize(
+  "bad,exc,match",
+  [
     (lambda a: dict(a, x=a["x"][:, :32]), ValueError, "x and y must have the same dim"),
     (lambda a: dict(a, x=a["x"].astype(jnp.float16)), TypeError, "x must be float32"),
     (lambda a: dict(a, y=a["y"].astype(jnp.float32)), TypeError, "same dtype"),
@@ -269,15 +299,21 @@ def test_padding_stays_under_one_tile(n, gen, dim):
     (lambda a: dict(a, y_ids=a["y_ids"].astype(jnp.float32)), TypeError, "y_ids must be int"),
     (lambda a: dict(a, log_t=jnp.zeros((2,))), ValueError, "log_t must be a scalar"),
     (lambda a: dict(a, x=a["x"][0]), ValueError, "x must have shape \\(batch, dim\\)"),
-])
+  ],
+)
 def test_bad_inputs_raise_clear_errors(bad, exc, match):
   x, y = inputs(0, 16, 24, 64, jnp.bfloat16)
-  a = dict(x=x, y=y, x_ids=jnp.arange(16, dtype=jnp.int32),
-           y_ids=jnp.arange(24, dtype=jnp.int32), log_t=0.0, bias=0.0)
+  a = dict(
+    x=x,
+    y=y,
+    x_ids=jnp.arange(16, dtype=jnp.int32),
+    y_ids=jnp.arange(24, dtype=jnp.int32),
+    log_t=0.0,
+    bias=0.0,
+  )
   a = bad(a)
   with pytest.raises(exc, match=match):
-    tpu.loss_sum(a["x"], a["y"], a["x_ids"], a["y_ids"], a["log_t"], a["bias"],
-                 interpret=True)
+    tpu.loss_sum(a["x"], a["y"], a["x_ids"], a["y_ids"], a["log_t"], a["bias"], interpret=True)
 
 
 def test_block_sizes_validation_and_generation_defaults():
@@ -291,8 +327,10 @@ def test_block_sizes_validation_and_generation_defaults():
         bs = tpu.BlockSizes.for_generation(gen, dim, dtype)
         assert bs.generation == gen
         for grad in (False, True):
-          assert tpu.vmem_bytes(bs.block_rows, bs.block_cols, dim, dtype, with_grad=grad,
-                                n_stats=3) <= cap
+          assert (
+            tpu.vmem_bytes(bs.block_rows, bs.block_cols, dim, dtype, with_grad=grad, n_stats=3)
+            <= cap
+          )
   # More VMEM, no smaller tiles.
   small = tpu.BlockSizes.for_generation("v4", 1536)
   big = tpu.BlockSizes.for_generation("v6e", 1536)
@@ -306,16 +344,19 @@ def test_block_sizes_validation_and_generation_defaults():
 def _eval(fn, batch, dim, block_sizes):
   """Trace (no compile, no run) fn on (batch, dim) bf16 inputs: checks and kernel plans."""
   ids = jnp.arange(batch, dtype=jnp.int32)
-  return jax.eval_shape(lambda x: fn(x, x, ids, ids, 0.0, 0.0, block_sizes=block_sizes),
-                        jax.ShapeDtypeStruct((batch, dim), jnp.bfloat16))
+  return jax.eval_shape(
+    lambda x: fn(x, x, ids, ids, 0.0, 0.0, block_sizes=block_sizes),
+    jax.ShapeDtypeStruct((batch, dim), jnp.bfloat16),
+  )
 
 
 def test_fused_dy_only_where_it_fits():
   plan = lambda gen, batch, dim=1152: tpu._fused_plan(
-      tpu.BlockSizes.for_generation(gen, dim), batch, batch, dim, jnp.bfloat16)
+    tpu.BlockSizes.for_generation(gen, dim), batch, batch, dim, jnp.bfloat16
+  )
   # A ring step's block fits everywhere but v4; a 16k single-device batch only on v5e.
   assert plan("v5e", 4096) == (True, 1) and plan("v6e", 4096) == (True, 1)
-  assert plan("v5p", 4096) == (True, 2)                 # one dY copy per TensorCore
+  assert plan("v5p", 4096) == (True, 2)  # one dY copy per TensorCore
   assert plan("v4", 4096) == (False, 2)
   assert plan("v5e", 16384) == (True, 1) and plan("v5p", 16384) == (False, 2)
   assert plan("v5e", 32768) == (False, 1)
@@ -351,13 +392,17 @@ def test_mosaic_compiles_v5e_without_bxb_temporary():
   batch, dim = 16384, 512
   sharding = _tpu_sharding("v5e:2x2")
   bs = tpu.BlockSizes.for_generation("v5e", dim, jnp.bfloat16)
-  assert tpu._fused_plan(bs, batch, batch, dim, jnp.bfloat16) == (True, 1)   # dY fits VMEM
+  assert tpu._fused_plan(bs, batch, batch, dim, jnp.bfloat16) == (True, 1)  # dY fits VMEM
   two = dataclasses.replace(bs, fuse_dy=False)
   bxb = 4 * batch * batch
-  for fn, b, flops in ((tpu.loss_sum, bs, 2), (tpu.loss_sum_and_grads, bs, 6),
-                       (tpu.loss_sum_and_grads, two, 8)):
-    compiled = _compile(lambda *a, fn=fn, b=b: fn(*a, block_sizes=b), batch, dim,
-                        jnp.bfloat16, sharding)
+  for fn, b, flops in (
+    (tpu.loss_sum, bs, 2),
+    (tpu.loss_sum_and_grads, bs, 6),
+    (tpu.loss_sum_and_grads, two, 8),
+  ):
+    compiled = _compile(
+      lambda *a, fn=fn, b=b: fn(*a, block_sizes=b), batch, dim, jnp.bfloat16, sharding
+    )
     temp = compiled.memory_analysis().temp_size_in_bytes
     # At most the float32 (B, D) dY staging of the fused kernel: O(B D), not O(B^2).
     assert temp <= 4 * batch * dim, f"temp {temp} bytes"
@@ -374,8 +419,14 @@ def test_mosaic_compiles_ragged_shapes_and_odd_dim():
   n, m, dim = 1000, 777, 100
   bs = tpu.BlockSizes(256, 128, generation="v5e")
   s = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
-  args = (s((n, dim), jnp.bfloat16), s((m, dim), jnp.bfloat16), s((n,), jnp.int32),
-          s((m,), jnp.int32), s((), jnp.float32), s((), jnp.float32))
+  args = (
+    s((n, dim), jnp.bfloat16),
+    s((m, dim), jnp.bfloat16),
+    s((n,), jnp.int32),
+    s((m,), jnp.int32),
+    s((), jnp.float32),
+    s((), jnp.float32),
+  )
   for fn in (tpu.loss_sum, tpu.loss_sum_and_grads):
     jax.jit(lambda *a, fn=fn: fn(*a, block_sizes=bs)).lower(*args).compile()
 
@@ -384,8 +435,9 @@ def test_mosaic_compiles_v4_widest_dim():
   # v4 has the least VMEM (16 MiB); D = 1536 must still compile with its defaults.
   sharding = _tpu_sharding("v4:2x2x1")
   bs = tpu.BlockSizes.for_generation("v4", 1536, jnp.bfloat16)
-  _compile(lambda *a: tpu.loss_sum_and_grads(*a, block_sizes=bs), 4096, 1536, jnp.bfloat16,
-           sharding)
+  _compile(
+    lambda *a: tpu.loss_sum_and_grads(*a, block_sizes=bs), 4096, 1536, jnp.bfloat16, sharding
+  )
 
 
 # ------------------------------------------------------------------------------------------
@@ -394,32 +446,50 @@ def test_mosaic_compiles_v4_widest_dim():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("block_sizes", [
-    tpu.BlockSizes(128, 256), tpu.BlockSizes(512, 256), tpu.BlockSizes(256, 512, 128, 384),
-    tpu.BlockSizes(256, 128, fuse_dy=True, generation="v5p")])
+@pytest.mark.parametrize(
+  "block_sizes",
+  [
+    tpu.BlockSizes(128, 256),
+    tpu.BlockSizes(512, 256),
+    tpu.BlockSizes(256, 512, 128, 384),
+    tpu.BlockSizes(256, 128, fuse_dy=True, generation="v5p"),
+  ],
+)
 def test_larger_ragged_blocks(dtype, block_sizes):
   n, m, dim = 1000, 777, 256
   x, y = inputs(4242, n, m, dim, dtype)
   rng = np.random.default_rng(4242)
   x_ids = jnp.asarray(rng.integers(0, 900, size=n), jnp.int32)
   y_ids = jnp.asarray(rng.integers(0, 900, size=m), jnp.int32)
-  got = tpu.loss_sum_and_grads(x, y, x_ids, y_ids, jnp.float32(LOG10), jnp.float32(-10.0),
-                               interpret=True, block_sizes=block_sizes)
+  got = tpu.loss_sum_and_grads(
+    x,
+    y,
+    x_ids,
+    y_ids,
+    jnp.float32(LOG10),
+    jnp.float32(-10.0),
+    interpret=True,
+    block_sizes=block_sizes,
+  )
   want, scales = oracle(x, y, x_ids, y_ids, LOG10, -10.0)
   check(got, want, dtype, "large", scales)
 
 
-@pytest.mark.parametrize("n_dev,schedule,block_sizes", [
+@pytest.mark.parametrize(
+  "n_dev,schedule,block_sizes",
+  [
     (2, "bidirectional", tpu.BlockSizes(128, 128, fuse_dy=True)),
     pytest.param(4, "bidirectional", None, marks=pytest.mark.slow),
     pytest.param(3, "unidirectional", None, marks=pytest.mark.slow),
-])
+  ],
+)
 def test_ring_over_simulated_devices_uses_the_kernel(n_dev, schedule, block_sizes):
   # The block kernel as the reference ring's local step under shard_map (check_vma=True):
   # outputs declare how they vary, and the replicated log_t / bias get their gradient summed
   # over devices. (The public API runs the whole-ring kernel instead; tests/test_api.py.)
   from jax.sharding import Mesh, PartitionSpec as P
   from siglip_fast.reference import ring as ring_lib
+
   mesh = Mesh(np.array(jax.devices()[:n_dev]), ("d",))
   batch, dim = 128 * n_dev, 64
   x, y = random_inputs(808 + n_dev, batch, dim, jnp.float32)
@@ -428,8 +498,7 @@ def test_ring_over_simulated_devices_uses_the_kernel(n_dev, schedule, block_size
 
   def local(x, y, lt, b):
     ids = jax.lax.axis_index("d") * x.shape[0] + jnp.arange(x.shape[0], dtype=jnp.int32)
-    return ring_lib.ring_loss(x, y, ids, ids, lt, b, axis_name="d", schedule=schedule,
-                              ops=ops)
+    return ring_lib.ring_loss(x, y, ids, ids, lt, b, axis_name="d", schedule=schedule, ops=ops)
 
   f = jax.shard_map(local, mesh=mesh, in_specs=(P("d"), P("d"), P(), P()), out_specs=P())
   val, grads = jax.value_and_grad(f, argnums=(0, 1, 2, 3))(x, y, lt, b)
@@ -443,15 +512,19 @@ def test_ring_over_simulated_devices_uses_the_kernel(n_dev, schedule, block_size
 
 @pytest.mark.slow
 def test_mosaic_compiles_all_generations():
-  for gen, topo in (("v4", "v4:2x2x1"), ("v5e", "v5e:2x2"), ("v5p", "v5p:2x2x1"),
-                    ("v6e", "v6e:2x2")):
+  for gen, topo in (
+    ("v4", "v4:2x2x1"),
+    ("v5e", "v5e:2x2"),
+    ("v5p", "v5p:2x2x1"),
+    ("v6e", "v6e:2x2"),
+  ):
     sharding = _tpu_sharding(topo)
     for dim in (768, 1152):
       bs = tpu.BlockSizes.for_generation(gen, dim, jnp.bfloat16)
-      _compile(lambda *a: tpu.loss_sum(*a, block_sizes=bs), 16384, dim, jnp.bfloat16,
-               sharding)
-      _compile(lambda *a: tpu.loss_sum_and_grads(*a, block_sizes=bs), 16384, dim,
-               jnp.bfloat16, sharding)
+      _compile(lambda *a: tpu.loss_sum(*a, block_sizes=bs), 16384, dim, jnp.bfloat16, sharding)
+      _compile(
+        lambda *a: tpu.loss_sum_and_grads(*a, block_sizes=bs), 16384, dim, jnp.bfloat16, sharding
+      )
 
 
 # Tile sizes, batch shapes and the fused/two-kernel choice drawn at random: padding and the
@@ -463,15 +536,31 @@ _TILE = st.sampled_from([128, 256])
 
 
 @settings(max_examples=6, deadline=None, derandomize=False)
-@given(n=st.integers(1, 400), m=st.integers(1, 400), rows=_TILE, cols=_TILE, rows_dy=_TILE,
-       cols_dy=_TILE, fuse=st.booleans(), dup=st.booleans(), seed=st.integers(0, 2**16))
+@given(
+  n=st.integers(1, 400),
+  m=st.integers(1, 400),
+  rows=_TILE,
+  cols=_TILE,
+  rows_dy=_TILE,
+  cols_dy=_TILE,
+  fuse=st.booleans(),
+  dup=st.booleans(),
+  seed=st.integers(0, 2**16),
+)
 def test_any_block_sizes_match_oracle(n, m, rows, cols, rows_dy, cols_dy, fuse, dup, seed):
   x, y = inputs(seed, n, m, 64, jnp.float32)
   x_ids = np.arange(n) // (3 if dup else 1)
   y_ids = np.arange(m) // (3 if dup else 1)
   bs = tpu.BlockSizes(rows, cols, rows_dy, cols_dy, fuse_dy=fuse)
-  got = tpu.loss_sum_and_grads(x, y, jnp.asarray(x_ids, jnp.int32),
-                               jnp.asarray(y_ids, jnp.int32), LOG10, -10.0,
-                               block_sizes=bs, interpret=True)
+  got = tpu.loss_sum_and_grads(
+    x,
+    y,
+    jnp.asarray(x_ids, jnp.int32),
+    jnp.asarray(y_ids, jnp.int32),
+    LOG10,
+    -10.0,
+    block_sizes=bs,
+    interpret=True,
+  )
   want, scales = oracle(x, y, x_ids, y_ids, LOG10, -10.0)
   check(got, want, jnp.float32, f"{n}x{m} {bs}", scales)

@@ -63,17 +63,20 @@ def host_callbacks(monkeypatch):
   jax's device_put (the interpreter stall in the module docstring). Only the transfer is
   skipped: the callbacks, and so the simulated kernel, are unchanged."""
   from jax._src import callback, tree_util
+
   if not hasattr(callback, "io_callback_impl"):
     pytest.skip("this jax has no callback.io_callback_impl to route around")
 
   def impl(*args, callback, **unused):
     del unused
     return tree_util.tree_map(np.asarray, callback(*args))
+
   monkeypatch.setattr(callback, "io_callback_impl", impl)
 
 
 def _races_found():
   from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc
+
   return bool(ipc.races is not None and ipc.races.races_found)
 
 
@@ -87,24 +90,36 @@ def _params(mode, races=False):
 
 def _sharded(fn, n, with_grads):
   """jit of fn(x, y, ids, log_t, bias) as a ring over n devices (value, or value and grads)."""
-  f = jax.shard_map(fn, mesh=_mesh(n), in_specs=(P("x"), P("x"), P("x"), P(), P()),
-                    out_specs=P())
+  f = jax.shard_map(fn, mesh=_mesh(n), in_specs=(P("x"), P("x"), P("x"), P(), P()), out_specs=P())
   if not with_grads:
     return jax.jit(f)
-  return jax.jit(jax.value_and_grad(lambda x, y, ids, lt, b: f(x, y, ids, lt, b),
-                                    argnums=(0, 1, 3, 4)))
+  return jax.jit(
+    jax.value_and_grad(lambda x, y, ids, lt, b: f(x, y, ids, lt, b), argnums=(0, 1, 3, 4))
+  )
 
 
 def _kernel_ring(n, schedule, interpret, block_sizes, with_grads=True):
   def local(x, y, ids, lt, b):
-    return tpu_ring.ring_loss(x, y, ids, ids, lt, b, axis_name="x", schedule=schedule,
-                              interpret=interpret, block_sizes=block_sizes)
+    return tpu_ring.ring_loss(
+      x,
+      y,
+      ids,
+      ids,
+      lt,
+      b,
+      axis_name="x",
+      schedule=schedule,
+      interpret=interpret,
+      block_sizes=block_sizes,
+    )
+
   return _sharded(local, n, with_grads)
 
 
 def _reference_ring(n, schedule, with_grads=True):
   def local(x, y, ids, lt, b):
     return reference_ring(x, y, ids, ids, lt, b, axis_name="x", schedule=schedule)
+
   return _sharded(local, n, with_grads)
 
 
@@ -137,8 +152,9 @@ def _assert_clean(capfd, races_checked):
     assert not _races_found()
 
 
-def _check_ring(capfd, n, schedule, mode, dtype, races, block_sizes, b_local=64, dim=64,
-                seed=0, ids=None):
+def _check_ring(
+  capfd, n, schedule, mode, dtype, races, block_sizes, b_local=64, dim=64, seed=0, ids=None
+):
   batch = n * b_local
   x, y = random_inputs(seed, batch, dim, dtype)
   if ids is None:
@@ -164,39 +180,57 @@ def _check_ring(capfd, n, schedule, mode, dtype, races, block_sizes, b_local=64,
 # (devices, schedule, DMA execution mode, dtype, race detection, tiles). Multi-tile cases
 # exercise the in-kernel tile pipeline; one-tile cases keep the larger rings fast.
 CASES = [
-    (2, "unidirectional", "on_wait", jnp.float32, False, (32, 64)),
-    (2, "bidirectional", "eager", jnp.bfloat16, True, (16, 32)),
-    (3, "bidirectional", "eager", jnp.float32, True, (64, 64)),
-    (4, "unidirectional", "eager", jnp.float32, True, (32, 64)),
-    pytest.param(4, "bidirectional", "on_wait", jnp.float32, False, (16, 32),
-                 marks=pytest.mark.slow),
-    pytest.param(8, "bidirectional", "on_wait", jnp.float32, False, (64, 64),
-                 marks=pytest.mark.slow),
-    pytest.param(8, "unidirectional", "eager", jnp.float32, True, (64, 64),
-                 marks=pytest.mark.slow),
+  (2, "unidirectional", "on_wait", jnp.float32, False, (32, 64)),
+  (2, "bidirectional", "eager", jnp.bfloat16, True, (16, 32)),
+  (3, "bidirectional", "eager", jnp.float32, True, (64, 64)),
+  (4, "unidirectional", "eager", jnp.float32, True, (32, 64)),
+  pytest.param(4, "bidirectional", "on_wait", jnp.float32, False, (16, 32), marks=pytest.mark.slow),
+  pytest.param(8, "bidirectional", "on_wait", jnp.float32, False, (64, 64), marks=pytest.mark.slow),
+  pytest.param(8, "unidirectional", "eager", jnp.float32, True, (64, 64), marks=pytest.mark.slow),
 ]
 
 
 @pytest.mark.parametrize("n,schedule,mode,dtype,races,tiles", CASES)
 def test_ring_matches_reference(capfd, n, schedule, mode, dtype, races, tiles):
-  _check_ring(capfd, n, schedule, mode, dtype, races, tpu_ring.BlockSizes(*tiles),
-              seed=1000 + 17 * n + len(schedule) + len(mode))
+  _check_ring(
+    capfd,
+    n,
+    schedule,
+    mode,
+    dtype,
+    races,
+    tpu_ring.BlockSizes(*tiles),
+    seed=1000 + 17 * n + len(schedule) + len(mode),
+  )
 
 
 # The largest interpreted rings: 8 devices, b = 128, D = 128, 2 x 2 tiles per block. In
 # bfloat16 every kernel buffer is at most 64 KiB (the f32 dA, the two landing slots), so it
 # runs as it is; in float32 the landing slots are 128 KiB and need ``host_callbacks``.
-@pytest.mark.parametrize("schedule,mode,dtype,races", [
+@pytest.mark.parametrize(
+  "schedule,mode,dtype,races",
+  [
     ("bidirectional", "on_wait", jnp.float32, False),
     ("unidirectional", "eager", jnp.bfloat16, True),
     pytest.param("unidirectional", "eager", jnp.float32, True, marks=pytest.mark.slow),
     pytest.param("bidirectional", "eager", jnp.bfloat16, True, marks=pytest.mark.slow),
-])
+  ],
+)
 def test_ring_8_devices_b128(request, capfd, schedule, mode, dtype, races):
   if dtype == jnp.float32:
     request.getfixturevalue("host_callbacks")
-  _check_ring(capfd, 8, schedule, mode, dtype, races, tpu_ring.BlockSizes(64, 64),
-              b_local=128, dim=128, seed=1300 + len(schedule) + len(mode))
+  _check_ring(
+    capfd,
+    8,
+    schedule,
+    mode,
+    dtype,
+    races,
+    tpu_ring.BlockSizes(64, 64),
+    b_local=128,
+    dim=128,
+    seed=1300 + len(schedule) + len(mode),
+  )
 
 
 _STALL = textwrap.dedent("""
@@ -241,8 +275,13 @@ def _stall_case(rows, patch, timeout_s):
   it finished within ``timeout_s``."""
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
   try:
-    out = subprocess.run([sys.executable, "-c", _STALL, "2", str(rows), str(int(patch))],
-                         capture_output=True, text=True, timeout=timeout_s, env=env)
+    out = subprocess.run(
+      [sys.executable, "-c", _STALL, "2", str(rows), str(int(patch))],
+      capture_output=True,
+      text=True,
+      timeout=timeout_s,
+      env=env,
+    )
   except subprocess.TimeoutExpired:
     return False
   assert out.returncode == 0 and "done" in out.stdout, out.stderr[-2000:]
@@ -257,7 +296,8 @@ def test_interpreter_stall_reproduction():
   # Seen on a 2-core host; with many more cores than devices the pool may have a free thread.
   assert _stall_case(199, patch=False, timeout_s=120)
   assert not _stall_case(200, patch=False, timeout_s=45), (
-      f"the interpret-mode stall did not reproduce on this {os.cpu_count()}-core host")
+    f"the interpret-mode stall did not reproduce on this {os.cpu_count()}-core host"
+  )
   assert _stall_case(200, patch=True, timeout_s=120)
 
 
@@ -267,19 +307,39 @@ def test_interpreter_stall_reproduction():
 @pytest.mark.parametrize("n", [2, 3, 4, 5, 8])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_ring_matches_reference_all(capfd, n, schedule, mode, dtype):
-  _check_ring(capfd, n, schedule, mode, dtype, True, tpu_ring.BlockSizes(16, 32),
-              seed=2000 + 31 * n + len(schedule) + len(mode) + (dtype == jnp.bfloat16))
+  _check_ring(
+    capfd,
+    n,
+    schedule,
+    mode,
+    dtype,
+    True,
+    tpu_ring.BlockSizes(16, 32),
+    seed=2000 + 31 * n + len(schedule) + len(mode) + (dtype == jnp.bfloat16),
+  )
 
 
-@pytest.mark.parametrize("schedule", [
-    "bidirectional", pytest.param("unidirectional", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+  "schedule", ["bidirectional", pytest.param("unidirectional", marks=pytest.mark.slow)]
+)
 def test_pair_ids_and_ragged_batch(capfd, schedule):
   # b = 20 is no multiple of the 16-row tiles: padded to 32 and masked. Duplicate ids on
   # different devices are positives across the ring.
   n, b_local = 3, 20
   ids = jax.random.randint(jax.random.key(77), (n * b_local,), 0, 25).astype(jnp.int32)
-  _check_ring(capfd, n, schedule, "on_wait", jnp.float32, False, tpu_ring.BlockSizes(16, 16),
-              b_local=b_local, dim=24, seed=78 + len(schedule), ids=ids)
+  _check_ring(
+    capfd,
+    n,
+    schedule,
+    "on_wait",
+    jnp.float32,
+    False,
+    tpu_ring.BlockSizes(16, 16),
+    b_local=b_local,
+    dim=24,
+    seed=78 + len(schedule),
+    ids=ids,
+  )
 
 
 def test_forward_only_matches_and_skips_gradients(capfd):
@@ -287,8 +347,9 @@ def test_forward_only_matches_and_skips_gradients(capfd):
   x, y = random_inputs(401, n * b_local, dim)
   ids = jnp.arange(n * b_local, dtype=jnp.int32)
   lt, b = jnp.float32(math.log(10.0)), jnp.float32(-10.0)
-  kernel = _kernel_ring(n, "bidirectional", _params("eager", True), tpu_ring.BlockSizes(32, 64),
-                        with_grads=False)
+  kernel = _kernel_ring(
+    n, "bidirectional", _params("eager", True), tpu_ring.BlockSizes(32, 64), with_grads=False
+  )
   loss = kernel(x, y, ids, lt, b)
   _assert_clean(capfd, True)
   assert rel_err(loss, numpy_loss_and_grads(x, y, lt, b)[0]) < 1e-5
@@ -297,16 +358,16 @@ def test_forward_only_matches_and_skips_gradients(capfd):
   assert "siglip_ring_fwd" in text and "siglip_ring_fwd_bwd" not in text
 
 
-@pytest.mark.parametrize("dtype", [
-    jnp.float32, pytest.param(jnp.bfloat16, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("dtype", [jnp.float32, pytest.param(jnp.bfloat16, marks=pytest.mark.slow)])
 def test_single_device(dtype):
   # axis_name=None (no shard_map) and a one-device ring: the local block, no DMA.
   b_local, dim = 48, 40
   x, y = random_inputs(501, b_local, dim, dtype)
   ids = jnp.arange(b_local, dtype=jnp.int32)
   lt, b = jnp.float32(2.0), jnp.float32(-5.0)
-  f = lambda x, y, lt, b: tpu_ring.ring_loss(x, y, ids, ids, lt, b, interpret=True,
-                                             block_sizes=tpu_ring.BlockSizes(16, 16))
+  f = lambda x, y, lt, b: tpu_ring.ring_loss(
+    x, y, ids, ids, lt, b, interpret=True, block_sizes=tpu_ring.BlockSizes(16, 16)
+  )
   got = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3)))(x, y, lt, b)
   scale = _dlogt_scale(x, y, lt, b, ids)
   _assert_matches(got, numpy_loss_and_grads(x, y, lt, b), TOL[dtype], scale)
@@ -329,8 +390,9 @@ def test_handshake_is_load_bearing(capfd, monkeypatch):
   assert RACE in out + err and _races_found()
 
 
-@pytest.mark.parametrize("n,schedule", [
-    (4, "bidirectional"), (5, "bidirectional"), (3, "unidirectional")])
+@pytest.mark.parametrize(
+  "n,schedule", [(4, "bidirectional"), (5, "bidirectional"), (3, "unidirectional")]
+)
 def test_copies_overlap_compute(monkeypatch, n, schedule):
   """Where each trip places its copies against the tile compute, in program order (the trace
   order). Only neighbours are written to. Every round after the first opens by waiting for
@@ -349,15 +411,19 @@ def test_copies_overlap_compute(monkeypatch, n, schedule):
       def call():
         events.append((op, self.kind, self.offset))
         return method()
+
       return call
 
   real_copy, real_tile, real_kernel = tpu_ring._remote_copy, tpu_ring._tile, tpu_ring._ring_kernel
-  monkeypatch.setattr(tpu_ring, "_remote_copy",
-                      lambda kind, off, *a: Recorded(kind, off, real_copy(kind, off, *a)))
-  monkeypatch.setattr(tpu_ring, "_tile",
-                      lambda *a: (events.append(("tile", None, None)), real_tile(*a))[1])
-  monkeypatch.setattr(tpu_ring, "_ring_kernel",
-                      lambda *a: (events.append(("kernel", None, None)), real_kernel(*a))[1])
+  monkeypatch.setattr(
+    tpu_ring, "_remote_copy", lambda kind, off, *a: Recorded(kind, off, real_copy(kind, off, *a))
+  )
+  monkeypatch.setattr(
+    tpu_ring, "_tile", lambda *a: (events.append(("tile", None, None)), real_tile(*a))[1]
+  )
+  monkeypatch.setattr(
+    tpu_ring, "_ring_kernel", lambda *a: (events.append(("kernel", None, None)), real_kernel(*a))[1]
+  )
   b_local, dim = 64, 64
   x, y = random_inputs(701, n * b_local, dim)
   ids = jnp.arange(n * b_local, dtype=jnp.int32)
@@ -395,12 +461,15 @@ def test_copies_overlap_compute(monkeypatch, n, schedule):
       assert {ev[i][2] for i in at("wait_send")} == sent
 
 
-@pytest.mark.parametrize("kwargs,exc,match", [
+@pytest.mark.parametrize(
+  "kwargs,exc,match",
+  [
     (dict(block_sizes=tpu_ring.BlockSizes(12, 16)), ValueError, "block_rows"),
     (dict(block_sizes=tpu_ring.BlockSizes(16, 0)), ValueError, "block_cols"),
     (dict(block_sizes=(16, 16)), TypeError, "block_sizes"),
     (dict(schedule="ring"), ValueError, "schedule"),
-])
+  ],
+)
 def test_bad_arguments(kwargs, exc, match):
   x, y = random_inputs(801, 32, 16)
   ids = jnp.arange(32, dtype=jnp.int32)
@@ -408,13 +477,16 @@ def test_bad_arguments(kwargs, exc, match):
     tpu_ring.ring_loss(x, y, ids, ids, 2.3, -10.0, interpret=True, **kwargs)
 
 
-@pytest.mark.parametrize("args,exc,match", [
+@pytest.mark.parametrize(
+  "args,exc,match",
+  [
     (lambda x, y, i: (x, y[:16], i, i[:16]), ValueError, "same shape"),
     (lambda x, y, i: (x, y.astype(jnp.bfloat16), i, i), TypeError, "dtype"),
     (lambda x, y, i: (x.astype(jnp.int32), y.astype(jnp.int32), i, i), TypeError, "float32"),
     (lambda x, y, i: (x, y, i.astype(jnp.float32), i), TypeError, "x_ids must be integers"),
     (lambda x, y, i: (x, y, i, i[:5]), ValueError, "y_ids must have shape"),
-])
+  ],
+)
 def test_bad_inputs(args, exc, match):
   x, y = random_inputs(802, 32, 16)
   ids = jnp.arange(32, dtype=jnp.int32)
@@ -426,6 +498,7 @@ def _compile_for_slice(topology, schedule, b_local, dim=1152, grads=True):
   """AOT-compiles the public API under shard_map for a compile-only TPU slice: the real
   Mosaic compiler (semaphore and VMEM budgets included) and XLA's TPU schedule."""
   from jax.experimental import topologies
+
   try:
     devices = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
   except RuntimeError as e:  # no libtpu in this install
@@ -444,14 +517,19 @@ def _compile_for_slice(topology, schedule, b_local, dim=1152, grads=True):
     seen["default"] = tpu_ring.BlockSizes.get_default(x.shape[1], x.dtype)
     return tpu_ring.ring_loss(x, y, ids, ids, lt, b, axis_name="batch", schedule=schedule)
 
-  f = jax.shard_map(local, mesh=mesh, in_specs=(P("batch"), P("batch"), P("batch"), P(), P()),
-                    out_specs=P())
-  shard = lambda shape, dtype, spec: jax.ShapeDtypeStruct(shape, dtype,
-                                                          sharding=NamedSharding(mesh, spec))
-  args = (shard((n * b_local, dim), jnp.bfloat16, P("batch")),
-          shard((n * b_local, dim), jnp.bfloat16, P("batch")),
-          shard((n * b_local,), jnp.int32, P("batch")),
-          shard((), jnp.float32, P()), shard((), jnp.float32, P()))
+  f = jax.shard_map(
+    local, mesh=mesh, in_specs=(P("batch"), P("batch"), P("batch"), P(), P()), out_specs=P()
+  )
+  shard = lambda shape, dtype, spec: jax.ShapeDtypeStruct(
+    shape, dtype, sharding=NamedSharding(mesh, spec)
+  )
+  args = (
+    shard((n * b_local, dim), jnp.bfloat16, P("batch")),
+    shard((n * b_local, dim), jnp.bfloat16, P("batch")),
+    shard((n * b_local,), jnp.int32, P("batch")),
+    shard((), jnp.float32, P()),
+    shard((), jnp.float32, P()),
+  )
   fn = jax.value_and_grad(f, argnums=(0, 1, 3, 4)) if grads else f
   compiled = jax.jit(fn).lower(*args).compile()
   return n, compiled, seen["default"]
@@ -465,8 +543,11 @@ def _flops(compiled):
 
 def _check_compiled(compiled, n, b_local, dim, grads):
   text = compiled.as_text()
-  assert ("siglip_ring_fwd_bwd_dx" in text and "siglip_ring_fwd_bwd_dy" in text) if grads \
-      else "siglip_ring_fwd" in text
+  assert (
+    ("siglip_ring_fwd_bwd_dx" in text and "siglip_ring_fwd_bwd_dy" in text)
+    if grads
+    else "siglip_ring_fwd" in text
+  )
   # The chunks travel inside the kernel: XLA schedules no collective permute of its own.
   assert "collective-permute" not in text
   # Per device: n blocks of b x b pairs, each D multiply-adds per logit (and per gradient).
@@ -478,7 +559,9 @@ def _check_compiled(compiled, n, b_local, dim, grads):
   assert temp <= 8 * b_local * dim * 4, temp
 
 
-@pytest.mark.parametrize("topology,schedule,b_local,grads", [
+@pytest.mark.parametrize(
+  "topology,schedule,b_local,grads",
+  [
     # The shapes that ran out of DMA semaphores (sflag) with one semaphore per dY tile.
     ("v5e:2x4", "bidirectional", 16384, True),
     pytest.param("v6e:2x4", "bidirectional", 16384, True, marks=pytest.mark.slow),
@@ -490,7 +573,8 @@ def _check_compiled(compiled, n, b_local, dim, grads):
     pytest.param("v5e:2x2", "bidirectional", 16384, True, marks=pytest.mark.slow),
     pytest.param("v4:2x2x1", "bidirectional", 16384, True, marks=pytest.mark.slow),
     pytest.param("v4:2x2x1", "unidirectional", 4096, False, marks=pytest.mark.slow),
-])
+  ],
+)
 def test_compiles_for_tpu_slice(topology, schedule, b_local, grads):
   dim = 1152
   n, compiled, default = _compile_for_slice(topology, schedule, b_local, dim, grads)

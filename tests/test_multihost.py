@@ -19,13 +19,11 @@ import numpy as np
 import pytest
 
 from siglip_fast.train import trainer as train
-from tests.helpers import (numpy_loss_and_grads, persistent_compilation_cache, random_inputs,
-                           rel_err)
+from tests.helpers import numpy_loss_and_grads, persistent_compilation_cache, random_inputs, rel_err
 from tests.train_helpers import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 240
-
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -43,8 +41,9 @@ def _free_port() -> int:
 def _child_env(devices_per_process: int) -> dict:
   # Exactly `devices_per_process` CPU devices per child, not this process's eight.
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.update(JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+  env.update(
+    JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}"
+  )
   return env
 
 
@@ -55,8 +54,9 @@ def _run_pair(make_cmd, tmp_path, env) -> list[str]:
   procs, logs = [], []
   for pid in range(2):
     log = open(tmp_path / f"proc{pid}.log", "w+")
-    procs.append(subprocess.Popen(make_cmd(pid, port), cwd=ROOT, env=env, stdout=log,
-                                  stderr=subprocess.STDOUT))
+    procs.append(
+      subprocess.Popen(make_cmd(pid, port), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    )
     logs.append(log)
   try:
     for p in procs:
@@ -110,10 +110,12 @@ print("RESULT " + json.dumps({"loss": host(loss), "dlog_t": host(dlt), "dbias": 
 
 def test_ring_loss_across_two_processes(tmp_path):
   batch, dim = 16, 8
-  out = _run_pair(lambda pid, port: [sys.executable, "-c", _WORKER, str(pid), str(port),
-                                     str(batch), str(dim)], tmp_path, _child_env(2))
-  res = [json.loads(next(l for l in o.splitlines() if l.startswith("RESULT "))[7:])
-         for o in out]
+  out = _run_pair(
+    lambda pid, port: [sys.executable, "-c", _WORKER, str(pid), str(port), str(batch), str(dim)],
+    tmp_path,
+    _child_env(2),
+  )
+  res = [json.loads(next(l for l in o.splitlines() if l.startswith("RESULT "))[7:]) for o in out]
   x, y = random_inputs(11, batch, dim)
   ids = np.arange(batch) // 2
   loss, (dx, dy, dlt, db) = numpy_loss_and_grads(x, y, 1.7, -3.0, ids)
@@ -136,6 +138,7 @@ def _overrides(cfg) -> list[str]:
         walk(f"{prefix}{k}.", v)
       elif isinstance(v, (bool, int, float)):
         flat[prefix + k] = v
+
   walk("", cfg)
   return [f"--config.{k}={v}" for k, v in flat.items()]
 
@@ -153,16 +156,26 @@ def _losses(path):
 def test_trainer_on_two_processes(tmp_path):
   cfg = tiny_config(num_devices=0)
   workdir = tmp_path / "multihost"
-  out = _run_pair(lambda pid, port: [
-      sys.executable, "-m", "siglip_fast.train", f"--workdir={workdir}",
-      f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={pid}",
-      "--distributed_timeout=120", *_overrides(cfg)], tmp_path, _child_env(2))
+  out = _run_pair(
+    lambda pid, port: [
+      sys.executable,
+      "-m",
+      "siglip_fast.train",
+      f"--workdir={workdir}",
+      f"--coordinator_address=localhost:{port}",
+      "--num_processes=2",
+      f"--process_id={pid}",
+      "--distributed_timeout=120",
+      *_overrides(cfg),
+    ],
+    tmp_path,
+    _child_env(2),
+  )
   assert "2 process(es), 4 device(s)" in out[0]
   assert "held-out evaluation" in out[0] and "held-out evaluation" not in out[1]
 
   # The same global batch on four devices of this one process.
-  ref = train.train_and_evaluate(tiny_config(num_devices=4), str(tmp_path / "one"),
-                                 verbose=False)
+  ref = train.train_and_evaluate(tiny_config(num_devices=4), str(tmp_path / "one"), verbose=False)
   # Reopening the multi-host workdir restores its final checkpoint (nothing left to train).
   multi = train.train_and_evaluate(tiny_config(num_devices=4), str(workdir), verbose=False)
   assert multi["resumed_from"] == 4

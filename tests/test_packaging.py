@@ -48,8 +48,14 @@ print("LOSS", float(loss))
 def test_loss_works_without_the_trainer_dependencies():
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   env.pop("XLA_FLAGS", None)
-  out = subprocess.run([sys.executable, "-c", _CHILD, ",".join(TRAIN_DEPS)], cwd=ROOT,
-                       env=env, capture_output=True, text=True, timeout=120)
+  out = subprocess.run(
+    [sys.executable, "-c", _CHILD, ",".join(TRAIN_DEPS)],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert out.returncode == 0, out.stderr[-4000:]
   assert "LOSS" in out.stdout
 
@@ -57,12 +63,20 @@ def test_loss_works_without_the_trainer_dependencies():
 def test_core_dependencies_are_jax_and_numpy_only():
   with open(ROOT / "pyproject.toml", "rb") as f:
     project = tomllib.load(f)["project"]
-  names = lambda reqs: {r.split("[")[0].split(">")[0].split("=")[0].split("<")[0].strip()
-                        for r in reqs}
+  names = lambda reqs: {
+    r.split("[")[0].split(">")[0].split("=")[0].split("<")[0].strip() for r in reqs
+  }
   assert names(project["dependencies"]) == {"jax", "numpy"}
   extras = project["optional-dependencies"]
-  assert {"flax", "optax", "orbax-checkpoint", "ml_collections", "pillow", "matplotlib",
-          "absl-py"} <= names(extras["train"])
+  assert {
+    "flax",
+    "optax",
+    "orbax-checkpoint",
+    "ml_collections",
+    "pillow",
+    "matplotlib",
+    "absl-py",
+  } <= names(extras["train"])
   assert names(extras["tpu"]) == {"jax"} and "jax[tpu]" in extras["tpu"][0]
 
 

@@ -20,8 +20,7 @@ def test_similarity_png_with_any_script_and_long_captions(tmp_path):
   z = _emb(4)
   images = np.random.default_rng(1).uniform(-1, 1, (4, 8, 8, 3))
   short = ["a", "b", "c", "d"]
-  mixed = ["a small red circle in the top left", "一只红色的猫", "a cat 🐱 on a mat",
-           "x" * 300]
+  mixed = ["a small red circle in the top left", "一只红色的猫", "a cat 🐱 on a mat", "x" * 300]
   with warnings.catch_warnings():
     warnings.simplefilter("error")  # e.g. "Glyph ... missing from font(s) DejaVu Sans"
     size_short = plots.similarity_matrix(z, z, short, tmp_path / "short.png", images=images)

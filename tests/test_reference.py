@@ -23,14 +23,17 @@ def _grads(x, y, log_t, bias, ids=None):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("batch,dim,log_t,bias", [
+@pytest.mark.parametrize(
+  "batch,dim,log_t,bias",
+  [
     (1, 1, math.log(10.0), -10.0),
     (7, 3, math.log(10.0), -10.0),
     (33, 16, 0.0, 0.0),
     (130, 48, math.log(10.0), -2.71),
-    (61, 8, math.log(100.0), 20.0),   # extreme: t = 100, b = +20
+    (61, 8, math.log(100.0), 20.0),  # extreme: t = 100, b = +20
     (61, 8, math.log(100.0), -20.0),  # extreme: t = 100, b = -20
-])
+  ],
+)
 def test_dense_matches_float64_numpy(dtype, batch, dim, log_t, bias):
   seed = batch * 1000 + dim + int(bias)
   x, y = random_inputs(seed, batch, dim, dtype)
@@ -80,5 +83,5 @@ def test_normalisation_is_by_batch_not_batch_squared():
   batch, b = 10, -10.0
   x = jnp.zeros((batch, 4), jnp.float32)
   loss = sigmoid_loss_dense(x, x, jnp.float32(0.0), jnp.float32(b))
-  expected = (batch * math.log1p(math.exp(-b)) + batch * (batch - 1) * math.log1p(math.exp(b)))
+  expected = batch * math.log1p(math.exp(-b)) + batch * (batch - 1) * math.log1p(math.exp(b))
   np.testing.assert_allclose(float(loss), expected / batch, rtol=1e-6)

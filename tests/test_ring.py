@@ -25,8 +25,7 @@ def _ring_value_and_grads(n_dev, schedule, x, y, log_t, bias, ids):
   def local(x, y, ids, lt, b):
     return ring_loss(x, y, ids, ids, lt, b, axis_name="x", schedule=schedule)
 
-  f = jax.shard_map(local, mesh=mesh, in_specs=(P("x"), P("x"), P("x"), P(), P()),
-                    out_specs=P())
+  f = jax.shard_map(local, mesh=mesh, in_specs=(P("x"), P("x"), P("x"), P(), P()), out_specs=P())
   g = lambda x, y, lt, b: f(x, y, ids, lt, b)
   return jax.jit(jax.value_and_grad(g, argnums=(0, 1, 2, 3)))(x, y, log_t, bias)
 
@@ -72,8 +71,9 @@ def test_forward_only_matches_value_and_grad_forward():
   x, y = random_inputs(21, n_dev * b_local, dim)
   mesh = _mesh(n_dev)
   lt, b = jnp.float32(math.log(10.0)), jnp.float32(-10.0)
-  loss = jax.jit(lambda x, y: siglip_fast.sigmoid_loss_sharded(
-      x, y, lt, b, mesh=mesh, axis_name="x"))(x, y)
+  loss = jax.jit(
+    lambda x, y: siglip_fast.sigmoid_loss_sharded(x, y, lt, b, mesh=mesh, axis_name="x")
+  )(x, y)
   ref_loss, _ = numpy_loss_and_grads(x, y, lt, b)
   assert rel_err(loss, ref_loss) < 1e-5
 
@@ -91,8 +91,7 @@ def test_public_api_inside_shard_map_grad_of_replicated_params():
   def loss_fn(p, x, y):
     return siglip_fast.sigmoid_loss(x @ p["w"], y, p["log_t"], p["bias"], axis_name="x")
 
-  step = jax.shard_map(jax.grad(loss_fn), mesh=mesh, in_specs=(P(), P("x"), P("x")),
-                       out_specs=P())
+  step = jax.shard_map(jax.grad(loss_fn), mesh=mesh, in_specs=(P(), P("x"), P("x")), out_specs=P())
   got = jax.jit(step)(params, x, y)
   want = jax.grad(lambda p: sigmoid_loss_dense(x @ p["w"], y, p["log_t"], p["bias"]))(params)
   for k in params:
@@ -111,16 +110,17 @@ def test_ring_temp_memory_does_not_grow_with_device_count(schedule):
     def local(x, y, ids, lt, b):
       return ring_loss(x, y, ids, ids, lt, b, axis_name="x", schedule=schedule)
 
-    f = jax.shard_map(local, mesh=mesh, in_specs=(P("x"), P("x"), P("x"), P(), P()),
-                      out_specs=P())
+    f = jax.shard_map(local, mesh=mesh, in_specs=(P("x"), P("x"), P("x"), P(), P()), out_specs=P())
     vg = jax.value_and_grad(lambda x, y, ids, lt, b: f(x, y, ids, lt, b), argnums=(0, 1, 3, 4))
     sh = NamedSharding(mesh, P("x"))
     rep = NamedSharding(mesh, P())
-    args = (jax.ShapeDtypeStruct((batch, dim), jnp.float32, sharding=sh),
-            jax.ShapeDtypeStruct((batch, dim), jnp.float32, sharding=sh),
-            jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=sh),
-            jax.ShapeDtypeStruct((), jnp.float32, sharding=rep),
-            jax.ShapeDtypeStruct((), jnp.float32, sharding=rep))
+    args = (
+      jax.ShapeDtypeStruct((batch, dim), jnp.float32, sharding=sh),
+      jax.ShapeDtypeStruct((batch, dim), jnp.float32, sharding=sh),
+      jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=sh),
+      jax.ShapeDtypeStruct((), jnp.float32, sharding=rep),
+      jax.ShapeDtypeStruct((), jnp.float32, sharding=rep),
+    )
     temps[n_dev] = jax.jit(vg).lower(*args).compile().memory_analysis().temp_size_in_bytes
   block_bytes = 4 * b_local * b_local
   chunk_bytes = 4 * b_local * dim

@@ -43,7 +43,7 @@ def test_fixture_parses_to_its_known_figures():
   lines = util.read_text().splitlines()
   cap = [int(v) for v in lines[2].split()]
   rows = [[int(v) for v in l.split()] for l in lines[4:] if l.strip()]
-  body = rows[ks.loop.start:ks.loop.end + 1]
+  body = rows[ks.loop.start : ks.loop.end + 1]
   for k, unit in enumerate(tp.UNITS):
     want = sum(r[k] for r in body) / (cap[k] * len(body))
     assert ks.busy[unit] == pytest.approx(want)
@@ -56,8 +56,12 @@ def test_fixture_parses_to_its_known_figures():
 
 
 def test_nested_loops_and_trip_counts():
-  text = "\n".join([
-      "= control target key start", "LB: loop body", "= control target key end", "",
+  text = "\n".join(
+    [
+      "= control target key start",
+      "LB: loop body",
+      "= control target key end",
+      "",
       "     0   :  { %s1 = smov 0 } /* Start region 1 */",
       "   0x1 LB: > { %s2 = sadd.s32 1, %s3 } /* Start region 2 */",
       "   0x2 LB: >> { %p4 = scmp.ge.s32.totalorder %s5, 3 /* loop exit test */ } "
@@ -66,7 +70,9 @@ def test_nested_loops_and_trip_counts():
       "   0x4   : > { %p7 = scmp.lt.s32.totalorder %s2, 5 }",
       "   0x5   : > { %8 = sbr.rel (%p7) target = $region2 }",
       "   0x6   :  { %9 = sbr.rel (%p7) target = $region9 }",
-      "   0x7   :  {} /* Start region 9 */"])
+      "   0x7   :  {} /* Start region 9 */",
+    ]
+  )
   sched = _write_and_parse(text)
   (outer,) = sched.loops
   (inner,) = outer.children
@@ -80,16 +86,17 @@ def test_steady_path_skips_one_off_regions_and_takes_the_shorter_body():
   # A grid step: an init region without matmuls (first step only), then an if/else between
   # a long and a short tile body (both with matmuls), then the back edge.
   b = lambda addr, marker, body, region="": (
-      f"{addr:#6x} {marker or '  '}: > {{ {body} }}" + (f" /* Start region {region} */"
-                                                      if region else ""))
+    f"{addr:#6x} {marker or '  '}: > {{ {body} }}"
+    + (f" /* Start region {region} */" if region else "")
+  )
   lines = ["= control target key start", "LB: loop body", "= control target key end", ""]
   lines.append(b(0, "LB", "%s1 = sadd.s32 1, %s0", 1))
-  lines.append(b(1, "", "%2 = sbr.rel (%p9) target = $region3"))          # skip init
+  lines.append(b(1, "", "%2 = sbr.rel (%p9) target = $region3"))  # skip init
   lines += [b(2 + k, "", "%v = vst [vmem:[#allocation1]] %v0") for k in range(5)]
-  lines.append(b(7, "", "%3 = sbr.rel (%p4) target = $region5", 3))        # if p goto else
-  lines += [b(8 + k, "", "%v = vmatmul.bf16 %v1") for k in range(6)]       # long body (A)
-  lines.append(b(14, "PF", "%5 = sbr.rel (!%p4) target = $region7", 5))    # else: skip B
-  lines += [b(15 + k, "", "%v = vmatmul.bf16 %v1") for k in range(3)]      # short body (B)
+  lines.append(b(7, "", "%3 = sbr.rel (%p4) target = $region5", 3))  # if p goto else
+  lines += [b(8 + k, "", "%v = vmatmul.bf16 %v1") for k in range(6)]  # long body (A)
+  lines.append(b(14, "PF", "%5 = sbr.rel (!%p4) target = $region7", 5))  # else: skip B
+  lines += [b(15 + k, "", "%v = vmatmul.bf16 %v1") for k in range(3)]  # short body (B)
   lines.append(b(18, "PF", "%p8 = scmp.ge.s32.totalorder %s1, 4 /* loop exit test */", 7))
   lines.append(b(19, "", "%6 = sbr.rel (!%p8) target = $region1"))
   sched = _write_and_parse("\n".join(lines))
@@ -101,6 +108,7 @@ def test_steady_path_skips_one_off_regions_and_takes_the_shorter_body():
 
 def _write_and_parse(text, tmp=None):
   import tempfile
+
   with tempfile.TemporaryDirectory() as d:
     p = pathlib.Path(d) / "1-siglip_x.1-72-final_bundles.txt"
     p.write_text(text)
@@ -108,34 +116,57 @@ def _write_and_parse(text, tmp=None):
 
 
 def test_unknown_trip_count_gives_no_cycles():
-  text = "\n".join([
+  text = "\n".join(
+    [
       "LB: loop body",
       "     0   :  { %s1 = smov 0 }",
       "   0x1 LB: > { %p4 = scmp.ge.s32.totalorder %s5, %s6 } /* Start region 2 */",
-      "   0x2   : > { %6 = sbr.rel (!%p4) target = $region2 }"])
+      "   0x2   : > { %6 = sbr.rel (!%p4) target = $region2 }",
+    ]
+  )
   sched = _write_and_parse(text)
   assert sched.loops[0].trips is None and sched.loops[0].cycles() is None
 
 
-@pytest.mark.parametrize("corrupt, expected", [
+@pytest.mark.parametrize(
+  "corrupt, expected",
+  [
     (lambda b, u: u.write_text(u.read_text().replace("VALU", "VECALU", 1)), "unit row"),
-    (lambda b, u: u.write_text(u.read_text().replace("== CAPACTIY", "== CAP", 1)),
-     "CAPACITY"),
-    (lambda b, u: u.write_text("\n".join(u.read_text().splitlines()[:-7]) + "\n"),
-     "one row per bundle"),
-    (lambda b, u: u.write_text(re.sub(r"(?m)^(0 0 0 0 0 0 0 0 0) 1$", r"\1 x",
-                                      u.read_text(), count=1)), "integer slot counts"),
-    (lambda b, u: u.write_text(re.sub(r"(?m)^(\d+ \d+ \d+ \d+ \d+ \d+ \d+ \d+ \d+) (\d+)$",
-                                      r"\1 9", u.read_text(), count=1)),
-     "within the capacities"),
-    (lambda b, u: b.write_text("\n".join(l for l in b.read_text().splitlines()
-                                         if not l.lstrip().startswith("0x5 "))),
-     "consecutive bundle addresses"),
-    (lambda b, u: b.write_text(b.read_text().replace("LB: loop body", "XX: loop body")),
-     "control-target key"),
-    (lambda b, u: b.write_text(re.sub(r"(?m)^(\s*0x[0-9a-f]+) LB:", r"\1   :",
-                                      b.read_text())), "to a loop body"),
-])
+    (lambda b, u: u.write_text(u.read_text().replace("== CAPACTIY", "== CAP", 1)), "CAPACITY"),
+    (
+      lambda b, u: u.write_text("\n".join(u.read_text().splitlines()[:-7]) + "\n"),
+      "one row per bundle",
+    ),
+    (
+      lambda b, u: u.write_text(
+        re.sub(r"(?m)^(0 0 0 0 0 0 0 0 0) 1$", r"\1 x", u.read_text(), count=1)
+      ),
+      "integer slot counts",
+    ),
+    (
+      lambda b, u: u.write_text(
+        re.sub(
+          r"(?m)^(\d+ \d+ \d+ \d+ \d+ \d+ \d+ \d+ \d+) (\d+)$", r"\1 9", u.read_text(), count=1
+        )
+      ),
+      "within the capacities",
+    ),
+    (
+      lambda b, u: b.write_text(
+        "\n".join(l for l in b.read_text().splitlines() if not l.lstrip().startswith("0x5 "))
+      ),
+      "consecutive bundle addresses",
+    ),
+    (
+      lambda b, u: b.write_text(b.read_text().replace("LB: loop body", "XX: loop body")),
+      "control-target key",
+    ),
+    (
+      lambda b, u: b.write_text(re.sub(r"(?m)^(\s*0x[0-9a-f]+) LB:", r"\1   :", b.read_text())),
+      "to a loop body",
+    ),
+  ],
+)
 def test_corrupted_dump_fails_loudly_naming_the_file(tmp_path, corrupt, expected):
   op, bundles, util = _copy(tmp_path)
   corrupt(bundles, util)
@@ -162,9 +193,18 @@ def test_clocks_follow_the_datasheet_peaks():
 
 
 def test_table_never_prints_a_number_it_does_not_have():
-  rows = [{"generation": "v5e", "kernel": "fwd", "op": "siglip_fwd.1", "dim": 128,
-           "loop_bundles": 10, "mxu_busy": 0.5, "static_us": None},
-          {"generation": "v5e", "kernel": "ring_hop", "dim": 128, "error": "X: boom"}]
+  rows = [
+    {
+      "generation": "v5e",
+      "kernel": "fwd",
+      "op": "siglip_fwd.1",
+      "dim": 128,
+      "loop_bundles": 10,
+      "mxu_busy": 0.5,
+      "static_us": None,
+    },
+    {"generation": "v5e", "kernel": "ring_hop", "dim": 128, "error": "X: boom"},
+  ]
   table = tp.format_table(rows)
   assert "ERROR" in table and "boom" in table
   line = table.splitlines()[1]
@@ -174,6 +214,7 @@ def test_table_never_prints_a_number_it_does_not_have():
 def _libtpu():
   try:
     from jax.experimental import topologies
+
     topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2")
     return True
   except Exception:  # noqa: BLE001 - no libtpu in this install

@@ -52,8 +52,14 @@ def clip_run(tmp_path_factory):
 
 def test_clip_run_writes_everything(clip_run):
   workdir, r = clip_run
-  for name in ("metrics.jsonl", "eval.json", "loss.png", "similarity.png", "config.json",
-               "tokenizer.json"):
+  for name in (
+    "metrics.jsonl",
+    "eval.json",
+    "loss.png",
+    "similarity.png",
+    "config.json",
+    "tokenizer.json",
+  ):
     assert os.path.getsize(os.path.join(workdir, name)) > 0, name
   assert ByteTokenizer.load(os.path.join(workdir, "tokenizer.json")) == ByteTokenizer(48)
   rows = _rows(workdir)
@@ -158,7 +164,8 @@ def test_ring_over_4_devices_matches_dense():
   model = models.from_config(cfg.model, tok.vocab_size, tok.max_len)
   fast = train._fast_compile()
   params = jax.jit(model.init, compiler_options=fast)(
-      jax.random.key(7), batch["image"][:1], batch["text"][:1])["params"]
+    jax.random.key(7), batch["image"][:1], batch["text"][:1]
+  )["params"]
 
   mesh = train.make_mesh(cfg)
   assert mesh.size == 4
@@ -166,8 +173,9 @@ def test_ring_over_4_devices_matches_dense():
   rows = jax.sharding.NamedSharding(mesh, P(train.AXIS))
   b4 = {k: jax.device_put(batch[k], rows) for k in ("image", "text", "ids")}
   p4 = jax.device_put(params, jax.sharding.NamedSharding(mesh, P()))
-  l4, g4 = jax.jit(jax.value_and_grad(train.make_loss_fn(model, mesh, cfg)),
-                   compiler_options=fast)(p4, {}, b4)
+  l4, g4 = jax.jit(jax.value_and_grad(train.make_loss_fn(model, mesh, cfg)), compiler_options=fast)(
+    p4, {}, b4
+  )
 
   def dense_loss(p):
     zi, zt, lt, b = model.apply({"params": p}, batch["image"], batch["text"])

@@ -58,8 +58,12 @@ def _falls_back(workdir, finished, capsys, bad_file):
   lines = [l for l in err.splitlines() if "unreadable" in l]
   assert len(lines) == 1, err
   rel = os.path.relpath(bad_file, workdir)
-  assert ("checkpoint at step 4 is unreadable" in lines[0] and rel in lines[0]
-          and "resumed from step 2" in lines[0] and "moved it to" in lines[0]), lines[0]
+  assert (
+    "checkpoint at step 4 is unreadable" in lines[0]
+    and rel in lines[0]
+    and "resumed from step 2" in lines[0]
+    and "moved it to" in lines[0]
+  ), lines[0]
   assert r["resumed_from"] == 2 and r["step"] == 4
   # The replayed steps give the uninterrupted run's parameters; the bad step was moved
   # aside (said in the line above), not deleted.
@@ -67,8 +71,7 @@ def _falls_back(workdir, finished, capsys, bad_file):
   assert os.path.isdir(os.path.join(workdir, "unreadable_checkpoints", "4"))
 
 
-def test_truncated_array_file_falls_back_to_the_previous_checkpoint(finished, tmp_path,
-                                                                     capsys):
+def test_truncated_array_file_falls_back_to_the_previous_checkpoint(finished, tmp_path, capsys):
   workdir = _copy(finished, tmp_path)
   bad = _largest_file(os.path.join(workdir, "checkpoints", "4", "params", "ocdbt.process_0"))
   with open(bad, "r+b") as f:
@@ -117,15 +120,25 @@ def test_checkpoint_of_another_model_config(finished, tmp_path):
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
 
 
-@pytest.mark.parametrize("key,value,valid", [
-    ("batch_size", 0, ">= 1"), ("batch_size", -1, ">= 1"),
-    ("total_steps", 0, ">= 1"), ("model.embed_dim", 0, ">= 1"),
+@pytest.mark.parametrize(
+  "key,value,valid",
+  [
+    ("batch_size", 0, ">= 1"),
+    ("batch_size", -1, ">= 1"),
+    ("total_steps", 0, ">= 1"),
+    ("model.embed_dim", 0, ">= 1"),
     ("model.image.heads", 3, "multiple of config.model.image.heads"),
-    ("log_every", 0, ">= 1"), ("ckpt_every", -5, ">= 1"), ("eval_every", -1, ">= 0"),
-    ("optim.lr", 0.0, "> 0"), ("optim.b2", 1.0, "[0, 1)"), ("data.image_size", 18, "4"),
-    ("loss_implementation", "cuda", "one of"), ("stop_at_step", 9, "at most"),
+    ("log_every", 0, ">= 1"),
+    ("ckpt_every", -5, ">= 1"),
+    ("eval_every", -1, ">= 0"),
+    ("optim.lr", 0.0, "> 0"),
+    ("optim.b2", 1.0, "[0, 1)"),
+    ("data.image_size", 18, "4"),
+    ("loss_implementation", "cuda", "one of"),
+    ("stop_at_step", 9, "at most"),
     ("data.train_manifest", "/nonexistent/train.csv", "no such file"),
-])
+  ],
+)
 def test_invalid_config_is_rejected_before_anything_is_written(tmp_path, key, value, valid):
   cfg = tiny()
   if key == "data.train_manifest":

@@ -43,8 +43,9 @@ def xla_run(tmp_path_factory):
 
 
 @pytest.mark.parametrize("implementation", ["pallas_tpu", "pallas_gpu"])
-def test_kernel_in_interpret_mode_trains_like_xla(xla_run, tmp_path_factory, capsys,
-                                                  implementation):
+def test_kernel_in_interpret_mode_trains_like_xla(
+  xla_run, tmp_path_factory, capsys, implementation
+):
   r = _train(tmp_path_factory, implementation, True, capsys=capsys)
   out = capsys.readouterr().out
   assert f"loss '{implementation}' (Pallas interpret mode) ring over 2 device(s)" in out
@@ -61,7 +62,6 @@ def test_kernel_in_interpret_mode_trains_like_xla(xla_run, tmp_path_factory, cap
   print(f"{implementation} (interpret) vs xla after {STEPS} steps: relative error {err:.2e}")
   assert err < 2e-5, err
   # and not trivially: training did move the parameters
-  init = train.set_up(tiny_shapes.get_config(), str(tmp_path_factory.mktemp("init")),
-                      verbose=False)
+  init = train.set_up(tiny_shapes.get_config(), str(tmp_path_factory.mktemp("init")), verbose=False)
   init.mngr.close()
   assert rel_err(_flat(init.params), _flat(xla_run["params"])) > 1e-3

@@ -38,7 +38,8 @@ ORACLE_MAX = 4096
 LT, BIAS = math.log(10.0), -10.0
 
 pytestmark = pytest.mark.skipif(
-    not SHAPES, reason='set SIGLIP_TEST_SHAPES="B,D[,dtype];..." to check your shapes')
+  not SHAPES, reason='set SIGLIP_TEST_SHAPES="B,D[,dtype];..." to check your shapes'
+)
 
 
 def _tolerance(dtype) -> float:
@@ -57,8 +58,10 @@ def _run_mode(impl: str, batch: int):
   if backend != "cpu":
     return False, f"{impl} does not run on {backend}"
   if batch > INTERPRET_MAX:
-    return True, (f"{impl} in interpret mode on CPU above B = {INTERPRET_MAX} is too slow; "
-                  "raise SIGLIP_TEST_INTERPRET_MAX or run on the accelerator")
+    return True, (
+      f"{impl} in interpret mode on CPU above B = {INTERPRET_MAX} is too slow; "
+      "raise SIGLIP_TEST_INTERPRET_MAX or run on the accelerator"
+    )
   return True, None
 
 
@@ -66,10 +69,14 @@ def _reference(x, y):
   if x.shape[0] <= ORACLE_MAX:
     return numpy_loss_and_grads(x, y, LT, BIAS)
   with jax.default_matmul_precision("highest"):
-    f = jax.jit(jax.value_and_grad(
-        lambda *a: siglip_fast.sigmoid_loss(*a, implementation="xla"), argnums=(0, 1, 2, 3)))
-    loss, grads = f(x.astype(jnp.float32), y.astype(jnp.float32), jnp.float32(LT),
-                    jnp.float32(BIAS))
+    f = jax.jit(
+      jax.value_and_grad(
+        lambda *a: siglip_fast.sigmoid_loss(*a, implementation="xla"), argnums=(0, 1, 2, 3)
+      )
+    )
+    loss, grads = f(
+      x.astype(jnp.float32), y.astype(jnp.float32), jnp.float32(LT), jnp.float32(BIAS)
+    )
   return loss, grads
 
 
@@ -78,8 +85,9 @@ def _check(value_and_grads, ref, dtype):
   ref_loss, ref_grads = ref
   tol = _tolerance(dtype)
   errs = {"loss": rel_err(loss, ref_loss)}
-  errs.update({n: rel_err(g, r) for n, g, r in zip(("dx", "dy", "dlog_t", "dbias"), grads,
-                                                  ref_grads)})
+  errs.update(
+    {n: rel_err(g, r) for n, g, r in zip(("dx", "dy", "dlog_t", "dbias"), grads, ref_grads)}
+  )
   assert all(e < tol for e in errs.values()), f"relative errors {errs} (tolerance {tol})"
   assert grads[0].dtype == dtype and grads[1].dtype == dtype
 
@@ -100,9 +108,12 @@ def test_single_device(shape, impl):
     siglip_fast.block_ops(impl, interpret=interpret)
   except ValueError as e:  # not in this install (e.g. no GPU kernel module)
     pytest.skip(str(e))
-  f = jax.jit(jax.value_and_grad(
+  f = jax.jit(
+    jax.value_and_grad(
       lambda *a: siglip_fast.sigmoid_loss(*a, implementation=impl, interpret=interpret),
-      argnums=(0, 1, 2, 3)))
+      argnums=(0, 1, 2, 3),
+    )
+  )
   _check(f(x, y, jnp.float32(LT), jnp.float32(BIAS)), _reference(x, y), dtype)
 
 
@@ -111,8 +122,10 @@ def test_single_device(shape, impl):
 def test_ring_over_devices(shape, impl):
   on_cpu = jax.default_backend() == "cpu"
   if on_cpu and impl != "xla":
-    pytest.skip("interpret-mode rings need per-device buffers under 96 KiB; check kernel "
-                "rings on the accelerator")
+    pytest.skip(
+      "interpret-mode rings need per-device buffers under 96 KiB; check kernel "
+      "rings on the accelerator"
+    )
   interpret, skip = _run_mode(impl, shape.batch)
   if skip:
     pytest.skip(skip)
@@ -129,8 +142,12 @@ def test_ring_over_devices(shape, impl):
   dtype = jnp.dtype(shape.dtype)
   x, y = random_inputs(9500 + shape.batch + shape.dim, shape.batch, shape.dim, dtype)
   mesh = Mesh(np.array(jax.devices()[:n]), ("batch",))
-  f = jax.jit(jax.value_and_grad(
-      lambda *a: siglip_fast.sigmoid_loss_sharded(*a, mesh=mesh, axis_name="batch",
-                                                  implementation=impl, interpret=interpret),
-      argnums=(0, 1, 2, 3)))
+  f = jax.jit(
+    jax.value_and_grad(
+      lambda *a: siglip_fast.sigmoid_loss_sharded(
+        *a, mesh=mesh, axis_name="batch", implementation=impl, interpret=interpret
+      ),
+      argnums=(0, 1, 2, 3),
+    )
+  )
   _check(f(x, y, jnp.float32(LT), jnp.float32(BIAS)), _reference(x, y), dtype)

@@ -29,17 +29,31 @@ FLOP_FACTOR = 2.0
 @pytest.fixture(scope="module")
 def compile_only_report(tmp_path_factory):
   out = tmp_path_factory.mktemp("report") / "report.json"
-  rc = utilisation.main(["--mode", "compile-only", "--shapes", f"{B},{D},float32",
-                         "--generations", "v5e", "--ring", "4", "--seed", "31337",
-                         "--json", str(out)])
+  rc = utilisation.main(
+    [
+      "--mode",
+      "compile-only",
+      "--shapes",
+      f"{B},{D},float32",
+      "--generations",
+      "v5e",
+      "--ring",
+      "4",
+      "--seed",
+      "31337",
+      "--json",
+      str(out),
+    ]
+  )
   report = json.loads(out.read_text())
   return rc, report
 
 
 def _rows(report, **match):
   """The rows that compiled (errors fail test_compile_only_report_compiles_every_call)."""
-  return [r for r in report["rows"] if not r.get("error")
-          and all(r[k] == v for k, v in match.items())]
+  return [
+    r for r in report["rows"] if not r.get("error") and all(r[k] == v for k, v in match.items())
+  ]
 
 
 def _analytic(row):
@@ -50,8 +64,7 @@ def _analytic(row):
 def test_compile_only_report_compiles_every_call(compile_only_report):
   rc, report = compile_only_report
   assert report["mode"] == "compile-only"
-  errors = [(r["impl"], r["kind"], r["pass"], r["error"]) for r in report["rows"]
-            if r.get("error")]
+  errors = [(r["impl"], r["kind"], r["pass"], r["error"]) for r in report["rows"] if r.get("error")]
   assert not errors, errors
   assert rc == 0
   impls = {r["impl"] for r in report["rows"]}
@@ -131,14 +144,33 @@ def test_compile_only_kernels_report_their_vmem_limit(compile_only_report):
 
 def test_measured_mode_on_cpu_devices(tmp_path):
   out = tmp_path / "measured.json"
-  rc = utilisation.main(["--mode", "measured", "--implementations", "xla",
-                         "--shapes", "128,64,float32", "--iters", "2", "--ring", "4",
-                         "--seed", "4242", "--json", str(out)])
+  rc = utilisation.main(
+    [
+      "--mode",
+      "measured",
+      "--implementations",
+      "xla",
+      "--shapes",
+      "128,64,float32",
+      "--iters",
+      "2",
+      "--ring",
+      "4",
+      "--seed",
+      "4242",
+      "--json",
+      str(out),
+    ]
+  )
   report = json.loads(out.read_text())
   assert rc == 0
   rows = report["rows"]
   assert {(r["kind"], r["pass"]) for r in rows} == {
-      ("block", "fwd"), ("block", "vag"), ("ring", "fwd"), ("ring", "vag")}
+    ("block", "fwd"),
+    ("block", "vag"),
+    ("ring", "fwd"),
+    ("ring", "vag"),
+  }
   for r in rows:
     assert not r.get("error"), r
     assert r["measured_s"] > 0
@@ -152,9 +184,17 @@ def test_model_row_reproduces_the_design_example():
   # docs/DESIGN.md section 2: TPU v4, b = 4096, D = 1152, bf16: a block's 6 b^2 D FLOPs take
   # ~0.42 ms of MXU time and a forward chunk (2 b D bytes) ~0.2 ms on one ICI link.
   chip, b, dim, n = chips.CHIPS["v4"], 4096, 1152, 4
-  row = {"kind": "ring", "pass": "vag", "batch": n * b, "dim": dim, "dtype": "bfloat16",
-         "devices": n, "model_flops": 6 * n * b * b * dim,
-         "flops": 6 * n * b * b * dim, "bytes": 1.0}
+  row = {
+    "kind": "ring",
+    "pass": "vag",
+    "batch": n * b,
+    "dim": dim,
+    "dtype": "bfloat16",
+    "devices": n,
+    "model_flops": 6 * n * b * b * dim,
+    "flops": 6 * n * b * b * dim,
+    "bytes": 1.0,
+  }
   utilisation.model_row(row, chip, 1, "unidirectional")
   assert row["compute_s_per_block"] == pytest.approx(6 * b * b * dim / chip.bf16_flops)
   fwd_chunk = 2 * b * dim + 4 * b
@@ -162,23 +202,31 @@ def test_model_row_reproduces_the_design_example():
   assert row["wire_bytes_per_hop"] == vag_chunk
   assert row["wire_s_per_hop"] == pytest.approx(vag_chunk / chip.link_bw)
   assert row["wire_hops"] == n  # n - 1 hops, then dY goes home
-  assert row["bound"] == ("wire (ICI)" if n * vag_chunk / chip.link_bw > row["compute_s"]
-                          else "MXU")
+  assert row["bound"] == (
+    "wire (ICI)" if n * vag_chunk / chip.link_bw > row["compute_s"] else "MXU"
+  )
   assert row["modelled_s"] == pytest.approx(max(row["compute_s"], row["wire_s"]))
 
 
 def test_trace_captures_loss_and_training_step(tmp_path):
-  trace_dir = utilisation.capture_trace(str(tmp_path / "trace"),
-                                        utilisation.Shape(64, 32, "float32"), "xla", steps=1)
+  trace_dir = utilisation.capture_trace(
+    str(tmp_path / "trace"), utilisation.Shape(64, 32, "float32"), "xla", steps=1
+  )
   files = [p.name for p in (tmp_path / "trace").rglob("*") if p.is_file()]
   assert any(f.endswith(".xplane.pb") for f in files), files
   assert trace_dir == str(tmp_path / "trace")
 
 
-@pytest.mark.parametrize("text,message", [
-    ("", "empty"), ("128", "'B,D'"), ("a,4", "integers"), ("0,4", "positive"),
+@pytest.mark.parametrize(
+  "text,message",
+  [
+    ("", "empty"),
+    ("128", "'B,D'"),
+    ("a,4", "integers"),
+    ("0,4", "positive"),
     ("8,4,float16", "dtype"),
-])
+  ],
+)
 def test_bad_shapes_are_rejected(text, message):
   with pytest.raises(ValueError, match=message):
     utilisation.parse_shapes(text)
@@ -186,7 +234,9 @@ def test_bad_shapes_are_rejected(text, message):
 
 def test_shapes_parse():
   assert utilisation.parse_shapes("8,4; 16,2,float32") == [
-      utilisation.Shape(8, 4, "bfloat16"), utilisation.Shape(16, 2, "float32")]
+    utilisation.Shape(8, 4, "bfloat16"),
+    utilisation.Shape(16, 2, "float32"),
+  ]
 
 
 def test_chip_table_is_complete_and_sourced():
@@ -205,6 +255,7 @@ def test_chip_table_is_complete_and_sourced():
 @pytest.mark.parametrize("generation", chips.TPU_GENERATIONS)
 def test_chip_table_matches_jax_device_kinds(generation):
   from jax.experimental import topologies
+
   chip = chips.CHIPS[generation]
   topo = topologies.get_topology_desc(platform="tpu", topology_name=chip.topology)
   kinds = {d.device_kind for d in topo.devices}
@@ -220,31 +271,79 @@ def test_chip_dataclass_round_trips_to_json():
 
 def test_oracle_matches_the_reference():
   from siglip_fast.reference import sigmoid_loss_dense
+
   x, y, _, log_t, bias = utilisation._inputs(utilisation.Shape(16, 8, "float32"), seed=99)
-  loss, grads = jax.value_and_grad(sigmoid_loss_dense, argnums=(0, 1, 2, 3))(
-      x, y, log_t, bias)
+  loss, grads = jax.value_and_grad(sigmoid_loss_dense, argnums=(0, 1, 2, 3))(x, y, log_t, bias)
   assert utilisation.max_rel_err((loss, grads), "vag", (x, y, None, log_t, bias)) < 1e-5
   assert jnp.dtype(x.dtype) == jnp.float32
 
 
 def test_static_profile_figures_attach_only_to_exact_matches():
-  rows = [{"target": "v5e (compile-only)", "mode": "compile-only", "impl": "pallas_tpu",
-           "kind": "block", "pass": "vag", "batch": 4096, "dim": 1152, "devices": 1},
-          {"target": "v5e (compile-only)", "mode": "compile-only", "impl": "pallas_tpu",
-           "kind": "block", "pass": "fwd", "batch": 16384, "dim": 1152, "devices": 1},
-          {"target": "v5e (compile-only)", "mode": "compile-only", "impl": "xla",
-           "kind": "block", "pass": "fwd", "batch": 4096, "dim": 1152, "devices": 1}]
+  rows = [
+    {
+      "target": "v5e (compile-only)",
+      "mode": "compile-only",
+      "impl": "pallas_tpu",
+      "kind": "block",
+      "pass": "vag",
+      "batch": 4096,
+      "dim": 1152,
+      "devices": 1,
+    },
+    {
+      "target": "v5e (compile-only)",
+      "mode": "compile-only",
+      "impl": "pallas_tpu",
+      "kind": "block",
+      "pass": "fwd",
+      "batch": 16384,
+      "dim": 1152,
+      "devices": 1,
+    },
+    {
+      "target": "v5e (compile-only)",
+      "mode": "compile-only",
+      "impl": "xla",
+      "kind": "block",
+      "pass": "fwd",
+      "batch": 4096,
+      "dim": 1152,
+      "devices": 1,
+    },
+  ]
   profile = [
-      {"generation": "v5e", "kernel": "value_and_grad", "op": "siglip_fwd_dx.1", "batch": 4096,
-       "dim": 1152, "static_us": 400.0, "bound": "MXU"},
-      {"generation": "v5e", "kernel": "value_and_grad", "op": "siglip_dy.1", "batch": 4096,
-       "dim": 1152, "static_us": 300.0, "bound": "VALU"},
-      {"generation": "v5e", "kernel": "fwd", "op": "siglip_fwd.1", "batch": 4096,
-       "dim": 1152, "static_us": 190.0, "bound": "MXU"}]
+    {
+      "generation": "v5e",
+      "kernel": "value_and_grad",
+      "op": "siglip_fwd_dx.1",
+      "batch": 4096,
+      "dim": 1152,
+      "static_us": 400.0,
+      "bound": "MXU",
+    },
+    {
+      "generation": "v5e",
+      "kernel": "value_and_grad",
+      "op": "siglip_dy.1",
+      "batch": 4096,
+      "dim": 1152,
+      "static_us": 300.0,
+      "bound": "VALU",
+    },
+    {
+      "generation": "v5e",
+      "kernel": "fwd",
+      "op": "siglip_fwd.1",
+      "batch": 4096,
+      "dim": 1152,
+      "static_us": 190.0,
+      "bound": "MXU",
+    },
+  ]
   utilisation.attach_static(rows, profile)
-  assert rows[0]["static_s"] == pytest.approx(700e-6)       # both kernels of the call
+  assert rows[0]["static_s"] == pytest.approx(700e-6)  # both kernels of the call
   assert rows[0]["static_unit"] == "MXU"
-  assert "static_s" not in rows[1] and "static_s" not in rows[2]   # other B; not a kernel
+  assert "static_s" not in rows[1] and "static_s" not in rows[2]  # other B; not a kernel
   table = utilisation.format_table(rows)
   assert "static ms" in table and "0.7" in table
   # A match that lacks a figure gives none, rather than a partial sum.
@@ -255,8 +354,15 @@ def test_static_profile_figures_attach_only_to_exact_matches():
 
 
 def test_static_profiles_load_with_the_last_file_winning(tmp_path):
-  row = {"generation": "v5e", "kernel": "fwd", "op": "siglip_fwd.1", "batch": 4096,
-         "dim": 1152, "static_us": 1.0, "bound": "MXU"}
+  row = {
+    "generation": "v5e",
+    "kernel": "fwd",
+    "op": "siglip_fwd.1",
+    "batch": 4096,
+    "dim": 1152,
+    "static_us": 1.0,
+    "bound": "MXU",
+  }
   old, new = tmp_path / "tpu_profile_a.json", tmp_path / "tpu_profile_b.json"
   old.write_text(json.dumps({"rows": [row, dict(row, dim=768)]}))
   new.write_text(json.dumps({"rows": [dict(row, static_us=2.0)]}))

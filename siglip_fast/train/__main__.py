@@ -34,16 +34,22 @@ from siglip_fast.train import data as data_lib  # noqa: E402
 from siglip_fast.train import trainer  # noqa: E402
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "clip_shapes.py")
-config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Training configuration file.",
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+  "config", _DEFAULT_CONFIG, "Training configuration file.", lock_config=True
+)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
-flags.DEFINE_bool("profile", False, "Capture a jax.profiler trace of a few steps into "
-                  "WORKDIR/profile (config.profile_steps steps, after compilation).")
+flags.DEFINE_bool(
+  "profile",
+  False,
+  "Capture a jax.profiler trace of a few steps into "
+  "WORKDIR/profile (config.profile_steps steps, after compilation).",
+)
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
 flags.DEFINE_integer("num_processes", 1, "Number of processes (multi-host).")
 flags.DEFINE_integer("process_id", 0, "This process's index (multi-host).")
-flags.DEFINE_bool("distributed_auto", False,
-                  "Call jax.distributed.initialize() with cluster auto-detection.")
+flags.DEFINE_bool(
+  "distributed_auto", False, "Call jax.distributed.initialize() with cluster auto-detection."
+)
 flags.DEFINE_integer("distributed_timeout", 300, "Seconds to wait for all processes.")
 
 
@@ -56,8 +62,13 @@ def main(argv):
   try:
     # Before anything is written or any device is touched.
     trainer.validate_config(F.config, F.workdir)
-    trainer.setup_distributed(F.coordinator_address, F.num_processes, F.process_id,
-                              F.distributed_auto, F.distributed_timeout)
+    trainer.setup_distributed(
+      F.coordinator_address,
+      F.num_processes,
+      F.process_id,
+      F.distributed_auto,
+      F.distributed_timeout,
+    )
     trainer.train_and_evaluate(F.config, F.workdir, profile=F.profile)
   except (trainer.UserError, data_lib.DataError) as e:  # what the user can fix: one line
     print(f"error: {e}", file=sys.stderr)

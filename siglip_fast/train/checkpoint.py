@@ -26,32 +26,40 @@ def checkpoint_dir(path: str) -> str:
   return sub if os.path.isdir(sub) else path
 
 
-def manager(directory: str, *, keep: int | None = 2,
-            create: bool = True) -> ocp.CheckpointManager:
+def manager(directory: str, *, keep: int | None = 2, create: bool = True) -> ocp.CheckpointManager:
   """A synchronous manager; ``keep`` most recent steps are kept (None: all). Readers pass
   ``create=False, keep=None``: nothing is written or deleted unless ``save`` is called."""
-  opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
-                                      enable_async_checkpointing=False)
+  opts = ocp.CheckpointManagerOptions(
+    max_to_keep=keep, create=create, enable_async_checkpointing=False
+  )
   return ocp.CheckpointManager(os.path.abspath(directory), options=opts, item_names=ITEMS)
 
 
-def save(mngr: ocp.CheckpointManager, step: int, params, opt, meta: dict, *,
-         force: bool = False) -> bool:
-  return mngr.save(step, force=force, args=ocp.args.Composite(
-      params=ocp.args.StandardSave(params), opt=ocp.args.StandardSave(opt),
-      meta=ocp.args.JsonSave(meta)))
+def save(
+  mngr: ocp.CheckpointManager, step: int, params, opt, meta: dict, *, force: bool = False
+) -> bool:
+  return mngr.save(
+    step,
+    force=force,
+    args=ocp.args.Composite(
+      params=ocp.args.StandardSave(params),
+      opt=ocp.args.StandardSave(opt),
+      meta=ocp.args.JsonSave(meta),
+    ),
+  )
 
 
 def _abstract(tree):
   # Restore into the shardings of the live arrays (replicated over the mesh).
-  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
-                      tree)
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tree)
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, params_like, opt_like=None):
   """(params, opt or None, meta) at ``step``, with the shapes and shardings of the ``*_like``."""
-  args = {"params": ocp.args.StandardRestore(_abstract(params_like)),
-          "meta": ocp.args.JsonRestore()}
+  args = {
+    "params": ocp.args.StandardRestore(_abstract(params_like)),
+    "meta": ocp.args.JsonRestore(),
+  }
   if opt_like is not None:
     args["opt"] = ocp.args.StandardRestore(_abstract(opt_like))
   out = mngr.restore(step, args=ocp.args.Composite(**args))
@@ -92,8 +100,9 @@ def _flatten(d, prefix=""):
 def config_diff(saved: dict, current: dict) -> list[str]:
   """``["model.embed_dim: 16 in the checkpoint, 24 now", ...]`` over ``STATE_KEYS``."""
   a, b = _flatten(saved), _flatten(current)
-  relevant = lambda k: (k not in _IGNORED
-                        and any(k == p or k.startswith(p + ".") for p in STATE_KEYS))
+  relevant = lambda k: (
+    k not in _IGNORED and any(k == p or k.startswith(p + ".") for p in STATE_KEYS)
+  )
   diffs = []
   for k in sorted(k for k in set(a) | set(b) if relevant(k)):
     x, y = a.get(k), b.get(k)
@@ -126,8 +135,9 @@ def _invalid_json(step_dir: str) -> str | None:
   return None
 
 
-def describe_failure(e: BaseException, directory: str, step: int,
-                     item: str | None = None) -> tuple[str, str]:
+def describe_failure(
+  e: BaseException, directory: str, step: int, item: str | None = None
+) -> tuple[str, str]:
   """(file, reason) for a failed restore of ``step``: the file under the step's folder that
   broke it (named by the error, found by the size the error reports for a truncated array
   file, or a metadata file that is not valid JSON), and a one-line reason. The file is
@@ -142,14 +152,22 @@ def describe_failure(e: BaseException, directory: str, step: int,
   m = re.search(re.escape(step_dir) + r"(/[^\s'\"\],:;)]*)?", text)
   if m and m.group(1) and m.group(1).strip("/"):
     path = os.path.join(step_dir, m.group(1).strip("/"))
-  t = re.search(r'Error reading "([^"]+)".*?Requested byte range \[(\d+), (\d+)\) is not '
-                r"valid for value of size (\d+)", text, re.S)
+  t = re.search(
+    r'Error reading "([^"]+)".*?Requested byte range \[(\d+), (\d+)\) is not '
+    r"valid for value of size (\d+)",
+    text,
+    re.S,
+  )
   if t:
     key, _, hi, size = t.groups()
     reason = f"truncated: {size} bytes, array {key!r} needs bytes up to {hi}"
     if path and os.path.isdir(path):  # an OCDBT database: its data file of that size
-      hits = [os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs
-              if os.path.getsize(os.path.join(r, f)) == int(size)]
+      hits = [
+        os.path.join(r, f)
+        for r, _, fs in os.walk(path)
+        for f in fs
+        if os.path.getsize(os.path.join(r, f)) == int(size)
+      ]
       if len(hits) == 1:
         path = hits[0]
   if path is None or os.path.isdir(path):

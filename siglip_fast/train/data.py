@@ -21,12 +21,12 @@ from typing import Sequence
 import numpy as np
 
 COLOURS = {
-    "red": (220, 40, 40),
-    "green": (40, 180, 60),
-    "blue": (40, 90, 235),
-    "yellow": (235, 215, 40),
-    "purple": (155, 60, 205),
-    "white": (235, 235, 235),
+  "red": (220, 40, 40),
+  "green": (40, 180, 60),
+  "blue": (40, 90, 235),
+  "yellow": (235, 215, 40),
+  "purple": (155, 60, 205),
+  "white": (235, 235, 235),
 }
 SHAPES = ("circle", "square", "triangle", "cross")
 SIZES = ("small", "large")
@@ -37,11 +37,11 @@ SPLITS = ("train", "val", "test")
 # captions, e.g. "a red circle", made the quadrant unlearnable in our trials: with one
 # positive per caption, they mark every red circle elsewhere as a mismatch.)
 TRAIN_TEMPLATES = (
-    "a {size} {colour} {shape} in the {place}",
-    "{size} {colour} {shape}, {place}",
-    "{place}: a {size} {colour} {shape}",
-    "a {colour} {shape}, {size}, in the {place}",
-    "the {place} has a {size} {colour} {shape}",
+  "a {size} {colour} {shape} in the {place}",
+  "{size} {colour} {shape}, {place}",
+  "{place}: a {size} {colour} {shape}",
+  "a {colour} {shape}, {size}, in the {place}",
+  "the {place} has a {size} {colour} {shape}",
 )
 # The held-out retrieval captions: one canonical description per image.
 EVAL_TEMPLATE = TRAIN_TEMPLATES[0]
@@ -59,8 +59,9 @@ def class_names() -> list[str]:
 
 
 def caption(template: str, colour: int, shape: int, size: int, place: int) -> str:
-  return template.format(colour=list(COLOURS)[colour], shape=SHAPES[shape], size=SIZES[size],
-                         place=PLACES[place])
+  return template.format(
+    colour=list(COLOURS)[colour], shape=SHAPES[shape], size=SIZES[size], place=PLACES[place]
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,8 +88,7 @@ class Shapes:
     self._attrs = {s: self._sample_attributes(s) for s in SPLITS}
     # A bank of sensor-noise textures, picked per example (cheaper than noise per example).
     rng = np.random.default_rng((spec.seed, 0x0015E))
-    self._noise = rng.normal(0, 0.06, (64, spec.image_size, spec.image_size, 3)).astype(
-        np.float32)
+    self._noise = rng.normal(0, 0.06, (64, spec.image_size, spec.image_size, 3)).astype(np.float32)
 
   def size(self, split: str) -> int:
     return {"train": self.spec.n_train, "val": self.spec.n_val, "test": self.spec.n_test}[split]
@@ -99,15 +99,15 @@ class Shapes:
     n = self.size(split)
     rng = np.random.default_rng((self.spec.seed, SPLITS.index(split), 0x5EED))
     a = {
-        "colour": rng.integers(len(COLOURS), size=n),
-        "shape": rng.integers(len(SHAPES), size=n),
-        "size": rng.integers(len(SIZES), size=n),
-        "place": rng.integers(len(PLACES), size=n),
-        "template": rng.integers(len(TRAIN_TEMPLATES), size=n),
-        "jitter": rng.uniform(-1, 1, size=(n, 3)),  # dx, dy, radius
-        "tint": rng.uniform(-1, 1, size=(n, 3)),  # shape colour jitter
-        "background": rng.uniform(0.05, 0.3, size=(n, 3)),
-        "noise": rng.integers(2**31, size=n),  # which texture of the noise bank
+      "colour": rng.integers(len(COLOURS), size=n),
+      "shape": rng.integers(len(SHAPES), size=n),
+      "size": rng.integers(len(SIZES), size=n),
+      "place": rng.integers(len(PLACES), size=n),
+      "template": rng.integers(len(TRAIN_TEMPLATES), size=n),
+      "jitter": rng.uniform(-1, 1, size=(n, 3)),  # dx, dy, radius
+      "tint": rng.uniform(-1, 1, size=(n, 3)),  # shape colour jitter
+      "background": rng.uniform(0.05, 0.3, size=(n, 3)),
+      "noise": rng.integers(2**31, size=n),  # which texture of the noise bank
     }
     return a
 
@@ -133,14 +133,15 @@ class Shapes:
     caps = self.captions(split, indices)
     # Examples with equal attributes are positives for each other's captions, whatever
     # their templates: every caption only states attributes its image has.
-    ids = ((a["colour"][indices] * len(SHAPES) + a["shape"][indices]) * len(SIZES)
-           + a["size"][indices]) * len(PLACES) + a["place"][indices]
+    ids = (
+      (a["colour"][indices] * len(SHAPES) + a["shape"][indices]) * len(SIZES) + a["size"][indices]
+    ) * len(PLACES) + a["place"][indices]
     return {
-        "image": self.render(split, indices),
-        "text": self.tokenizer.encode_batch(caps),
-        "ids": ids.astype(np.int32),
-        "label": self.labels(split, indices),
-        "caption": caps,
+      "image": self.render(split, indices),
+      "text": self.tokenizer.encode_batch(caps),
+      "ids": ids.astype(np.int32),
+      "label": self.labels(split, indices),
+      "caption": caps,
     }
 
   def render(self, split, indices) -> np.ndarray:
@@ -175,10 +176,10 @@ class Shapes:
 
 # Inside tests on (|dx|, dy, |dy|), in units of the radius, centred on the shape.
 _SHAPE_TESTS = (
-    lambda ax, dy, ay: ax * ax + dy * dy <= 1.0,  # circle
-    lambda ax, dy, ay: np.maximum(ax, ay) <= 0.85,  # square
-    lambda ax, dy, ay: (dy <= 0.8) & (ax <= (dy + 1.0) / 1.8),  # triangle, apex up
-    lambda ax, dy, ay: ((ax <= 0.33) & (ay <= 1.0)) | ((ay <= 0.33) & (ax <= 1.0)),  # cross
+  lambda ax, dy, ay: ax * ax + dy * dy <= 1.0,  # circle
+  lambda ax, dy, ay: np.maximum(ax, ay) <= 0.85,  # square
+  lambda ax, dy, ay: (dy <= 0.8) & (ax <= (dy + 1.0) / 1.8),  # triangle, apex up
+  lambda ax, dy, ay: ((ax <= 0.33) & (ay <= 1.0)) | ((ay <= 0.33) & (ax <= 1.0)),  # cross
 )
 
 
@@ -204,6 +205,7 @@ class DataError(ValueError):
 
 def _decode_image(path: str, image_size: int) -> np.ndarray:
   from PIL import Image, UnidentifiedImageError  # Pillow is only needed for manifests.
+
   if not os.path.exists(path):
     raise DataError(f"image file not found: {path}")
   try:
@@ -239,8 +241,10 @@ class Manifest:
       fields = reader.fieldnames or []
       if "image" not in fields or "caption" not in fields:
         sep = "tab" if delimiter == "\t" else "comma"
-        raise DataError(f"{path}: the header (line 1, {sep}-separated) must name 'image' and "
-                        f"'caption' columns, got {fields}")
+        raise DataError(
+          f"{path}: the header (line 1, {sep}-separated) must name 'image' and "
+          f"'caption' columns, got {fields}"
+        )
       # (line number in the file, row): a quoted caption may span several lines.
       rows = []
       for row in reader:
@@ -277,8 +281,12 @@ class Manifest:
 
   def batch(self, indices) -> dict:
     indices = np.asarray(indices, np.int64)
-    out = {"image": self.images[indices], "text": self.text[indices],
-           "ids": self.ids[indices], "caption": [self.captions_all[i] for i in indices]}
+    out = {
+      "image": self.images[indices],
+      "text": self.text[indices],
+      "ids": self.ids[indices],
+      "caption": [self.captions_all[i] for i in indices],
+    }
     if self.label_names is not None:
       out["label"] = self.labels[indices]
     return out
@@ -288,7 +296,8 @@ def shard_for_process(indices: Sequence[int], process_index: int, process_count:
   """This process's contiguous slice of a global batch (the mesh lists devices by process)."""
   indices = np.asarray(indices)
   if len(indices) % process_count:
-    raise ValueError(f"global batch {len(indices)} must be divisible by the process count "
-                     f"{process_count}")
+    raise ValueError(
+      f"global batch {len(indices)} must be divisible by the process count {process_count}"
+    )
   per = len(indices) // process_count
   return indices[process_index * per : (process_index + 1) * per]

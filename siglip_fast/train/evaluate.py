@@ -29,16 +29,22 @@ def embed(fn: Callable, inputs: np.ndarray, batch_size: int) -> np.ndarray:
   return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
-def prompt_embeddings(embed_texts: Callable[[Sequence[str]], np.ndarray],
-                      class_names: Sequence[str], templates: Sequence[str]) -> np.ndarray:
+def prompt_embeddings(
+  embed_texts: Callable[[Sequence[str]], np.ndarray],
+  class_names: Sequence[str],
+  templates: Sequence[str],
+) -> np.ndarray:
   """(classes, templates, D): one embedding per class and prompt template (``{}`` is
   replaced by the class name)."""
   prompts = [t.format(c) for c in class_names for t in templates]
   return embed_texts(prompts).reshape(len(class_names), len(templates), -1)
 
 
-def class_embeddings(embed_texts: Callable[[Sequence[str]], np.ndarray],
-                     class_names: Sequence[str], templates: Sequence[str]) -> np.ndarray:
+def class_embeddings(
+  embed_texts: Callable[[Sequence[str]], np.ndarray],
+  class_names: Sequence[str],
+  templates: Sequence[str],
+) -> np.ndarray:
   """One embedding per class: the mean over prompt templates, renormalised (CLIP's
   prompt ensembling)."""
   z = prompt_embeddings(embed_texts, class_names, templates).mean(axis=1)
@@ -82,9 +88,11 @@ def retrieval(img_emb, txt_emb, img_keys, txt_keys, ks=(1, 5), unique_texts=True
   """
   img_keys, txt_keys = np.asarray(img_keys), np.asarray(txt_keys)
   if len(img_keys) != len(img_emb) or len(txt_keys) != len(txt_emb):
-    raise ValueError("need one key per embedding row: got "
-                     f"{len(img_keys)} keys for {len(img_emb)} images and {len(txt_keys)} "
-                     f"keys for {len(txt_emb)} texts")
+    raise ValueError(
+      "need one key per embedding row: got "
+      f"{len(img_keys)} keys for {len(img_emb)} images and {len(txt_keys)} "
+      f"keys for {len(txt_emb)} texts"
+    )
   img_emb, txt_emb = np.asarray(img_emb), np.asarray(txt_emb)
   sim = img_emb @ txt_emb.T
   hit = img_keys[:, None] == txt_keys[None, :]
@@ -110,8 +118,10 @@ def make_embedders(model, params, tokenizer, batch_size: int):
   parameters are replicated over one process's devices or over many processes. They are
   passed as arguments, not baked into the program as constants.
   """
-  host = jax.tree.map(lambda a: np.asarray(a.addressable_data(0))
-                      if isinstance(a, jax.Array) else np.asarray(a), params)
+  host = jax.tree.map(
+    lambda a: np.asarray(a.addressable_data(0)) if isinstance(a, jax.Array) else np.asarray(a),
+    params,
+  )
   host = jax.device_put(host, jax.local_devices()[0])
   img_fn = jax.jit(lambda p, x: model.apply({"params": p}, images=x)[0])
   txt_fn = jax.jit(lambda p, t: model.apply({"params": p}, tokens=t)[1])
@@ -125,8 +135,9 @@ def make_embedders(model, params, tokenizer, batch_size: int):
   return embed_images, embed_texts
 
 
-def evaluate_pairs(embed_images, embed_texts, batch: dict, class_names=None,
-                   templates=("{}",)) -> tuple[dict, np.ndarray, np.ndarray]:
+def evaluate_pairs(
+  embed_images, embed_texts, batch: dict, class_names=None, templates=("{}",)
+) -> tuple[dict, np.ndarray, np.ndarray]:
   """Zero-shot accuracy (if labels and class names are given) and retrieval on a held-out
   batch dict (``image``, ``caption``, optional ``label``). Returns (metrics, img, txt emb)."""
   zi = embed_images(batch["image"])
@@ -153,10 +164,14 @@ def summary(m: dict) -> str:
   """One human-readable block of the metrics above."""
   lines = []
   if "zero_shot_acc" in m:
-    lines.append(f"zero-shot accuracy {m['zero_shot_acc']:.3f} over {m['n_classes']} classes "
-                 f"(chance {m['zero_shot_chance']:.3f}; {m['zero_shot_acc_mean_prompt']:.3f} "
-                 "with mean-prompt ensembling)")
+    lines.append(
+      f"zero-shot accuracy {m['zero_shot_acc']:.3f} over {m['n_classes']} classes "
+      f"(chance {m['zero_shot_chance']:.3f}; {m['zero_shot_acc_mean_prompt']:.3f} "
+      "with mean-prompt ensembling)"
+    )
   for d in ("i2t", "t2i"):
-    lines.append(f"{d} recall@1 {m[f'{d}_r1']:.3f} (chance {m[f'{d}_r1_chance']:.3f})  "
-                 f"recall@5 {m[f'{d}_r5']:.3f} (chance {m[f'{d}_r5_chance']:.3f})")
+    lines.append(
+      f"{d} recall@1 {m[f'{d}_r1']:.3f} (chance {m[f'{d}_r1_chance']:.3f})  "
+      f"recall@5 {m[f'{d}_r5']:.3f} (chance {m[f'{d}_r5_chance']:.3f})"
+    )
   return "\n".join(lines)

@@ -32,8 +32,9 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x, mask=None):
     y = nn.LayerNorm(dtype=self.dtype)(x)
-    y = nn.MultiHeadDotProductAttention(num_heads=self.heads, dtype=self.dtype,
-                                        deterministic=True)(y, y, mask=mask)
+    y = nn.MultiHeadDotProductAttention(num_heads=self.heads, dtype=self.dtype, deterministic=True)(
+      y, y, mask=mask
+    )
     x = x + y
     y = nn.LayerNorm(dtype=self.dtype)(x)
     y = nn.Dense(self.width * self.mlp_ratio, dtype=self.dtype)(y)
@@ -67,9 +68,9 @@ class MAPHead(nn.Module):
   def __call__(self, x):
     n, _, width = x.shape
     probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, width))
-    x = nn.MultiHeadDotProductAttention(num_heads=self.heads, dtype=self.dtype,
-                                        deterministic=True)(
-        jnp.tile(probe, (n, 1, 1)).astype(self.dtype), x)
+    x = nn.MultiHeadDotProductAttention(num_heads=self.heads, dtype=self.dtype, deterministic=True)(
+      jnp.tile(probe, (n, 1, 1)).astype(self.dtype), x
+    )
     y = nn.LayerNorm(dtype=self.dtype)(x)
     y = nn.Dense(width * self.mlp_ratio, dtype=self.dtype)(y)
     x = x + nn.Dense(width, dtype=self.dtype)(nn.gelu(y))
@@ -92,10 +93,18 @@ class ViT(nn.Module):
   @nn.compact
   def __call__(self, images):
     if images.ndim != 4 or images.shape[1] % self.patch or images.shape[2] % self.patch:
-      raise ValueError(f"images must be (batch, H, W, C) with H and W multiples of patch="
-                       f"{self.patch}, got shape {images.shape}")
-    x = nn.Conv(self.width, (self.patch, self.patch), strides=(self.patch, self.patch),
-                padding="VALID", dtype=self.dtype, name="embed")(images.astype(self.dtype))
+      raise ValueError(
+        f"images must be (batch, H, W, C) with H and W multiples of patch="
+        f"{self.patch}, got shape {images.shape}"
+      )
+    x = nn.Conv(
+      self.width,
+      (self.patch, self.patch),
+      strides=(self.patch, self.patch),
+      padding="VALID",
+      dtype=self.dtype,
+      name="embed",
+    )(images.astype(self.dtype))
     n, h, w, c = x.shape
     x = x.reshape(n, h * w, c)
     if self.posemb == "sincos2d":
@@ -135,16 +144,19 @@ class TextTransformer(nn.Module):
   @nn.compact
   def __call__(self, tokens):
     if tokens.ndim != 2 or tokens.shape[1] > self.max_len or tokens.shape[1] % self.patch:
-      raise ValueError(f"tokens must be (batch, length <= {self.max_len}) with length a "
-                       f"multiple of patch={self.patch}, got shape {tokens.shape}")
+      raise ValueError(
+        f"tokens must be (batch, length <= {self.max_len}) with length a "
+        f"multiple of patch={self.patch}, got shape {tokens.shape}"
+      )
     n, length = tokens.shape
     x = nn.Embed(self.vocab_size, self.width, dtype=self.dtype, name="embed")(tokens)
     if self.patch > 1:
       x = x.reshape(n, length // self.patch, self.patch * self.width)
       x = nn.Dense(self.width, dtype=self.dtype, name="patch")(x)
     keep = (tokens != 0).reshape(n, length // self.patch, self.patch).any(axis=-1)
-    pos = self.param("pos", nn.initializers.normal(0.02),
-                     (1, self.max_len // self.patch, self.width))
+    pos = self.param(
+      "pos", nn.initializers.normal(0.02), (1, self.max_len // self.patch, self.width)
+    )
     x = x + pos[:, : x.shape[1]].astype(self.dtype)
     mask = nn.make_attention_mask(keep, keep)
     for i in range(self.depth):
@@ -185,7 +197,10 @@ def from_config(model_cfg, vocab_size: int, max_len: int) -> TwoTower:
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[model_cfg.get("dtype", "float32")]
   image = dict(model_cfg.image)
   text = dict(model_cfg.text)
-  return TwoTower(embed_dim=model_cfg.embed_dim,
-                  image={**image, "dtype": dtype},
-                  text={**text, "vocab_size": vocab_size, "max_len": max_len, "dtype": dtype},
-                  log_t_init=float(model_cfg.log_t_init), bias_init=float(model_cfg.bias_init))
+  return TwoTower(
+    embed_dim=model_cfg.embed_dim,
+    image={**image, "dtype": dtype},
+    text={**text, "vocab_size": vocab_size, "max_len": max_len, "dtype": dtype},
+    log_t_init=float(model_cfg.log_t_init),
+    bias_init=float(model_cfg.bias_init),
+  )

@@ -35,9 +35,13 @@ def _fonts() -> tuple[tuple[str, frozenset], ...]:
   """(family, code points) of the installed regular-weight fonts, matplotlib's default font
   first. matplotlib's own "Last Resort" font (boxes with the code point) is left out."""
   default = font_manager.findfont(font_manager.FontProperties(family=["sans-serif"]))
-  entries = [e for e in font_manager.fontManager.ttflist
-             if e.style == "normal" and e.weight in (400, "normal", "regular")
-             and "Last Resort" not in e.name]
+  entries = [
+    e
+    for e in font_manager.fontManager.ttflist
+    if e.style == "normal"
+    and e.weight in (400, "normal", "regular")
+    and "Last Resort" not in e.name
+  ]
   entries.sort(key=lambda e: e.fname != default)
   out, seen = [], set()
   for e in entries:
@@ -80,11 +84,21 @@ def renderable(texts) -> tuple[list[str], list[str], bool]:
 
 def _shorten(caption: str) -> str:
   caption = " ".join(caption.split())  # newlines and runs of spaces
-  return caption if len(caption) <= MAX_CAPTION else caption[: MAX_CAPTION - 1] + "\N{HORIZONTAL ELLIPSIS}"
+  return (
+    caption
+    if len(caption) <= MAX_CAPTION
+    else caption[: MAX_CAPTION - 1] + "\N{HORIZONTAL ELLIPSIS}"
+  )
 
 
-def similarity_matrix(img_emb, txt_emb, captions, path, images=None,
-                      title="held-out cosine similarity (rows: images, columns: captions)"):
+def similarity_matrix(
+  img_emb,
+  txt_emb,
+  captions,
+  path,
+  images=None,
+  title="held-out cosine similarity (rows: images, columns: captions)",
+):
   """Write the heat map to ``path``; returns the heat map's (width, height) in inches."""
   sim = np.asarray(img_emb) @ np.asarray(txt_emb).T
   n = sim.shape[0]
@@ -94,24 +108,29 @@ def similarity_matrix(img_emb, txt_emb, captions, path, images=None,
   cell = 0.45
   side = max(cell * n, 1.5)
   fig = plt.figure(figsize=(side + 1.6, side + 0.9))
-  ax = fig.add_axes((0.6 / (side + 1.6), 0.3 / (side + 0.9), side / (side + 1.6),
-                     side / (side + 0.9)))
+  ax = fig.add_axes(
+    (0.6 / (side + 1.6), 0.3 / (side + 0.9), side / (side + 1.6), side / (side + 0.9))
+  )
   im = ax.imshow(sim, cmap="viridis", vmin=-1, vmax=1)
   ax.set_xticks(range(n), labels, rotation=90, fontsize=7, family=families)
   if images is not None:
     # Thumbnails in place of row labels.
     ax.set_yticks([])
     for i, img in enumerate(images):
-      ax.imshow((np.asarray(img) + 1) / 2, extent=(-1.5, -0.55, i + 0.45, i - 0.45),
-                interpolation="nearest")
+      ax.imshow(
+        (np.asarray(img) + 1) / 2, extent=(-1.5, -0.55, i + 0.45, i - 0.45), interpolation="nearest"
+      )
     ax.set_xlim(-1.6, n - 0.5)
   ax.set_ylim(n - 0.5, -0.5)
   if replaced:
-    title += (f"\n{PLACEHOLDER}: a character that no installed font can draw (install a font "
-              "that has it, e.g. Noto Sans CJK)")
+    title += (
+      f"\n{PLACEHOLDER}: a character that no installed font can draw (install a font "
+      "that has it, e.g. Noto Sans CJK)"
+    )
   ax.set_title(title, fontsize=9 if not replaced else 8, family=families)
-  cax = fig.add_axes((ax.get_position().x1 + 0.02, ax.get_position().y0, 0.03,
-                      ax.get_position().height))
+  cax = fig.add_axes(
+    (ax.get_position().x1 + 0.02, ax.get_position().y0, 0.03, ax.get_position().height)
+  )
   bar = fig.colorbar(im, cax=cax)
   bar.set_label("cosine similarity (image, caption)", fontsize=8)
   bar.ax.tick_params(labelsize=7)

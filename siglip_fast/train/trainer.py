@@ -42,8 +42,9 @@ AXIS = "batch"
 def _fast_compile(enabled=True):
   """XLA options for programs whose compile time matters more than their run time: on the
   CPU backend, no LLVM optimisation (compiles about twice as fast). None elsewhere."""
-  return ({"xla_backend_optimization_level": 0}
-          if enabled and jax.default_backend() == "cpu" else None)
+  return (
+    {"xla_backend_optimization_level": 0} if enabled and jax.default_backend() == "cpu" else None
+  )
 
 
 class UserError(Exception):
@@ -63,8 +64,9 @@ class NonFiniteLossError(UserError, FloatingPointError):
   """Training produced a NaN/inf loss or gradient; the last checkpoint is left intact."""
 
 
-def setup_distributed(coordinator_address=None, num_processes=1, process_id=0, auto=False,
-                      timeout=300):
+def setup_distributed(
+  coordinator_address=None, num_processes=1, process_id=0, auto=False, timeout=300
+):
   """Join JAX's multi-controller runtime before any computation, if asked to."""
   if not auto and num_processes <= 1 and coordinator_address is None:
     return
@@ -76,9 +78,12 @@ def setup_distributed(coordinator_address=None, num_processes=1, process_id=0, a
   else:
     if coordinator_address is None:
       raise ValueError("--num_processes > 1 needs --coordinator_address=HOST:PORT")
-    jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id,
-                               initialization_timeout=timeout)
+    jax.distributed.initialize(
+      coordinator_address=coordinator_address,
+      num_processes=num_processes,
+      process_id=process_id,
+      initialization_timeout=timeout,
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -96,68 +101,107 @@ def _check(cfg, key, ok, valid):
 def validate_config(cfg, workdir: str | None = None) -> None:
   """Raise ``ConfigError`` naming the key and its valid range for any value the run would
   trip over later (often with a misleading message, after writing to the workdir)."""
-  integer = lambda lo, hi=None: (lambda v: isinstance(v, int) and v >= lo
-                                 and (hi is None or v <= hi))
+  integer = lambda lo, hi=None: lambda v: isinstance(v, int) and v >= lo and (hi is None or v <= hi)
   number = lambda lo, hi, lo_open=False, hi_open=False: (
-      lambda v: isinstance(v, (int, float)) and math.isfinite(v)
-      and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi))
+    lambda v: (
+      isinstance(v, (int, float))
+      and math.isfinite(v)
+      and (v > lo if lo_open else v >= lo)
+      and (v < hi if hi_open else v <= hi)
+    )
+  )
   if not workdir:
     raise ConfigError("--workdir is required: the directory for checkpoints, metrics and plots")
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConfigError(f"--workdir={workdir} exists and is not a directory")
-  for key in ("total_steps", "batch_size", "log_every", "ckpt_every", "keep_ckpts",
-              "eval_batch_size", "profile_steps", "model.embed_dim", "tokenizer.max_len",
-              "data.n_train", "data.n_val", "data.n_test"):
+  for key in (
+    "total_steps",
+    "batch_size",
+    "log_every",
+    "ckpt_every",
+    "keep_ckpts",
+    "eval_batch_size",
+    "profile_steps",
+    "model.embed_dim",
+    "tokenizer.max_len",
+    "data.n_train",
+    "data.n_val",
+    "data.n_test",
+  ):
     _check(cfg, key, integer(1), "an integer >= 1")
-  for key in ("stop_at_step", "num_devices", "eval_every", "plot_pairs", "seed", "data.seed",
-              "optim.warmup_steps"):
+  for key in (
+    "stop_at_step",
+    "num_devices",
+    "eval_every",
+    "plot_pairs",
+    "seed",
+    "data.seed",
+    "optim.warmup_steps",
+  ):
     _check(cfg, key, integer(0), "an integer >= 0")
   for tower in ("image", "text"):
     for k in ("width", "depth", "heads", "patch"):
       _check(cfg, f"model.{tower}.{k}", integer(1), "an integer >= 1")
     t = cfg.model[tower]
     if t.width % t.heads:
-      raise ConfigError(f"config.model.{tower}.width={t.width} must be a multiple of "
-                        f"config.model.{tower}.heads={t.heads}")
+      raise ConfigError(
+        f"config.model.{tower}.width={t.width} must be a multiple of "
+        f"config.model.{tower}.heads={t.heads}"
+      )
   if cfg.tokenizer.max_len % cfg.model.text.patch:
-    raise ConfigError(f"config.tokenizer.max_len={cfg.tokenizer.max_len} must be a multiple "
-                      f"of config.model.text.patch={cfg.model.text.patch}")
+    raise ConfigError(
+      f"config.tokenizer.max_len={cfg.tokenizer.max_len} must be a multiple "
+      f"of config.model.text.patch={cfg.model.text.patch}"
+    )
   _check(cfg, "data.image_size", integer(16), "a multiple of 4, >= 16")
   if cfg.data.image_size % 4 or cfg.data.image_size % cfg.model.image.patch:
-    raise ConfigError(f"config.data.image_size={cfg.data.image_size} must be a multiple of 4 "
-                      f"and of config.model.image.patch={cfg.model.image.patch}")
+    raise ConfigError(
+      f"config.data.image_size={cfg.data.image_size} must be a multiple of 4 "
+      f"and of config.model.image.patch={cfg.model.image.patch}"
+    )
   if cfg.model.image.get("posemb") == "sincos2d" and cfg.model.image.width % 4:
-    raise ConfigError(f"config.model.image.width={cfg.model.image.width} must be a multiple "
-                      "of 4 with posemb='sincos2d'")
+    raise ConfigError(
+      f"config.model.image.width={cfg.model.image.width} must be a multiple "
+      "of 4 with posemb='sincos2d'"
+    )
   _check(cfg, "optim.lr", number(0, math.inf, lo_open=True), "a number > 0")
   _check(cfg, "optim.end_lr_frac", number(0, 1), "a number in [0, 1]")
   _check(cfg, "optim.b1", number(0, 1, hi_open=True), "a number in [0, 1)")
   _check(cfg, "optim.b2", number(0, 1, hi_open=True), "a number in [0, 1)")
   _check(cfg, "optim.weight_decay", number(0, math.inf), "a number >= 0")
   _check(cfg, "optim.grad_clip", number(0, math.inf), "a number >= 0 (0 disables)")
-  choices = {"positives": ("attributes", "diagonal"), "data.kind": ("shapes", "manifest"),
-             "loss_schedule": ("bidirectional", "unidirectional"),
-             "model.dtype": ("float32", "bfloat16"),
-             "loss_implementation": (None, *siglip_fast.IMPLEMENTATIONS)}
+  choices = {
+    "positives": ("attributes", "diagonal"),
+    "data.kind": ("shapes", "manifest"),
+    "loss_schedule": ("bidirectional", "unidirectional"),
+    "model.dtype": ("float32", "bfloat16"),
+    "loss_implementation": (None, *siglip_fast.IMPLEMENTATIONS),
+  }
   for key, allowed in choices.items():
     _check(cfg, key, lambda v, a=allowed: v in a, f"one of {allowed}")
   if not isinstance(cfg.get("loss_interpret", False), bool):
     raise ConfigError(f"config.loss_interpret={cfg.loss_interpret!r} must be True or False")
   if cfg.stop_at_step and cfg.stop_at_step > cfg.total_steps:
-    raise ConfigError(f"config.stop_at_step={cfg.stop_at_step} must be 0 (off) or at most "
-                      f"config.total_steps={cfg.total_steps}")
+    raise ConfigError(
+      f"config.stop_at_step={cfg.stop_at_step} must be 0 (off) or at most "
+      f"config.total_steps={cfg.total_steps}"
+    )
   if cfg.data.kind == "manifest":
     for key in ("train_manifest", "eval_manifest"):
       path = cfg.data[key]
       if not path:
-        raise ConfigError(f"data.kind='manifest' needs data.train_manifest and "
-                          f"data.eval_manifest (CSV/TSV files of image,caption); "
-                          f"config.data.{key} is empty")
+        raise ConfigError(
+          f"data.kind='manifest' needs data.train_manifest and "
+          f"data.eval_manifest (CSV/TSV files of image,caption); "
+          f"config.data.{key} is empty"
+        )
       if not os.path.isfile(path):
         raise ConfigError(f"config.data.{key}={path!r}: no such file")
   if cfg.lock_image and not cfg.image_init and not _has_checkpoint(workdir):
-    raise ConfigError("config.lock_image=True (LiT) needs config.image_init: the workdir or "
-                      "checkpoint folder of a finished run whose image tower to lock")
+    raise ConfigError(
+      "config.lock_image=True (LiT) needs config.image_init: the workdir or "
+      "checkpoint folder of a finished run whose image tower to lock"
+    )
 
 
 def _has_checkpoint(workdir):
@@ -175,12 +219,15 @@ def make_mesh(cfg):
     if jax.process_count() > 1:
       raise ValueError("config.num_devices must be 0 (all devices) with several processes")
     if cfg.num_devices > len(devices):
-      raise ValueError(f"config.num_devices={cfg.num_devices} but only {len(devices)} "
-                       "devices are visible")
+      raise ValueError(
+        f"config.num_devices={cfg.num_devices} but only {len(devices)} devices are visible"
+      )
     devices = devices[: cfg.num_devices]
   if cfg.batch_size % len(devices):
-    raise ValueError(f"config.batch_size={cfg.batch_size} must be divisible by the number "
-                     f"of devices ({len(devices)})")
+    raise ValueError(
+      f"config.batch_size={cfg.batch_size} must be divisible by the number "
+      f"of devices ({len(devices)})"
+    )
   return jax.sharding.Mesh(np.asarray(devices), (AXIS,))
 
 
@@ -191,16 +238,21 @@ class Data:
     self.cfg = cfg
     d = cfg.data
     if d.kind == "shapes":
-      self.shapes = data_lib.Shapes(data_lib.ShapesSpec(
-          image_size=d.image_size, seed=d.seed, n_train=d.n_train, n_val=d.n_val,
-          n_test=d.n_test), tokenizer)
+      self.shapes = data_lib.Shapes(
+        data_lib.ShapesSpec(
+          image_size=d.image_size, seed=d.seed, n_train=d.n_train, n_val=d.n_val, n_test=d.n_test
+        ),
+        tokenizer,
+      )
       self.n_train = d.n_train
       self.class_names = data_lib.class_names()
       self.templates = data_lib.zero_shot_templates()
     elif d.kind == "manifest":
       if not d.train_manifest or not d.eval_manifest:
-        raise ValueError("data.kind='manifest' needs data.train_manifest and "
-                         "data.eval_manifest (CSV/TSV files of image,caption)")
+        raise ValueError(
+          "data.kind='manifest' needs data.train_manifest and "
+          "data.eval_manifest (CSV/TSV files of image,caption)"
+        )
       self.train_set = data_lib.Manifest(d.train_manifest, d.image_size, tokenizer)
       self.eval_set = data_lib.Manifest(d.eval_manifest, d.image_size, tokenizer)
       self.n_train = len(self.train_set)
@@ -212,8 +264,11 @@ class Data:
   def train_batch(self, step: int, process_index: int, process_count: int) -> dict:
     idx = data_lib.train_indices(step, self.cfg.batch_size, self.n_train, self.cfg.data.seed)
     idx = data_lib.shard_for_process(idx, process_index, process_count)
-    b = (self.shapes.batch("train", idx) if self.cfg.data.kind == "shapes"
-         else self.train_set.batch(idx))
+    b = (
+      self.shapes.batch("train", idx)
+      if self.cfg.data.kind == "shapes"
+      else self.train_set.batch(idx)
+    )
     return {k: b[k] for k in ("image", "text", "ids")}
 
   def eval_batch(self, split="test") -> dict:
@@ -226,12 +281,12 @@ def make_optimizer(cfg):
   o = cfg.optim
   warmup = min(o.warmup_steps, max(cfg.total_steps - 1, 0))
   schedule = optax.warmup_cosine_decay_schedule(
-      0.0, o.lr, warmup, max(cfg.total_steps, warmup + 1), end_value=o.lr * o.end_lr_frac)
+    0.0, o.lr, warmup, max(cfg.total_steps, warmup + 1), end_value=o.lr * o.end_lr_frac
+  )
   # Decay matrices only: not biases, LayerNorm scales, t' or b.
   decay = lambda params: jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
   parts = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip else []
-  parts.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
-                           mask=decay))
+  parts.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decay))
   return optax.chain(*parts), schedule
 
 
@@ -249,23 +304,30 @@ def make_loss_fn(model, mesh, cfg):
   gradient) is that of the whole global batch."""
   P = jax.sharding.PartitionSpec
   if cfg.positives not in ("attributes", "diagonal"):
-    raise ValueError(f"config.positives must be 'attributes' or 'diagonal', got "
-                     f"{cfg.positives!r}")
+    raise ValueError(f"config.positives must be 'attributes' or 'diagonal', got {cfg.positives!r}")
   use_ids = cfg.positives == "attributes"
 
   def local_loss(params, image, text, ids):
     zimg, ztxt, log_t, bias = model.apply({"params": params}, image, text)
     return siglip_fast.sigmoid_loss(
-        zimg, ztxt, log_t, bias, pair_ids=ids if use_ids else None, axis_name=AXIS,
-        implementation=cfg.loss_implementation, schedule=cfg.loss_schedule,
-        interpret=bool(cfg.get("loss_interpret", False)))
+      zimg,
+      ztxt,
+      log_t,
+      bias,
+      pair_ids=ids if use_ids else None,
+      axis_name=AXIS,
+      implementation=cfg.loss_implementation,
+      schedule=cfg.loss_schedule,
+      interpret=bool(cfg.get("loss_interpret", False)),
+    )
 
   def loss_fn(trainable, frozen, batch):
     params = {**frozen, **trainable}
     # check_vma (the default) tracks which values vary over the axis, so the gradient of
     # the replicated parameters is summed over devices by autodiff, not by hand.
-    return jax.shard_map(local_loss, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS), P(AXIS)),
-                         out_specs=P())(params, batch["image"], batch["text"], batch["ids"])
+    return jax.shard_map(
+      local_loss, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS), P(AXIS)), out_specs=P()
+    )(params, batch["image"], batch["text"], batch["ids"])
 
   return loss_fn
 
@@ -280,12 +342,20 @@ def make_train_step(model, tx, mesh, cfg):
     loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, batch)
     updates, opt = tx.update(grads, opt, trainable)
     grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
-    metrics = {"loss": loss, "t": jnp.exp(trainable["log_t"]), "b": trainable["bias"],
-               "grad_norm": grad_norm}
+    metrics = {
+      "loss": loss,
+      "t": jnp.exp(trainable["log_t"]),
+      "b": trainable["bias"],
+      "grad_norm": grad_norm,
+    }
     return optax.apply_updates(trainable, updates), opt, metrics
 
-  return jax.jit(step, donate_argnums=(0, 2), out_shardings=(repl, repl, repl),
-                 compiler_options=_fast_compile(cfg.get("fast_compile", False)))
+  return jax.jit(
+    step,
+    donate_argnums=(0, 2),
+    out_shardings=(repl, repl, repl),
+    compiler_options=_fast_compile(cfg.get("fast_compile", False)),
+  )
 
 
 class Progress:
@@ -316,8 +386,10 @@ class Progress:
     frac = step / max(self.total, 1)
     eta = (self.total - step) * self.batch / self.rate if self.rate == self.rate else 0
     bar = "#" * int(24 * frac) + "-" * (24 - int(24 * frac))
-    line = (f"[{bar}] {step}/{self.total} loss {m['loss']:.4f} t {m['t']:.2f} "
-            f"b {m['b']:.2f} {self.rate:.0f} ex/s eta {int(eta) // 60}:{int(eta) % 60:02d}")
+    line = (
+      f"[{bar}] {step}/{self.total} loss {m['loss']:.4f} t {m['t']:.2f} "
+      f"b {m['b']:.2f} {self.rate:.0f} ex/s eta {int(eta) // 60}:{int(eta) % 60:02d}"
+    )
     if self.tty:
       self.stream.write("\r" + line + ("\n" if step == self.total else ""))
       self.stream.flush()
@@ -347,6 +419,7 @@ class MetricWriter:
       os.remove(self.path)
     try:
       from tensorboardX import SummaryWriter  # optional, not a dependency
+
       self.tb = SummaryWriter(os.path.join(workdir, "tb"))
     except ImportError:
       pass
@@ -423,9 +496,10 @@ def _load_image_tower(cfg, mesh, log):
   src_tok = ByteTokenizer.from_dict(meta["tokenizer"])
   src_model = models.from_config(_cfgdict(src["model"]), src_tok.vocab_size, src_tok.max_len)
   s = src["data"]["image_size"]
-  shapes = jax.eval_shape(lambda k: src_model.init(
-      k, jnp.zeros((1, s, s, 3)), jnp.zeros((1, src_tok.max_len), "int32")),
-                          jax.random.key(0))["params"]
+  shapes = jax.eval_shape(
+    lambda k: src_model.init(k, jnp.zeros((1, s, s, 3)), jnp.zeros((1, src_tok.max_len), "int32")),
+    jax.random.key(0),
+  )["params"]
   repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), shapes)
   mngr = ckpt.manager(ckpt.checkpoint_dir(cfg.image_init), keep=None, create=False)
@@ -442,6 +516,7 @@ def _cfgdict(d):
 @dataclasses.dataclass
 class Run:
   """Everything ``set_up`` builds; ``restore`` and ``train_loop`` advance it."""
+
   cfg: Any
   workdir: str
   log: Callable[[str], None]
@@ -475,11 +550,13 @@ class Run:
     return self.cfg.loss_implementation or siglip_fast.default_implementation()
 
   def meta_at(self, step):
-    return {"step": step, "config": json.loads(self.cfg.to_json_best_effort()),
-            "tokenizer": self.tok.to_dict(),
-            "data": {"seed": self.cfg.data.seed, "batch_size": self.cfg.batch_size,
-                     "next_step": step},
-            "train_seconds": self.seconds_before + self.train_seconds}
+    return {
+      "step": step,
+      "config": json.loads(self.cfg.to_json_best_effort()),
+      "tokenizer": self.tok.to_dict(),
+      "data": {"seed": self.cfg.data.seed, "batch_size": self.cfg.batch_size, "next_step": step},
+      "train_seconds": self.seconds_before + self.train_seconds,
+    }
 
 
 def set_up(cfg, workdir: str, *, verbose: bool = True) -> Run:
@@ -525,16 +602,32 @@ def set_up(cfg, workdir: str, *, verbose: bool = True) -> Run:
 
   # Initialisation runs once: compile it without LLVM optimisation (about half the time).
   params = jax.jit(init, out_shardings=repl, compiler_options=_fast_compile())(
-      jax.random.key(cfg.seed))
+    jax.random.key(cfg.seed)
+  )
   if image_tower is not None:
     params["img"] = image_tower
   trainable, frozen = split_params(params, cfg.lock_image)
   opt = jax.jit(tx.init, out_shardings=repl, compiler_options=_fast_compile())(trainable)
   count = lambda t: sum(int(np.prod(a.shape)) for a in jax.tree.leaves(t))
-  return Run(cfg=cfg, workdir=workdir, log=log, is_main=is_main, verbose=verbose, mesh=mesh,
-             mngr=mngr, tok=tok, data=data, model=model, tx=tx, schedule=schedule,
-             trainable=trainable, frozen=frozen, opt=opt, n_params=count(trainable),
-             n_frozen=count(frozen))
+  return Run(
+    cfg=cfg,
+    workdir=workdir,
+    log=log,
+    is_main=is_main,
+    verbose=verbose,
+    mesh=mesh,
+    mngr=mngr,
+    tok=tok,
+    data=data,
+    model=model,
+    tx=tx,
+    schedule=schedule,
+    trainable=trainable,
+    frozen=frozen,
+    opt=opt,
+    n_params=count(trainable),
+    n_frozen=count(frozen),
+  )
 
 
 def _any_readable_meta(workdir, steps):
@@ -570,9 +663,10 @@ def restore(run: Run) -> Run:
     diff = ckpt.config_diff(meta.get("config", {}), json.loads(cfg.to_json_best_effort()))
     if diff:
       raise CheckpointError(
-          f"checkpoint at step {step} was written with a different config: "
-          f"{'; '.join(diff)}. Use the checkpoint's values (its config is in "
-          f"{run.workdir}/config.json), or a new --workdir to start afresh.")
+        f"checkpoint at step {step} was written with a different config: "
+        f"{'; '.join(diff)}. Use the checkpoint's values (its config is in "
+        f"{run.workdir}/config.json), or a new --workdir to start afresh."
+      )
     try:
       params, opt, meta = ckpt.restore(run.mngr, step, *like)
     except Exception as e:  # pylint: disable=broad-except
@@ -582,8 +676,9 @@ def restore(run: Run) -> Run:
   else:
     what = "; ".join(f"step {s}: {f} ({why})" for s, f, why in bad)
     raise CheckpointError(
-        f"no intact checkpoint in {directory}: {what}. Move or delete that folder to start "
-        f"afresh (or use a new --workdir), or restore it from a backup.")
+      f"no intact checkpoint in {directory}: {what}. Move or delete that folder to start "
+      f"afresh (or use a new --workdir), or restore it from a backup."
+    )
 
   run.trainable, run.frozen = split_params(params, cfg.lock_image)
   run.opt = opt
@@ -600,20 +695,29 @@ def restore(run: Run) -> Run:
         shutil.move(os.path.join(directory, str(s)), dest)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
       multihost_utils.sync_global_devices("siglip_fast.train: unreadable checkpoints moved")
     run.mngr.close()
     run.mngr = ckpt.manager(directory, keep=cfg.keep_ckpts)
     for s, f, why in bad:
       # Always said, even with verbose=False: files were moved.
       if run.is_main:
-        print(f"warning: checkpoint at step {s} is unreadable ({f}: {why}); moved it to "
-              f"{moved}/ and resumed from step {run.start}", file=sys.stderr, flush=True)
+        print(
+          f"warning: checkpoint at step {s} is unreadable ({f}: {why}); moved it to "
+          f"{moved}/ and resumed from step {run.start}",
+          file=sys.stderr,
+          flush=True,
+        )
   old = meta.get("data", {})
   if old.get("seed") != cfg.data.seed or old.get("batch_size") != cfg.batch_size:
-    run.log(f"warning: data seed/batch size changed since the checkpoint ({old}); the data "
-            "order will differ from the interrupted run")
-  run.log(f"resumed from step {run.start} ({run.seconds_before:.1f} s of training before); "
-          f"{cfg.total_steps - run.start} steps to go")
+    run.log(
+      f"warning: data seed/batch size changed since the checkpoint ({old}); the data "
+      "order will differ from the interrupted run"
+    )
+  run.log(
+    f"resumed from step {run.start} ({run.seconds_before:.1f} s of training before); "
+    f"{cfg.total_steps - run.start} steps to go"
+  )
   return run
 
 
@@ -625,21 +729,24 @@ def train_loop(run: Run, *, profile: bool = False) -> Run:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(cfg.to_json_best_effort(indent=2))
     run.tok.save(os.path.join(workdir, "tokenizer.json"))
-  interp = (" (Pallas interpret mode)"
-            if cfg.get("loss_interpret") and run.implementation != "xla" else "")
-  log(f"{jax.process_count()} process(es), {mesh.size} device(s) ({jax.default_backend()}), "
-      f"global batch {cfg.batch_size}, loss '{run.implementation}'{interp} ring over "
-      f"{mesh.size} device(s); {run.n_params:,} trainable params"
-      + (f", {run.n_frozen:,} locked" if run.n_frozen else ""))
+  interp = (
+    " (Pallas interpret mode)" if cfg.get("loss_interpret") and run.implementation != "xla" else ""
+  )
+  log(
+    f"{jax.process_count()} process(es), {mesh.size} device(s) ({jax.default_backend()}), "
+    f"global batch {cfg.batch_size}, loss '{run.implementation}'{interp} ring over "
+    f"{mesh.size} device(s); {run.n_params:,} trainable params"
+    + (f", {run.n_frozen:,} locked" if run.n_frozen else "")
+  )
 
   data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
   n_proc, proc = jax.process_count(), jax.process_index()
   train_step = make_train_step(run.model, run.tx, mesh, cfg)
   run.writer = writer = MetricWriter(workdir, run.is_main, run.resumed_from)
-  run.end = end = (cfg.total_steps if not cfg.stop_at_step
-                   else min(cfg.stop_at_step, cfg.total_steps))
-  bar = Progress(run.start, cfg.total_steps, cfg.batch_size,
-                 enabled=run.verbose and run.is_main)
+  run.end = end = (
+    cfg.total_steps if not cfg.stop_at_step else min(cfg.stop_at_step, cfg.total_steps)
+  )
+  bar = Progress(run.start, cfg.total_steps, cfg.batch_size, enabled=run.verbose and run.is_main)
   last_ckpt = run.resumed_from
   profile_at = run.start + 2 if profile else None
   profile_dir = os.path.join(workdir, "profile")
@@ -647,8 +754,7 @@ def train_loop(run: Run, *, profile: bool = False) -> Run:
   trainable, frozen, opt = run.trainable, run.frozen, run.opt
 
   def to_global(local):
-    return {k: jax.make_array_from_process_local_data(data_sharding, v)
-            for k, v in local.items()}
+    return {k: jax.make_array_from_process_local_data(data_sharding, v) for k, v in local.items()}
 
   make = lambda step: run.data.train_batch(step, proc, n_proc)
   t_start = time.perf_counter()
@@ -668,12 +774,16 @@ def train_loop(run: Run, *, profile: bool = False) -> Run:
         log(f"profile of steps {profile_at}..{done - 1} written to {profile_dir}")
       if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
         writer.write(done, "train", m)
-        where = (f"the last checkpoint (step {last_ckpt}) is intact in {workdir}/checkpoints"
-                 if last_ckpt is not None else "no checkpoint had been written yet")
+        where = (
+          f"the last checkpoint (step {last_ckpt}) is intact in {workdir}/checkpoints"
+          if last_ckpt is not None
+          else "no checkpoint had been written yet"
+        )
         raise NonFiniteLossError(
-            f"non-finite training loss or gradient at step {done} (loss={m['loss']}, "
-            f"grad_norm={m['grad_norm']}); stopped without saving. {where}. Try a lower "
-            "config.optim.lr or config.optim.grad_clip.")
+          f"non-finite training loss or gradient at step {done} (loss={m['loss']}, "
+          f"grad_norm={m['grad_norm']}); stopped without saving. {where}. Try a lower "
+          "config.optim.lr or config.optim.grad_clip."
+        )
       m["lr"] = float(run.schedule(step))
       bar.update(done, m)
       run.train_seconds = time.perf_counter() - t_start
@@ -704,9 +814,14 @@ def finish(run: Run) -> dict:
   the result dict of ``train_and_evaluate``."""
   cfg, workdir, log = run.cfg, run.workdir, run.log
   total_seconds = run.seconds_before + run.train_seconds
-  result = {"step": run.end, "resumed_from": run.resumed_from, "params": run.params,
-            "opt": run.opt, "train_seconds": run.train_seconds,
-            "train_seconds_total": total_seconds}
+  result = {
+    "step": run.end,
+    "resumed_from": run.resumed_from,
+    "params": run.params,
+    "opt": run.opt,
+    "train_seconds": run.train_seconds,
+    "train_seconds_total": total_seconds,
+  }
   writer = run.writer
   if run.end < cfg.total_steps:
     log(f"stopped at step {run.end} (config.stop_at_step); run again to resume")
@@ -726,19 +841,29 @@ def finish(run: Run) -> dict:
       json.dump(ev, f, indent=2)
     rows = writer.read("train")
     if rows:
-      plots.loss_curve([r["step"] for r in rows], [r["loss"] for r in rows],
-                       os.path.join(workdir, "loss.png"))
+      plots.loss_curve(
+        [r["step"] for r in rows], [r["loss"] for r in rows], os.path.join(workdir, "loss.png")
+      )
     eb = run.data.eval_batch("test")
     k = min(cfg.plot_pairs, len(zi))
-    plots.similarity_matrix(zi[:k], zt[:k], eb["caption"][:k],
-                            os.path.join(workdir, "similarity.png"), images=eb["image"][:k])
-  trained = (f"{run.train_seconds:.1f} s" if run.resumed_from is None else
-             f"{run.train_seconds:.1f} s since resuming at step {run.resumed_from}, "
-             f"{total_seconds:.1f} s in all")
-  log(f"held-out evaluation after {run.end} steps ({ev['n_eval']} pairs; trained {trained}):\n"
-      + evaluate.summary(ev))
-  log(f"outputs in {workdir}: checkpoints/, metrics.jsonl, eval.json, loss.png, "
-      "similarity.png")
+    plots.similarity_matrix(
+      zi[:k],
+      zt[:k],
+      eb["caption"][:k],
+      os.path.join(workdir, "similarity.png"),
+      images=eb["image"][:k],
+    )
+  trained = (
+    f"{run.train_seconds:.1f} s"
+    if run.resumed_from is None
+    else f"{run.train_seconds:.1f} s since resuming at step {run.resumed_from}, "
+    f"{total_seconds:.1f} s in all"
+  )
+  log(
+    f"held-out evaluation after {run.end} steps ({ev['n_eval']} pairs; trained {trained}):\n"
+    + evaluate.summary(ev)
+  )
+  log(f"outputs in {workdir}: checkpoints/, metrics.jsonl, eval.json, loss.png, similarity.png")
   return result
 
 
@@ -761,7 +886,7 @@ def train_and_evaluate(cfg, workdir: str, *, profile: bool = False, verbose: boo
 
 
 def _evaluate(model, params, tok, data, cfg, split):
-  embed_images, embed_texts = evaluate.make_embedders(model, params, tok,
-                                                         cfg.eval_batch_size)
-  return evaluate.evaluate_pairs(embed_images, embed_texts, data.eval_batch(split),
-                                 data.class_names, data.templates)
+  embed_images, embed_texts = evaluate.make_embedders(model, params, tok, cfg.eval_batch_size)
+  return evaluate.evaluate_pairs(
+    embed_images, embed_texts, data.eval_batch(split), data.class_names, data.templates
+  )

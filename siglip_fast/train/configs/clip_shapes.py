@@ -53,7 +53,8 @@ def get_config(arg=None):
   # faster than 4 x 4 pixels or 2 bytes in our trials. Fixed sin-cos positions and mean
   # pooling learned the quadrant sooner than learned positions or attention pooling.
   c.model.image = ml_collections.ConfigDict(
-      {"patch": 8, "width": 64, "depth": 2, "heads": 4, "pool": "gap", "posemb": "sincos2d"})
+    {"patch": 8, "width": 64, "depth": 2, "heads": 4, "pool": "gap", "posemb": "sincos2d"}
+  )
   c.model.text = ml_collections.ConfigDict({"width": 64, "depth": 2, "heads": 4, "patch": 4})
   c.model.log_t_init = math.log(10.0)  # the paper's t' = log 10
   c.model.bias_init = -10.0  # the paper's b = -10
