@@ -710,26 +710,23 @@ def _value_and_grads(
   return loss, (dx, dy, vma.sum_to_match(dlt, log_t), vma.sum_to_match(db, bias))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _block_loss_sum(x, y, x_ids, y_ids, log_t, bias, bs, interpret, fast_math):
+def loss_sum(
+  x,
+  y,
+  x_ids,
+  y_ids,
+  log_t,
+  bias,
+  *,
+  block_sizes: BlockSizes | None = None,
+  interpret: bool = False,
+  fast_math: str | None = None,
+) -> jax.Array:
+  """The block loss sum as a float32 scalar; forward kernel only, not differentiable (use
+  ``block_loss_sum``). Arguments as ``block_loss_sum``."""
+  _check(x, y, x_ids, y_ids, log_t, bias)
+  bs = _resolve(block_sizes, x, y)
   return _forward(x, y, x_ids, y_ids, log_t, bias, bs, interpret, fast_math)
-
-
-def _block_loss_sum_fwd(x, y, x_ids, y_ids, log_t, bias, bs, interpret, fast_math):
-  # The loss is a scalar: its gradients come out of the value-and-grad pass and the
-  # backward only scales them (6 B^2 D FLOPs in all, no second trip).
-  loss, grads = _value_and_grads(x, y, x_ids, y_ids, log_t, bias, bs, interpret, fast_math)
-  dlt, db = grads[2].astype(jnp.result_type(log_t)), grads[3].astype(jnp.result_type(bias))
-  return loss, (grads[0], grads[1], dlt, db)
-
-
-def _block_loss_sum_bwd(bs, interpret, fast_math, res, ct):
-  del bs, interpret, fast_math
-  dx, dy, dlt, db = ((g * ct).astype(g.dtype) for g in res)
-  return dx, dy, None, None, dlt, db
-
-
-_block_loss_sum.defvjp(_block_loss_sum_fwd, _block_loss_sum_bwd)
 
 
 def block_loss_sum(
@@ -745,7 +742,8 @@ def block_loss_sum(
   fast_math: str | None = None,
 ) -> jax.Array:
   """Fused ``reference.dense.block_loss_sum``: float32 scalar, differentiable in x, y,
-  log_t and bias (custom VJP; the forward under ``grad`` runs the value-and-grad kernels).
+  log_t and bias through the shared custom VJP (``siglip_fast.ring.local_sum``), whose
+  forward under ``grad`` runs the value-and-grad kernels (6 B^2 D FLOPs in all).
 
   x: (n, D), y: (m, D), float32 or bfloat16 (same dtype); x_ids: (n,), y_ids: (m,) int32;
   log_t, bias: floating scalars. ``interpret=True`` runs on CPU. ``fast_math`` (tests):
@@ -753,8 +751,14 @@ def block_loss_sum(
   the PTX approximations' worst-case errors.
   """
   _check(x, y, x_ids, y_ids, log_t, bias)
-  bs = _resolve(block_sizes, x, y)
-  return _block_loss_sum(x, y, x_ids, y_ids, log_t, bias, bs, interpret, fast_math)
+  kw = dict(block_sizes=block_sizes, interpret=interpret, fast_math=fast_math)
+  ops = ring_lib.BlockOps(
+    "pallas_gpu",
+    functools.partial(loss_sum, **kw),
+    functools.partial(block_loss_sum_and_grads, **kw),
+  )
+  trip = ring_lib.block_trip(axis_name=None, schedule="unidirectional", ops=ops)
+  return ring_lib.local_sum(trip, x, y, x_ids, y_ids, log_t, bias)
 
 
 def block_loss_sum_and_grads(
@@ -793,6 +797,6 @@ def block_ops(
   kw = dict(block_sizes=block_sizes, interpret=interpret)
   return ring_lib.BlockOps(
     "pallas_gpu",
-    functools.partial(block_loss_sum, **kw),
+    functools.partial(loss_sum, **kw),
     functools.partial(block_loss_sum_and_grads, **kw),
   )
