@@ -71,8 +71,9 @@ def _devices(generation, chips):
   devs = topologies.get_topology_desc(
     platform="tpu", topology_name=SLICES[generation][chips]
   ).devices
-  # v4 compile-only topologies list one device per TensorCore; take whole chips' worth.
-  return mesh_lib.ring_order(devs[:chips]) if chips > 1 else devs[:1]
+  # The first `chips` devices (lower_value_and_grad puts them in ring order). On v4's
+  # compile-only topologies a device is one TensorCore, not a chip.
+  return devs[:chips]
 
 
 def lower_value_and_grad(devices, batch_per_chip, dim, schedule, dtype=jnp.bfloat16):
