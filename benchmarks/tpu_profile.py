@@ -19,8 +19,9 @@ generation is compiled in a fresh subprocess with its own dump folder). Per Pall
 
 A Pallas grid is a software-pipelined loop whose body is one grid step, so per kernel:
 
-  loop_bundles   bundles in the body of the outermost loop (LB .. its backward branch): the
-                 cycles of one grid step if nothing stalls;
+  loop_bundles   bundles one trip of the outermost loop's body issues (LB .. its backward
+                 branch, an inner loop's body times its trip count): the cycles of one grid
+                 step if nothing stalls;
   grid_steps     the kernel's grid (Mosaic's ``iteration_bounds``, from the Mosaic dump), per
                  TensorCore where the compile-only device is one TensorCore of a megacore chip;
   static_cycles  grid_steps x loop_bundles (kernels without a grid, the ring: the loop tree,
@@ -111,7 +112,10 @@ class DumpFormatError(RuntimeError):
 _BUNDLE_RE = re.compile(r"^\s*(0x[0-9a-f]+|0)\s+([A-Z]{2})?\s*:\s*(>*)\s*\{(.*)$")
 _BRANCH_RE = re.compile(r"sbr\.rel\s+\((!?)%(p[\w]+)\)\s+target\s*=\s*\$region(\d+)")
 _REGION_START_RE = re.compile(r"Start(?:/End empty)? region (\d+)\b")
-_CMP_RE = r"%{p}\s*=\s*scmp\.(ge|gt|lt|le|eq|ne)\.s32\.totalorder\s+%s\w+,\s*(-?\d+)\b"
+_CMP_RE = r"%{p}\s*=\s*scmp\.(ge|gt|lt|le|eq|ne)\.s32\.totalorder\s+(%s\w+),\s*(-?\d+)\b"
+# The induction variable's increment: "%s12_s6 = sadd.s32 4, %s..." (an unrolled loop steps by
+# its unroll factor).
+_STEP_RE = r"{reg}\s*=\s*sadd\.s32\s+(\d+),"
 
 
 @dataclasses.dataclass
@@ -192,12 +196,17 @@ def _trips(text: str, pred: str, negated: bool) -> int | None:
   m = re.search(_CMP_RE.format(p=pred), text)
   if not m:
     return None
-  op, n = m.group(1), int(m.group(2))
-  # Back edge taken while i < n: "!(i >= n)" or "i < n" -> n trips (i counts 1..n).
+  op, reg, n = m.group(1), m.group(2), int(m.group(3))
+  inc = re.search(_STEP_RE.format(reg=re.escape(reg)), text)
+  step = int(inc.group(1)) if inc else 1
+  if step <= 0:
+    return None
+  # Back edge taken while i < n: "!(i >= n)" or "i < n" -> n / step trips (i counts step,
+  # 2 step, ... n).
   if (negated and op == "ge") or (not negated and op == "lt"):
-    return n
+    return -(-n // step)
   if (negated and op == "gt") or (not negated and op == "le"):
-    return n + 1
+    return n // step + 1
   return None
 
 
@@ -211,6 +220,18 @@ def _nest(loops: list[Loop]) -> list[Loop]:
     (stack[-1].children if stack else top).append(loop)
     stack.append(loop)
   return top
+
+
+def expand(loop: Loop) -> list[int]:
+  """The bundles one trip of ``loop``'s body issues, in order: an inner loop's body repeated
+  its trip count (once where the count is not a constant)."""
+  out, i = [], loop.start
+  for c in sorted(loop.children, key=lambda c: c.start):
+    out += range(i, c.start)
+    out += expand(c) * (c.trips or 1)
+    i = c.end + 1
+  out += range(i, loop.end + 1)
+  return out
 
 
 @dataclasses.dataclass
@@ -263,9 +284,10 @@ def steady_path(sched: Schedule, loop: Loop) -> list[int]:
   A grid step's body holds regions guarded by forward branches: the pipeline's guard around
   the step's work, one-off regions of the first and last steps (zeroing accumulators,
   writing them back), and an if/else on a per-tile flag (the lean and the full tile body).
-  The steady step runs every region that holds a matmul, skips the regions without one, and
-  of an if/else (``if p goto T; A; T: if !p goto Y; B; Y:``) runs the shorter side. Inner
-  loops count once.
+  The steady step runs every region that holds a matmul or a transcendental (the tile's work),
+  skips the regions with neither, and of an if/else (``if p goto T; A; T: if !p goto Y; B;
+  Y:``) runs the shorter side. An inner loop (e.g. over strips of a tile) runs its body its
+  trip count, every bundle of it each trip.
   """
   lo, hi = loop.start, loop.end
   region_at = {}
@@ -278,11 +300,12 @@ def steady_path(sched: Schedule, loop: Loop) -> list[int]:
       target = region_at.get(int(region))
       if target is not None and i + 1 < target <= hi:
         branches.setdefault(i, []).append((neg, pred, target))
-  matmul = [bool(_OPS["matmul"].search(t)) for t in sched.texts]
+  work = [bool(_OPS["matmul"].search(t) or _OPS["transcendental"].search(t)) for t in sched.texts]
   prefix = [0]
-  for i in range(len(matmul)):
-    prefix.append(prefix[-1] + matmul[i])
-  has_matmul = lambda a, b: prefix[b] - prefix[a] > 0  # in bundles [a, b)
+  for i in range(len(work)):
+    prefix.append(prefix[-1] + work[i])
+  has_work = lambda a, b: prefix[b] - prefix[a] > 0  # in bundles [a, b)
+  inner = {c.start: c for c in loop.children}
 
   def partner(i, neg, pred, target):
     """The else-branch at ``target`` of an if at ``i``: (its target) or None."""
@@ -299,6 +322,9 @@ def steady_path(sched: Schedule, loop: Loop) -> list[int]:
   best = [0] * (hi + 2)
   nxt = [None] * (hi + 2)
   for i in range(hi, lo - 1, -1):
+    if i in inner:
+      best[i], nxt[i] = len(expand(inner[i])) * (inner[i].trips or 1) + best[inner[i].end + 1], i
+      continue
     best[i], nxt[i] = 1 + best[i + 1], i + 1
     for neg, pred, target in branches.get(i, []):
       y = partner(i, neg, pred, target)
@@ -310,10 +336,14 @@ def steady_path(sched: Schedule, loop: Loop) -> list[int]:
         via_b = 2 + best[target + 1]
         if via_b < best[i]:
           best[i], nxt[i] = via_b, -target  # marks: visit target, then target + 1
-      elif not has_matmul(i + 1, target) and 1 + best[target] < best[i]:
+      elif not has_work(i + 1, target) and 1 + best[target] < best[i]:
         best[i], nxt[i] = 1 + best[target], target
   path, i = [], lo
   while i is not None and i <= hi:
+    if i in inner:
+      path += expand(inner[i]) * (inner[i].trips or 1)
+      i = inner[i].end + 1
+      continue
     path.append(i)
     step = nxt[i]
     if step is not None and step < 0:
@@ -331,15 +361,6 @@ def _busy_on(util: Utilization, bundles: list[int]) -> dict[str, float]:
   return {u: sums[k] / (util.capacity[u] * len(bundles)) for k, u in enumerate(UNITS)}
 
 
-def _busy(util: Utilization, lo: int, hi: int) -> dict[str, float]:
-  n = hi - lo + 1
-  sums = [0] * len(UNITS)
-  for row in util.rows[lo : hi + 1]:
-    for k, v in enumerate(row):
-      sums[k] += v
-  return {u: sums[k] / (util.capacity[u] * n) for k, u in enumerate(UNITS)}
-
-
 @dataclasses.dataclass
 class KernelSchedule:
   """What the dump says about one kernel."""
@@ -348,6 +369,7 @@ class KernelSchedule:
   bundles: int  # all bundles of the kernel
   loop: Loop | None  # the outermost loop with the most bundles (a grid's step)
   loops: list[Loop]
+  body_cycles: int  # bundles one trip of the loop body issues, inner loops at their trips
   busy: dict[str, float]  # over the loop body (the whole kernel when it has no loop)
   spill_frac: float  # loop-body bundles with a vector spill store
   static_cycles: int | None  # from the loop tree (trip counts of the exit tests)
@@ -375,8 +397,9 @@ def kernel_schedule(op: str, bundles_path, util_path) -> KernelSchedule:
     )
   loop = max(sched.loops, key=lambda l: l.bundles) if sched.loops else None
   lo, hi = (loop.start, loop.end) if loop else (0, len(sched.texts) - 1)
+  body = expand(loop) if loop else list(range(lo, hi + 1))
   spill_col = UNITS.index("VSTORE:SPILL")
-  spill = sum(1 for row in util.rows[lo : hi + 1] if row[spill_col] > 0) / (hi - lo + 1)
+  spill = sum(1 for b in body if util.rows[b][spill_col] > 0) / len(body)
   counts = {k: sum(len(r.findall(t)) for t in sched.texts[lo : hi + 1]) for k, r in _OPS.items()}
   total = len(sched.texts) - sum(l.bundles for l in sched.loops)
   for l in sched.loops:
@@ -389,7 +412,8 @@ def kernel_schedule(op: str, bundles_path, util_path) -> KernelSchedule:
     len(sched.texts),
     loop,
     sched.loops,
-    _busy(util, lo, hi),
+    len(body),
+    _busy_on(util, body),
     spill,
     total,
     counts,
@@ -589,7 +613,7 @@ def profile_case(gen, kernel, batch, dim, case_dir, n_dev) -> list[dict]:
       "dim": dim,
       "clock_ghz": round(clock / 1e9, 4),
       "bundles": ks.bundles,
-      "loop_bundles": ks.loop.bundles if ks.loop else None,
+      "loop_bundles": ks.body_cycles if ks.loop else None,
       "loop_trips": ks.loop.trips if ks.loop else None,
     }
     row.update({_key(u): round(v, 4) for u, v in ks.busy.items()})
@@ -619,13 +643,13 @@ def profile_case(gen, kernel, batch, dim, case_dir, n_dev) -> list[dict]:
       row.update(
         grid=list(grid),
         grid_steps=steps,
-        static_cycles=steps * ks.loop.bundles,
+        static_cycles=steps * ks.body_cycles,
         steady_static_cycles=steps * len(ks.steady),
       )
       row["steady_static_us"] = round(row["steady_static_cycles"] / clock * 1e6, 2)
       if op_flops:
         row["mxu_ideal_cycles"] = round(op_flops / steps / mxu_flops_per_cycle(gen), 1)
-        row["mxu_ideal_ratio"] = round(row["mxu_ideal_cycles"] / ks.loop.bundles, 4)
+        row["mxu_ideal_ratio"] = round(row["mxu_ideal_cycles"] / ks.body_cycles, 4)
         row["steady_mxu_ideal_ratio"] = round(row["mxu_ideal_cycles"] / len(ks.steady), 4)
     else:  # no grid (the ring): the loop tree at its exit tests' trip counts
       row.update(grid=[], grid_steps=None, static_cycles=ks.static_cycles)

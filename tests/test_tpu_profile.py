@@ -106,6 +106,33 @@ def test_steady_path_skips_one_off_regions_and_takes_the_shorter_body():
   assert tp.steady_path(sched, loop) == [0, 1, 7, 14, 15, 16, 17, 18, 19]
 
 
+def test_inner_loops_run_their_trips_in_the_steady_step_and_unrolled_loops_count_steps():
+  # A grid step whose tile runs an elementwise loop over strips (no matmul in it, but
+  # transcendentals), unrolled by 4: its counter steps by 4 up to 128, so 32 trips.
+  b = lambda addr, marker, body, region="", depth=">": (
+    f"{addr:#6x} {marker or '  '}: {depth} {{ {body} }}"
+    + (f" /* Start region {region} */" if region else "")
+  )
+  lines = ["= control target key start", "LB: loop body", "= control target key end", ""]
+  lines.append(b(0, "LB", "%s1 = sadd.s32 1, %s0", 1))
+  lines += [b(1 + k, "", "%v = vmatmul.bf16 %v1") for k in range(3)]
+  lines.append(b(4, "", "%2 = sbr.rel (%p9) target = $region4"))  # guards the strip loop
+  lines.append(b(5, "LB", "%s7_s6 = sadd.s32 4, %s5_s6", 3, ">>"))
+  lines.append(b(6, "", "%v8 = vpow2.f32 %v2", "", ">>"))
+  lines.append(b(7, "", "%p10 = scmp.ge.s32.totalorder %s7_s6, 128 /* loop exit test */", "", ">>"))
+  lines.append(b(8, "", "%11 = sbr.rel (!%p10) target = $region3", "", ">>"))
+  lines.append(b(9, "PF", "%p8 = scmp.ge.s32.totalorder %s1, 4 /* loop exit test */", 4))
+  lines.append(b(10, "", "%6 = sbr.rel (!%p8) target = $region1"))
+  sched = _write_and_parse("\n".join(lines))
+  (loop,) = sched.loops
+  (strips,) = loop.children
+  assert (strips.start, strips.end, strips.trips) == (5, 8, 32)
+  assert loop.body_cycles() == 7 + 32 * 4
+  assert tp.expand(loop) == [0, 1, 2, 3, 4] + [5, 6, 7, 8] * 32 + [9, 10]
+  # The guarded region holds transcendentals: the tile's work, not a one-off region.
+  assert tp.steady_path(sched, loop) == tp.expand(loop)
+
+
 def _write_and_parse(text, tmp=None):
   import tempfile
 
