@@ -33,7 +33,8 @@ A Pallas grid is a software-pipelined loop whose body is one grid step, so per k
                  cycle; mxu_ideal_ratio = mxu_ideal / loop_bundles (1 = the MXUs never idle);
   bound          the unit with the highest busy fraction.
 
-For the ring kernel (``ring_hop``) there is no grid: static cycles come from the loop tree,
+For the ring kernel (``ring_hop``) there is no grid: static cycles come from the loop tree
+(``steady_static_cycles``: every loop on its steady path, i.e. the lean tile body),
 divided by the blocks one trip computes (one per device), against the modelled wire time of
 one hop's remote DMAs (a bf16 chunk and its ids, per trip) over one ICI link
 (benchmarks/chips.py): ``hop_hidden_ratio`` = compute time per hop / wire time per hop, > 1
@@ -286,8 +287,8 @@ def steady_path(sched: Schedule, loop: Loop) -> list[int]:
   writing them back), and an if/else on a per-tile flag (the lean and the full tile body).
   The steady step runs every region that holds a matmul or a transcendental (the tile's work),
   skips the regions with neither, and of an if/else (``if p goto T; A; T: if !p goto Y; B;
-  Y:``) runs the shorter side. An inner loop (e.g. over strips of a tile) runs its body its
-  trip count, every bundle of it each trip.
+  Y:``) runs the shorter side. An inner loop (e.g. over strips of a tile, or a ring kernel's
+  tile steps) runs its own steady path its trip count (once where the count is unknown).
   """
   lo, hi = loop.start, loop.end
   region_at = {}
@@ -306,6 +307,7 @@ def steady_path(sched: Schedule, loop: Loop) -> list[int]:
     prefix.append(prefix[-1] + work[i])
   has_work = lambda a, b: prefix[b] - prefix[a] > 0  # in bundles [a, b)
   inner = {c.start: c for c in loop.children}
+  inner_path = {i: steady_path(sched, c) * (c.trips or 1) for i, c in inner.items()}
 
   def partner(i, neg, pred, target):
     """The else-branch at ``target`` of an if at ``i``: (its target) or None."""
@@ -323,7 +325,7 @@ def steady_path(sched: Schedule, loop: Loop) -> list[int]:
   nxt = [None] * (hi + 2)
   for i in range(hi, lo - 1, -1):
     if i in inner:
-      best[i], nxt[i] = len(expand(inner[i])) * (inner[i].trips or 1) + best[inner[i].end + 1], i
+      best[i], nxt[i] = len(inner_path[i]) + best[inner[i].end + 1], i
       continue
     best[i], nxt[i] = 1 + best[i + 1], i + 1
     for neg, pred, target in branches.get(i, []):
@@ -341,7 +343,7 @@ def steady_path(sched: Schedule, loop: Loop) -> list[int]:
   path, i = [], lo
   while i is not None and i <= hi:
     if i in inner:
-      path += expand(inner[i]) * (inner[i].trips or 1)
+      path += inner_path[i]
       i = inner[i].end + 1
       continue
     path.append(i)
@@ -373,6 +375,7 @@ class KernelSchedule:
   busy: dict[str, float]  # over the loop body (the whole kernel when it has no loop)
   spill_frac: float  # loop-body bundles with a vector spill store
   static_cycles: int | None  # from the loop tree (trip counts of the exit tests)
+  steady_static_cycles: int | None  # the same with every loop on its steady path
   counts: dict[str, int]  # op counts in the loop body: matmul, transcendental, spill, dma
   steady: list[int]  # the loop body's bundles on a steady-state step (steady_path)
   steady_busy: dict[str, float]
@@ -406,6 +409,13 @@ def kernel_schedule(op: str, bundles_path, util_path) -> KernelSchedule:
     c = l.cycles()
     total = None if c is None or total is None else total + c
   steady = steady_path(sched, loop) if loop else list(range(lo, hi + 1))
+  steady_total = len(sched.texts) - sum(l.bundles for l in sched.loops)
+  for l in sched.loops:
+    steady_total = (
+      None
+      if l.trips is None or steady_total is None
+      else steady_total + l.trips * len(steady_path(sched, l))
+    )
   steady_spill = sum(1 for b in steady if util.rows[b][spill_col] > 0) / len(steady)
   return KernelSchedule(
     op,
@@ -416,6 +426,7 @@ def kernel_schedule(op: str, bundles_path, util_path) -> KernelSchedule:
     _busy_on(util, body),
     spill,
     total,
+    steady_total,
     counts,
     steady,
     _busy_on(util, steady),
@@ -564,7 +575,13 @@ def _compile_case(gen, kernel, batch, dim, dump, mosaic):
     f = _ring_fn(mesh, kernel == "ring_hop")
   else:
     mesh, spec = Mesh(np.array(devices[:1]), ("batch",)), P()
-    f = _block_fn(kernel, tpu.BlockSizes.for_generation(gen, dim))
+    # The tiles the public API picks by default: value-and-grad chooses the fused plan
+    # before the tiles (tpu.grad_block_sizes); the two-kernel case forces fuse_dy=False.
+    if kernel == "value_and_grad":
+      bs = tpu.grad_block_sizes(gen, batch, batch, dim, jnp.bfloat16)
+    else:
+      bs = tpu.BlockSizes.for_generation(gen, dim)
+    f = _block_fn(kernel, bs)
   sds = lambda shape, dt, s: jax.ShapeDtypeStruct(shape, dt, sharding=NamedSharding(mesh, s))
   args = (
     sds((batch, dim), jnp.bfloat16, spec),
@@ -652,7 +669,14 @@ def profile_case(gen, kernel, batch, dim, case_dir, n_dev) -> list[dict]:
         row["mxu_ideal_ratio"] = round(row["mxu_ideal_cycles"] / ks.body_cycles, 4)
         row["steady_mxu_ideal_ratio"] = round(row["mxu_ideal_cycles"] / len(ks.steady), 4)
     else:  # no grid (the ring): the loop tree at its exit tests' trip counts
-      row.update(grid=[], grid_steps=None, static_cycles=ks.static_cycles)
+      row.update(
+        grid=[],
+        grid_steps=None,
+        static_cycles=ks.static_cycles,
+        steady_static_cycles=ks.steady_static_cycles,
+      )
+      if ks.steady_static_cycles:
+        row["steady_static_us"] = round(ks.steady_static_cycles / clock * 1e6, 2)
       if ks.static_cycles and op_flops:
         row["mxu_ideal_cycles"] = round(op_flops / mxu_flops_per_cycle(gen), 1)
         row["mxu_ideal_ratio"] = round(row["mxu_ideal_cycles"] / ks.static_cycles, 4)
@@ -662,7 +686,7 @@ def profile_case(gen, kernel, batch, dim, case_dir, n_dev) -> list[dict]:
     busy = {u: ks.busy[u] for u in ("MXU", "XLU", "VALU", "VPOP", "EUP", "VLOAD", "VSTORE", "SALU")}
     row["bound"] = max(busy, key=busy.get)
     if kernel.startswith("ring"):
-      row.update(_ring_hop(gen, kernel, batch, dim, n_dev, row["static_cycles"], clock))
+      row.update(_ring_hop(gen, kernel, batch, dim, n_dev, row["steady_static_cycles"], clock))
     rows.append(row)
   return rows
 

@@ -202,15 +202,16 @@ def _take_credit(sem):
   pl.semaphore_wait(sem, 1)
 
 
-def _tile(x, y, xid, yid, params, valid=None):
+def _tile(x, y, pos, params, valid=None):
   """Loss terms (log2 units), G and the similarity s of one (tm, tn) logits tile, all f32
-  (``mosaic_common.tile_terms``). ``valid``: None, or a (tm, tn) bool mask of the pairs that
-  are not batch padding."""
+  (``mosaic_common.tile_terms``). ``pos``: None (no positive pair in the tile) or the
+  (tm, tn) bool mask of positives; ``valid``: None, or a (tm, tn) bool mask of the pairs
+  that are not batch padding."""
   s = lax.dot_general(
     x, y, _NT, precision=mc.precision(x.dtype), preferred_element_type=jnp.float32
   )
   v = params[0] * s + params[1]
-  loss, g = mc.tile_terms(v, pos=xid == yid, valid=valid, with_loss=True, with_grad=True)
+  loss, g = mc.tile_terms(v, pos=pos, valid=valid, with_loss=True, with_grad=True)
   return loss, g, s
 
 
@@ -220,6 +221,8 @@ class _Refs:
 
   params: Any  # SMEM (2,): t, bias
   me: Any  # SMEM (1,): this device's ring index
+  a_rng: Any  # SMEM (2, b / ta): [min id, max id] of each A tile
+  b_rng: Any  # SMEM (2 n_dev, b / tb): the same for each B tile of every device's chunk
   a: Any  # HBM (b, D): the owned operand
   a_ids: Any  # HBM ids of A: (b, 1) as rows, (b / tn, 1, tn) as columns
   b: Any  # HBM (b, D): this device's chunk of the travelling operand
@@ -241,7 +244,7 @@ class _Refs:
   def unpack(cls, plan: _Plan, refs):
     refs = list(refs)
     take = lambda k: [refs.pop(0) for _ in range(k)]
-    params, me, a, a_ids, b, b_ids = take(6)
+    params, me, a_rng, b_rng, a, a_ids, b, b_ids = take(8)
     sums = take(1)[0] if plan.stats else None
     da = take(1)[0] if plan.grad else None
     n_buf = len(plan.hops)
@@ -252,6 +255,8 @@ class _Refs:
     return cls(
       params,
       me,
+      a_rng,
+      b_rng,
       a,
       a_ids,
       b,
@@ -307,12 +312,15 @@ def _valid(plan: _Plan, i, j):
   return jnp.logical_and(r < plan.b_valid, c < plan.b_valid)
 
 
-def _sweep(plan: _Plan, r: _Refs, b_blk, b_ids_blk, first):
-  """One (b x b) block (A_local x B_visiting) as a hand-written tile pipeline.
+def _sweep(plan: _Plan, r: _Refs, b_blk, b_ids_blk, src, first):
+  """One (b x b) block (A_local x B_visiting) as a hand-written tile pipeline; ``src`` is
+  the ring index of the device whose chunk B is.
 
   A tiles outer, B tiles inner: tiles come from HBM into double-buffered VMEM, each
-  prefetched one step ahead, so the inner loop's copies hide behind the tile math. The
-  sums stay in VMEM; the f32 dA tile accumulates in VMEM over the inner loop, starting
+  prefetched one step ahead, so the inner loop's copies hide behind the tile math. A tile
+  pair whose id ranges cannot meet and that holds no padding (almost every pair off the
+  diagonal) runs a lean body without the id compare, the positive selects and the mask.
+  The sums stay in VMEM; the f32 dA tile accumulates in VMEM over the inner loop, starting
   from zero on the trip's first block (``first``) or from its HBM tile, and goes back to
   HBM while the next A tile computes.
   """
@@ -356,14 +364,18 @@ def _sweep(plan: _Plan, r: _Refs, b_blk, b_ids_blk, first):
   for c in fetches(inner, 0, 0, 2):
     c.start()
 
-  def compute(o, q, a_bufs, b_bufs):
+  def compute(o, q, a_bufs, b_bufs, full):
     (a_t, a_id), (b_t, b_id) = a_bufs, b_bufs
     a_val, b_val = a_t[...], b_t[...]
     if tr:  # A = y (text rows o), B = x (image rows q)
-      x_val, xid, y_val, yid, i, j = b_val, _column(b_id[...]), a_val, a_id[...], q, o
+      x_val, y_val, i, j = b_val, a_val, q, o
     else:
-      x_val, xid, y_val, yid, i, j = a_val, a_id[...], b_val, b_id[...], o, q
-    loss, g, s = _tile(x_val, y_val, xid, yid, r.params, _valid(plan, i, j))
+      x_val, y_val, i, j = a_val, b_val, o, q
+    pos = valid = None
+    if full:
+      xid, yid = (_column(b_id[...]), a_id[...]) if tr else (a_id[...], b_id[...])
+      pos, valid = xid == yid, _valid(plan, i, j)
+    loss, g, s = _tile(x_val, y_val, pos, r.params, valid)
     if plan.stats:
       r.sums[0:1, :] += jnp.sum(loss, axis=0, keepdims=True)
     if plan.stats > 1:
@@ -379,6 +391,14 @@ def _sweep(plan: _Plan, r: _Refs, b_blk, b_ids_blk, first):
     return jnp.dot(
       gt, b_val, precision=mc.precision(b_val.dtype), preferred_element_type=jnp.float32
     )
+
+  def may_hold_positives_or_padding(o, q):
+    """Whether A tile o and B tile q (of device src's chunk) can share an id or hold padding."""
+    lo_b, hi_b = r.b_rng[2 * src, q], r.b_rng[2 * src + 1, q]
+    full = (r.a_rng[0, o] <= hi_b) & (lo_b <= r.a_rng[1, o])
+    if plan.b_valid != plan.b:
+      full = full | ((o + 1) * ta > plan.b_valid) | ((q + 1) * tb > plan.b_valid)
+    return full
 
   def step(c, carry):
     o, q = c // n_inner, lax.rem(c, n_inner)
@@ -406,18 +426,23 @@ def _sweep(plan: _Plan, r: _Refs, b_blk, b_ids_blk, first):
       if grad and not first:
         acc_in(o, so).wait()
 
-    contrib = compute(o, q, [buf.at[so] for _, buf in outer], [buf.at[si] for _, buf in inner])
-    if grad:
-      tile = acc_tile(so)
-
+    if grad and first:
+      # The trip's first block starts the dA tiles from zero (later blocks from HBM).
       @pl.when(q == 0)
       def _():
-        tile[...] = contrib if first else tile[...] + contrib
+        acc_tile(so)[...] = jnp.zeros((ta, plan.dim), jnp.float32)
 
-      @pl.when(q != 0)
-      def _():
-        tile[...] += contrib
+    def tile_step(full):
+      contrib = compute(
+        o, q, [buf.at[so] for _, buf in outer], [buf.at[si] for _, buf in inner], full
+      )
+      if grad:
+        acc_tile(so)[...] += contrib
 
+    full = may_hold_positives_or_padding(o, q)
+    pl.when(full)(lambda: tile_step(True))
+    pl.when(jnp.logical_not(full))(lambda: tile_step(False))
+    if grad:
       pl.when(last_q)(lambda: acc_out(o, so).start())
     return carry
 
@@ -493,7 +518,9 @@ class _Ring:
     for s in streams:
       _when(h < hops[s], functools.partial(start, s))
     for s in streams:
-      _sweep(self.plan, r, r.slots[s].at[slot], r.id_slots[s].at[slot], first=False)
+      # The chunk from -d * h devices away.
+      src = lax.rem(r.me[0] - self.plan.directions[s] * h + 2 * self.plan.n_dev, self.plan.n_dev)
+      _sweep(self.plan, r, r.slots[s].at[slot], r.id_slots[s].at[slot], src, first=False)
 
     def wait_sends(s):
       for c in sends(s):
@@ -513,7 +540,7 @@ class _Ring:
     first_sends = [c for s in streams for c in self.copies(s, r.b, r.b_ids, 1)]
     for c in first_sends:
       c.start()
-    _sweep(plan, r, r.b, r.b_ids, first=True)
+    _sweep(plan, r, r.b, r.b_ids, r.me[0], first=True)
     for c in first_sends:
       c.wait_send()
     if not streams:
@@ -550,7 +577,9 @@ def _cost(plan: _Plan):
   return pl.CostEstimate(**cost)
 
 
-def _ring_call(plan: _Plan, params, me, a, a_ids, bm, b_ids, *, axis_name, interpret, name):
+def _ring_call(
+  plan: _Plan, params, me, a_rng, b_rng, a, a_ids, bm, b_ids, *, axis_name, interpret, name
+):
   """One trip of the kernel: (sums or None, dA or None)."""
   f32, dim, b = jnp.float32, plan.dim, plan.b
   axes = vma.varying_axes(a)
@@ -589,7 +618,7 @@ def _ring_call(plan: _Plan, params, me, a, a_ids, bm, b_ids, *, axis_name, inter
   outs = pl.pallas_call(
     functools.partial(_ring_kernel, plan, axis_name),
     out_shape=out_shape,
-    in_specs=[pl.BlockSpec(memory_space=pltpu.SMEM)] * 2 + [hbm] * 4,
+    in_specs=[pl.BlockSpec(memory_space=pltpu.SMEM)] * 4 + [hbm] * 4,
     out_specs=out_specs,
     scratch_shapes=scratch,
     compiler_params=pltpu.CompilerParams(
@@ -598,10 +627,24 @@ def _ring_call(plan: _Plan, params, me, a, a_ids, bm, b_ids, *, axis_name, inter
     cost_estimate=_cost(plan),
     interpret=interpret or False,
     name=name,
-  )(params, me, a, a_ids, bm, b_ids)
+  )(params, me, a_rng, b_rng, a, a_ids, bm, b_ids)
   sums = outs[0] if plan.stats else None
   da = outs[1 if plan.stats else 0] if plan.grad else None
   return sums, da
+
+
+def _tile_ranges(ids, b_valid, size, axis_name):
+  """Each tile's [min, max] id over its real rows: (2, b / size) int32 for the local chunk,
+  and (2 n_dev, b / size) for every device's chunk (rows 2 k and 2 k + 1: device k)."""
+  real = jnp.arange(ids.shape[0]) < b_valid
+  info = jnp.iinfo(jnp.int32)
+  lo = jnp.where(real, ids, info.max).reshape(-1, size).min(axis=1)
+  hi = jnp.where(real, ids, info.min).reshape(-1, size).max(axis=1)
+  local = jnp.stack([lo, hi])
+  if axis_name is None:
+    return local, local
+  every = lax.all_gather(local, axis_name).reshape(-1, local.shape[1])
+  return local, every
 
 
 def _trip(x, y, x_ids, y_ids, log_t, bias, axis_name, schedule, interpret, block_sizes, with_grads):
@@ -618,6 +661,10 @@ def _trip(x, y, x_ids, y_ids, log_t, bias, axis_name, schedule, interpret, block
     pad = lambda a: jnp.pad(a, [(0, b - b_valid)] + [(0, 0)] * (a.ndim - 1))
     x, y, x_ids, y_ids = map(pad, (x, y, x_ids, y_ids))
   t, params = mc.kernel_scalars(log_t, bias)
+  # Per tile id ranges (a few int32 per tile, gathered over the ring before the kernel): the
+  # kernel runs its lean tile body where an A tile's and a B tile's ranges cannot meet.
+  x_rng, x_rng_all = _tile_ranges(x_ids, b_valid, tm, axis_name)
+  y_rng, y_rng_all = _tile_ranges(y_ids, b_valid, tn, axis_name)
   # Image ids as rows of a logits tile, text ids as its columns; ids that travel (the image
   # ids in the transposed trip) lane-dense, as the text ids.
   xid = x_ids.reshape(b, 1)
@@ -627,7 +674,10 @@ def _trip(x, y, x_ids, y_ids, log_t, bias, axis_name, schedule, interpret, block
   if axis_name is not None:
     me = lax.axis_index(axis_name).astype(jnp.int32).reshape(1)
     # Under shard_map with check_vma the kernel's operands must all vary over the axis.
-    params, me, xid, xid_t, yid = (vma.pvary(a, {axis_name}) for a in (params, me, xid, xid_t, yid))
+    params, me, xid, xid_t, yid, x_rng, x_rng_all, y_rng, y_rng_all = (
+      vma.pvary(a, {axis_name})
+      for a in (params, me, xid, xid_t, yid, x_rng, x_rng_all, y_rng, y_rng_all)
+    )
   hops = _ring_hops(n_dev, schedule)
   plan = functools.partial(_Plan, n_dev, b, b_valid, dim, tm, tn, x.dtype, hops=hops)
   call = functools.partial(
@@ -636,6 +686,8 @@ def _trip(x, y, x_ids, y_ids, log_t, bias, axis_name, schedule, interpret, block
   if not with_grads:
     sums, _ = call(
       plan(stats=1, grad=False, transposed=False),
+      a_rng=x_rng,
+      b_rng=y_rng_all,
       a=x,
       a_ids=xid,
       bm=y,
@@ -645,6 +697,8 @@ def _trip(x, y, x_ids, y_ids, log_t, bias, axis_name, schedule, interpret, block
     return jnp.sum(sums[0]) * mc.LN_2
   sums, dx = call(
     plan(stats=3, grad=True, transposed=False),
+    a_rng=x_rng,
+    b_rng=y_rng_all,
     a=x,
     a_ids=xid,
     bm=y,
@@ -654,6 +708,8 @@ def _trip(x, y, x_ids, y_ids, log_t, bias, axis_name, schedule, interpret, block
   # The transposed block: y owned, x travelling with its ids; the same logits tiles.
   _, dy = call(
     plan(stats=0, grad=True, transposed=True),
+    a_rng=y_rng,
+    b_rng=x_rng_all,
     a=y,
     a_ids=yid,
     bm=x,

@@ -342,6 +342,26 @@ def test_pair_ids_and_ragged_batch(capfd, schedule):
   )
 
 
+def test_lean_and_full_tiles_follow_the_ids(capfd):
+  # ids repeat every 40 rows: positives sit 40 and 80 rows off the diagonal, across tiles and
+  # devices. Tile pairs whose id ranges meet take the full body, the others the lean one; a
+  # pair sent down the wrong body would lose its positives' terms.
+  n, b_local = 2, 64
+  _check_ring(
+    capfd,
+    n,
+    "bidirectional",
+    "on_wait",
+    jnp.float32,
+    False,
+    tpu_ring.BlockSizes(16, 16),
+    b_local=b_local,
+    dim=32,
+    seed=91,
+    ids=jnp.arange(n * b_local, dtype=jnp.int32) % 40,
+  )
+
+
 def test_forward_only_matches_and_skips_gradients(capfd):
   n, b_local, dim = 4, 64, 64
   x, y = random_inputs(401, n * b_local, dim)
