@@ -324,11 +324,16 @@ def _tile_kernel(
         col_ok = j * cols + lax.broadcasted_iota(jnp.int32, (1, cols), 1) < n_b
         valid = col_ok if valid is None else valid & col_ok
     sp, g = mc.tile_terms(
-      v, pos=pos, valid=valid, with_loss=with_loss, with_grad=with_scalar_grads or with_grad
+      v,
+      scal_ref[3],
+      pos=pos,
+      valid=valid,
+      with_loss=with_loss,
+      with_grad=with_scalar_grads or with_grad,
     )
     k = 0
     if with_loss:
-      stats_ref[0, k] += _fold(sp, rows, cols)
+      stats_ref[0, k] += _fold(sp[0], rows, cols) + mc.LOG2_E * _fold(sp[1], rows, cols)
       k += 1
     if with_scalar_grads:
       stats_ref[0, k] += _fold(g * s, rows, cols)
@@ -420,7 +425,7 @@ def _tile_pass(
   out_struct = lambda shape, dtype: vma.shape_struct(shape, dtype, axes)
 
   in_specs = [
-    pl.BlockSpec(memory_space=pltpu.SMEM),  # [t, bias] * log2(e), t
+    pl.BlockSpec(memory_space=pltpu.SMEM),  # mosaic_common.kernel_scalars
     pl.BlockSpec(memory_space=pltpu.SMEM),  # id range per row tile
     pl.BlockSpec(memory_space=pltpu.SMEM),  # id range per column tile
     pl.BlockSpec((rows, 1), lambda *g: (row(*g), 0)),

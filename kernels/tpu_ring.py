@@ -203,15 +203,15 @@ def _take_credit(sem):
 
 
 def _tile(x, y, pos, params, valid=None):
-  """Loss terms (log2 units), G and the similarity s of one (tm, tn) logits tile, all f32
-  (``mosaic_common.tile_terms``). ``pos``: None (no positive pair in the tile) or the
+  """Loss terms (log2 units, as the pair of ``mosaic_common.tile_terms``), G and the
+  similarity s of one (tm, tn) logits tile, all f32. ``pos``: None (no positive pair in the tile) or the
   (tm, tn) bool mask of positives; ``valid``: None, or a (tm, tn) bool mask of the pairs
   that are not batch padding."""
   s = lax.dot_general(
     x, y, _NT, precision=mc.precision(x.dtype), preferred_element_type=jnp.float32
   )
   v = params[0] * s + params[1]
-  loss, g = mc.tile_terms(v, pos=pos, valid=valid, with_loss=True, with_grad=True)
+  loss, g = mc.tile_terms(v, params[3], pos=pos, valid=valid, with_loss=True, with_grad=True)
   return loss, g, s
 
 
@@ -219,7 +219,7 @@ def _tile(x, y, pos, params, valid=None):
 class _Refs:
   """The kernel's refs by name, in ``pallas_call`` order (inputs, outputs, scratch)."""
 
-  params: Any  # SMEM (2,): t, bias
+  params: Any  # SMEM (4,): the kernel scalars (mosaic_common.kernel_scalars)
   me: Any  # SMEM (1,): this device's ring index
   a_rng: Any  # SMEM (2, b / ta): [min id, max id] of each A tile
   b_rng: Any  # SMEM (2 n_dev, b / tb): the same for each B tile of every device's chunk
@@ -377,7 +377,10 @@ def _sweep(plan: _Plan, r: _Refs, b_blk, b_ids_blk, src, first):
       pos, valid = xid == yid, _valid(plan, i, j)
     loss, g, s = _tile(x_val, y_val, pos, r.params, valid)
     if plan.stats:
-      r.sums[0:1, :] += jnp.sum(loss, axis=0, keepdims=True)
+      sp, corr = loss
+      r.sums[0:1, :] += jnp.sum(sp, axis=0, keepdims=True) + mc.LOG2_E * jnp.sum(
+        corr, axis=0, keepdims=True
+      )
     if plan.stats > 1:
       r.sums[1:2, :] += jnp.sum(g * s, axis=0, keepdims=True)
       r.sums[2:3, :] += jnp.sum(g, axis=0, keepdims=True)

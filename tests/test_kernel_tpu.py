@@ -171,6 +171,45 @@ def test_extreme_temperature_and_bias_stay_finite(bias):
   check(got, want, jnp.float32, f"bias={bias}", scales)
 
 
+@pytest.mark.parametrize("bias", [-8.0, -20.0])
+@pytest.mark.parametrize("kernel", ["block", "ring"])
+def test_confident_negatives_keep_float32_accuracy(kernel, bias):
+  # No positive pair (x and y ids differ) and a large negative bias: every loss term is
+  # softplus(l) ~ e^l, about 2^-12 (bias -8) or 2^-29 (bias -20, below 2^-24, where 1 + e^l
+  # rounds to 1). The rounding of 1 + e^l, added back by the kernels, is then a systematic
+  # part of the loss (at bias -20 all of it): a plain log2(1 + e) misses it.
+  n, dim = 256, 128
+  x, y = random_inputs(5, n, dim, jnp.float32)
+  x_ids = jnp.arange(n, dtype=jnp.int32)
+  y_ids = x_ids + n
+  want, _ = oracle(x, y, x_ids, y_ids, 0.0, bias)
+  if kernel == "block":
+    got = tpu.loss_sum(
+      x,
+      y,
+      x_ids,
+      y_ids,
+      jnp.float32(0.0),
+      jnp.float32(bias),
+      interpret=True,
+      block_sizes=tpu.BlockSizes(128, 128),
+    )
+  else:
+    from siglip_fast.kernels import tpu_ring
+
+    got = n * tpu_ring.ring_loss(
+      x,
+      y,
+      x_ids,
+      y_ids,
+      jnp.float32(0.0),
+      jnp.float32(bias),
+      interpret=True,
+      block_sizes=tpu_ring.BlockSizes(64, 128),
+    )
+  assert rel_err(got, want[0]) < 1e-5, (kernel, bias, float(got), want[0])
+
+
 def test_public_api_jit_and_grad():
   n, dim = 192, 128
   x, y = random_inputs(5150, n, dim, jnp.float32)
