@@ -3,6 +3,7 @@
     python -m benchmarks.tpu_profile                       # v5e, D = 1152, B = 4096 (2.5-4 min)
     python -m benchmarks.tpu_profile --generations v4 v5e v5p v6e --dims 768 1152 \\
         --json benchmarks/results/tpu_profile_<date>.json --plot benchmarks/results/....png
+    python -m benchmarks.tpu_profile --compare BEFORE.json AFTER.json   # markdown table
 
 No TPU needed: every kernel is compiled for a real TPU
 generation on a compile-only topology, with libtpu told to dump its final VLIW schedule
@@ -826,6 +827,42 @@ def format_table(rows) -> str:
   return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in out)
 
 
+def compare_table(before: list[dict], after: list[dict]) -> str:
+  """A markdown table of the steady-state step, before -> after, per (generation, D, kernel,
+  op) present in ``after``; ``before`` rows are matched on generation, D, batch and op name."""
+  key = lambda r: (r["generation"], r["dim"], r["batch"], r.get("op", "").split(".")[0])
+  old = {key(r): r for r in before if "error" not in r}
+  lines = [
+    "| gen | D | kernel (op) | grid | steady us, before -> after | steady MXU, before -> after "
+    "| VALU | VSTORE | spill | bound (steady) |",
+    "|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  units = ("mxu", "xlu", "valu", "vpop", "eup", "vload", "vstore", "salu")
+  for r in sorted(after, key=lambda r: (r["generation"], r["dim"], r["kernel"], r.get("op", ""))):
+    if "error" in r:
+      lines.append(
+        f"| {r['generation']} | {r['dim']} | {r['kernel']} | - | error: {r['error'][:80]} | | | | | |"
+      )
+      continue
+    b = old.get(key(r))
+    us, mxu = r.get("steady_static_us"), r["steady_mxu_busy"]
+    if b and b.get("steady_static_us"):
+      d = 100 * (us / b.get("steady_static_us") - 1)
+      t = f"{b.get('steady_static_us'):.1f} -> {us:.1f} ({d:+.0f}%)"
+      m = f"{b['steady_mxu_busy']:.2f} -> {mxu:.2f}"
+    else:
+      t, m = f"new: {us:.1f}", f"{mxu:.2f}"
+    bound = max(units, key=lambda u: r.get(f"steady_{u}_busy", 0)).upper()
+    grid = "x".join(map(str, r["grid"])) if r.get("grid") else "ring"
+    op = r.get("op", "").split(".")[0]
+    lines.append(
+      f"| {r['generation']} | {r['dim']} | {r['kernel']} ({op}) | {grid} | {t} | {m} "
+      f"| {r['steady_valu_busy']:.2f} | {r['steady_vstore_busy']:.2f} "
+      f"| {r['steady_spill_frac']:.2f} | {bound} |"
+    )
+  return "\n".join(lines)
+
+
 def plot(rows, path):
   """A heat map per D: one line per kernel op and generation, one column per unit."""
   import matplotlib
@@ -912,8 +949,21 @@ def main(argv=None):
   p.add_argument("--json", help="write the rows here (nothing is written unless asked)")
   p.add_argument("--plot", help="write a PNG chart of the busy fractions here")
   p.add_argument("--keep-dump", help="keep libtpu's dump under this folder (one per generation)")
+  p.add_argument(
+    "--compare",
+    nargs=2,
+    metavar=("BEFORE", "AFTER"),
+    help="print a markdown before -> after table of two --json files (BEFORE may be a "
+    "comma-separated list) and exit; nothing is compiled",
+  )
   p.add_argument("--_child", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
+  if args.compare:
+    load = lambda paths: [
+      r for f in paths.split(",") for r in json.loads(pathlib.Path(f).read_text())["rows"]
+    ]
+    print(compare_table(load(args.compare[0]), load(args.compare[1])))
+    return 0
   if args._child:
     _child(args.generations[0], args.kernels, args.dims, args.batch, args._child)
     return 0

@@ -133,6 +133,34 @@ def test_inner_loops_run_their_trips_in_the_steady_step_and_unrolled_loops_count
   assert tp.steady_path(sched, loop) == tp.expand(loop)
 
 
+def test_compare_table_pairs_rows_by_generation_dim_batch_and_op():
+  row = lambda **kw: {
+    "generation": "v5e",
+    "dim": 768,
+    "batch": 4096,
+    "kernel": "fwd",
+    "op": "siglip_fwd.1",
+    "grid": [8, 8],
+    "steady_static_us": 100.0,
+    "steady_mxu_busy": 0.5,
+    "steady_valu_busy": 0.4,
+    "steady_vstore_busy": 0.1,
+    "steady_spill_frac": 0.1,
+    **kw,
+  }
+  before = [row(), row(dim=1152, steady_static_us=7.0)]
+  after = [
+    row(op="siglip_fwd.3", steady_static_us=80.0, steady_mxu_busy=0.6),  # same op, renumbered
+    row(kernel="ring_hop", op="siglip_ring_fwd_bwd_dx.1", grid=[]),  # nothing to pair with
+    {"generation": "v6e", "dim": 768, "batch": 4096, "kernel": "fwd", "error": "boom"},
+  ]
+  table = tp.compare_table(before, after).splitlines()
+  assert len(table) == 2 + 3
+  assert "| 100.0 -> 80.0 (-20%) | 0.50 -> 0.60 |" in table[2] and "| 8x8 |" in table[2]
+  assert "| ring | new: 100.0 | 0.50 |" in table[3]
+  assert "error: boom" in table[4]
+
+
 def _write_and_parse(text, tmp=None):
   import tempfile
 
