@@ -2,15 +2,16 @@
 scalars, and the chips' vector-register and VMEM facts (``tpu.py`` blocks, ``tpu_ring.py``).
 
 The tile math works in base-2 units: the kernels receive t * log2(e) and bias * log2(e), so
-their logits tile is v = log2(e) * l and exp and log are the EUP's exp2 and log2 with no
+their logits tile is v = log2(e) * l and the exponential is the EUP's exp2 with no
 per-element rescaling. With e = 2^-|v|:
 
-    softplus(l) / ln 2 = max(v, 0) + log2(1 + e)       (the loss of a negative pair)
-    softplus(-l)       = softplus(l) - l               (a positive subtracts v)
+    softplus(l) / ln 2 = max(v, 0) + log2(e) ln(1 + e)   (the loss of a negative pair)
+    softplus(-l)       = softplus(l) - l                 (a positive subtracts v)
     sigmoid(l)         = [1 if v >= 0 else e] / (1 + e)
     G                  = sigmoid(l) - [positive]
 
-The loss sums come out in log2 units and are scaled by ln 2 once, outside the kernel.
+The two parts of the softplus are summed apart and combined once per tile; the loss sums
+come out in log2 units and are scaled by ln 2 once, outside the kernel.
 """
 
 from __future__ import annotations
@@ -59,18 +60,20 @@ def neg_abs(v):
 
 
 def tile_terms(v, one, *, pos=None, valid=None, with_loss: bool, with_grad: bool):
-  """(loss terms / ln 2 as a pair (sp, corr), G) of a float32 tile of base-2 logits ``v``;
-  the pair or G is None when not asked for. The loss term of a pair is sp + log2(e) * corr.
+  """(loss terms as a pair (sp, ln1p), G) of a float32 tile of base-2 logits ``v``; the pair
+  or G is None when not asked for. A pair's loss / ln 2 is sp + log2(e) * ln1p: sp, in base-2
+  units, is max(v, 0) (minus v for a positive); ln1p is ln(1 + e), in natural units.
 
-  log2(1 + e) is log2(s) with s = 1 + e, plus the error of rounding s: 1 + e loses up to
-  2^-24 of e (all of it when e < 2^-24, where log2(1 + e) ~ e log2(e) is the whole answer).
-  That error, recovered exactly as corr = e - (s - 1), adds log2(e) * corr to first order.
-  corr comes back on its own, for the caller to sum apart and scale once per tile: float32
-  accuracy with no log1p, and one multiply per element fewer than adding it in place.
+  ln(1 + e) is ln(s) of the rounded s = 1 + e plus its rounding error: 1 + e loses up to
+  2^-24 of e (all of it when e < 2^-24, where ln(1 + e) ~ e is the whole answer). That error,
+  recovered exactly as e - (s - 1), is added to first order: float32 accuracy with no log1p.
+  The two parts come back apart, for the caller to sum apart and scale once per tile: jnp.log2
+  would be ln(s) / ln 2, and Mosaic's ln is its base-2 log times ln 2, two multiplies per
+  element; ln alone is one.
 
   ``one`` is 1.0 read at run time (``kernel_scalars``), not a literal: XLA's algebraic
-  simplifier rewrites (e + 1) - 1 to e for a constant 1, which would make corr zero in
-  interpret mode (the kernel body run through XLA) while Mosaic keeps it on a TPU.
+  simplifier rewrites (e + 1) - 1 to e for a constant 1, which would drop the rounding error
+  in interpret mode (the kernel body run through XLA) while Mosaic keeps it on a TPU.
 
   pos: None (no positive in the tile) or a bool mask broadcastable to v; valid: None (no
   padding) or a bool mask of the real pairs. Tiles with neither skip those selects.
@@ -79,14 +82,14 @@ def tile_terms(v, one, *, pos=None, valid=None, with_loss: bool, with_grad: bool
   s = one + e
   loss = g = None
   if with_loss:
-    sp = jnp.maximum(v, 0.0) + jnp.log2(s)
-    corr = e - (s - one)
+    sp = jnp.maximum(v, 0.0)
+    ln1p = jnp.log(s) + (e - (s - one))
     if pos is not None:
       sp = sp - jnp.where(pos, v, 0.0)
     if valid is not None:
       sp = jnp.where(valid, sp, 0.0)
-      corr = jnp.where(valid, corr, 0.0)
-    loss = (sp, corr)
+      ln1p = jnp.where(valid, ln1p, 0.0)
+    loss = (sp, ln1p)
   if with_grad:
     g = jnp.where(v >= 0.0, 1.0, e) / s
     if pos is not None:

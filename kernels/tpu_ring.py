@@ -377,9 +377,9 @@ def _sweep(plan: _Plan, r: _Refs, b_blk, b_ids_blk, src, first):
       pos, valid = xid == yid, _valid(plan, i, j)
     loss, g, s = _tile(x_val, y_val, pos, r.params, valid)
     if plan.stats:
-      sp, corr = loss
+      sp, ln1p = loss
       r.sums[0:1, :] += jnp.sum(sp, axis=0, keepdims=True) + mc.LOG2_E * jnp.sum(
-        corr, axis=0, keepdims=True
+        ln1p, axis=0, keepdims=True
       )
     if plan.stats > 1:
       r.sums[1:2, :] += jnp.sum(g * s, axis=0, keepdims=True)
