@@ -53,6 +53,18 @@ def kernel_scalars(log_t, bias):
   return t, jnp.stack([t * LOG2_E, bias * LOG2_E, t, jnp.float32(1.0)])
 
 
+def tile_id_ranges(ids, size: int, n_valid: int):
+  """(2, len(ids) / size) int32: each tile's [min id, max id] over its first ``n_valid`` (real,
+  unpadded) rows. A kernel runs its lean tile body where an A tile's and a B tile's ranges
+  cannot meet and neither holds padding."""
+  ids = ids.reshape(-1)
+  real = jnp.arange(ids.shape[0]) < n_valid
+  info = jnp.iinfo(jnp.int32)
+  lo = jnp.where(real, ids, info.max).reshape(-1, size).min(axis=1)
+  hi = jnp.where(real, ids, info.min).reshape(-1, size).max(axis=1)
+  return jnp.stack([lo, hi])
+
+
 def neg_abs(v):
   """-|v| of a float32 array in one vector op (the sign bit set), not an abs and a negate."""
   bits = lax.bitcast_convert_type(v, jnp.uint32) | jnp.uint32(0x80000000)

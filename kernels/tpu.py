@@ -417,10 +417,7 @@ def _tile_pass(
   b_ids_row = jnp.pad(b_ids, (0, nb_pad - n_b), constant_values=-2).reshape(1, nb_pad)
   # Per tile, [min id, max id]: the kernel runs its lean body where the ranges of a row tile
   # and a column tile cannot share an id (see _tile_kernel).
-  tile_range = lambda ids, size: jnp.stack(
-    [ids.reshape(-1, size).min(axis=1), ids.reshape(-1, size).max(axis=1)]
-  )
-  a_rng, b_rng = tile_range(a_ids_col, rows), tile_range(b_ids_row, cols)
+  a_rng, b_rng = mc.tile_id_ranges(a_ids_col, rows, n_a), mc.tile_id_ranges(b_ids_row, cols, n_b)
   operands, axes = vma.match_varying((scal, a_rng, b_rng, a_ids_col, b_ids_row, a, b))
   out_struct = lambda shape, dtype: vma.shape_struct(shape, dtype, axes)
 

@@ -203,10 +203,10 @@ def _take_credit(sem):
 
 
 def _tile(x, y, pos, params, valid=None):
-  """Loss terms (log2 units, as the pair of ``mosaic_common.tile_terms``), G and the
-  similarity s of one (tm, tn) logits tile, all f32. ``pos``: None (no positive pair in the tile) or the
-  (tm, tn) bool mask of positives; ``valid``: None, or a (tm, tn) bool mask of the pairs
-  that are not batch padding."""
+  """Loss terms (the pair of ``mosaic_common.tile_terms``), G and the similarity s of one
+  (tm, tn) logits tile, all f32. ``pos``: None (no positive pair in the tile) or the (tm, tn)
+  bool mask of positives; ``valid``: None, or a (tm, tn) bool mask of the pairs that are not
+  batch padding."""
   s = lax.dot_general(
     x, y, _NT, precision=mc.precision(x.dtype), preferred_element_type=jnp.float32
   )
@@ -637,17 +637,12 @@ def _ring_call(
 
 
 def _tile_ranges(ids, b_valid, size, axis_name):
-  """Each tile's [min, max] id over its real rows: (2, b / size) int32 for the local chunk,
-  and (2 n_dev, b / size) for every device's chunk (rows 2 k and 2 k + 1: device k)."""
-  real = jnp.arange(ids.shape[0]) < b_valid
-  info = jnp.iinfo(jnp.int32)
-  lo = jnp.where(real, ids, info.max).reshape(-1, size).min(axis=1)
-  hi = jnp.where(real, ids, info.min).reshape(-1, size).max(axis=1)
-  local = jnp.stack([lo, hi])
+  """``mosaic_common.tile_id_ranges`` of the local chunk, (2, b / size), and of every device's
+  chunk, (2 n_dev, b / size) (rows 2 k and 2 k + 1: device k)."""
+  local = mc.tile_id_ranges(ids, size, b_valid)
   if axis_name is None:
     return local, local
-  every = lax.all_gather(local, axis_name).reshape(-1, local.shape[1])
-  return local, every
+  return local, lax.all_gather(local, axis_name).reshape(-1, local.shape[1])
 
 
 def _trip(x, y, x_ids, y_ids, log_t, bias, axis_name, schedule, interpret, block_sizes, with_grads):

@@ -27,7 +27,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import siglip_fast  # noqa: E402
-from siglip_fast.kernels import tpu  # noqa: E402
+from siglip_fast.kernels import tpu, tpu_ring  # noqa: E402
 from siglip_fast.reference import dense  # noqa: E402
 
 from tests.helpers import numpy_loss_and_grads, random_inputs, rel_err  # noqa: E402
@@ -183,30 +183,11 @@ def test_confident_negatives_keep_float32_accuracy(kernel, bias):
   x_ids = jnp.arange(n, dtype=jnp.int32)
   y_ids = x_ids + n
   want, _ = oracle(x, y, x_ids, y_ids, 0.0, bias)
+  args = (x, y, x_ids, y_ids, jnp.float32(0.0), jnp.float32(bias))
   if kernel == "block":
-    got = tpu.loss_sum(
-      x,
-      y,
-      x_ids,
-      y_ids,
-      jnp.float32(0.0),
-      jnp.float32(bias),
-      interpret=True,
-      block_sizes=tpu.BlockSizes(128, 128),
-    )
+    got = tpu.loss_sum(*args, interpret=True, block_sizes=tpu.BlockSizes(128, 128))
   else:
-    from siglip_fast.kernels import tpu_ring
-
-    got = n * tpu_ring.ring_loss(
-      x,
-      y,
-      x_ids,
-      y_ids,
-      jnp.float32(0.0),
-      jnp.float32(bias),
-      interpret=True,
-      block_sizes=tpu_ring.BlockSizes(64, 128),
-    )
+    got = n * tpu_ring.ring_loss(*args, interpret=True, block_sizes=tpu_ring.BlockSizes(64, 128))
   assert rel_err(got, want[0]) < 1e-5, (kernel, bias, float(got), want[0])
 
 
