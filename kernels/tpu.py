@@ -67,15 +67,17 @@ VMEM_CAPACITY = mc.VMEM_CAPACITY
 # in _VMEM_BUDGET of the chip. The owned tile (rows) sets the arithmetic intensity: the
 # forward pass reads a (cols, D) tile per 2 * rows * cols * D FLOPs, i.e. `rows` FLOP per byte
 # of bf16, against a ridge (peak / HBM bandwidth) of about 220 (v4), 240 (v5e), 190 (v5p) and
-# 560 (v6e) FLOP/byte; the value-and-grad kernels do twice the FLOPs per byte. v6e's
-# forward is bound by its vector units, not the MXU, so wider column tiles (fewer, longer
-# elementwise passes per row tile) come first: 1024 x 1024 takes 6% fewer bundles per pair
-# than 1024 x 512 in the static profile (docs/PERFORMANCE.md section 5).
+# 560 (v6e) FLOP/byte; the value-and-grad kernels do twice the FLOPs per byte. On v6e the
+# vector work per pair decides, so wider column tiles (fewer, longer elementwise passes per
+# row tile) come first: per pair, 1024 x 1024 takes 6% fewer forward bundles than 1024 x 512,
+# and 1024 x 2048 3-6% fewer than 1024 x 1024, in the steady step of the static profile
+# (docs/PERFORMANCE.md section 5). Wider tiles put more pairs in the tiles that hold the
+# diagonal (the full tile body), so the gain shows at large B.
 _CANDIDATE_TILES = {
   "v4": ((512, 256), (256, 256), (256, 128), (128, 128)),
   "v5e": ((512, 512), (512, 256), (256, 256), (128, 128)),
   "v5p": ((512, 512), (512, 256), (256, 256), (128, 128)),
-  "v6e": ((1024, 1024), (1024, 512), (512, 512), (512, 256), (256, 256), (128, 128)),
+  "v6e": ((1024, 2048), (1024, 1024), (1024, 512), (512, 512), (512, 256), (256, 256), (128, 128)),
 }
 _VMEM_BUDGET = 0.75
 # TensorCores per jax device (megacore): the fused kernel keeps one dY copy per core.
@@ -350,13 +352,14 @@ def _tile_kernel(
           gc, a, (((0,), (0,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
         )
 
-  # Positives are possible only where the tiles' id ranges overlap; padding only in the
-  # last row or column tile.
+  # Positives are possible only where the tiles' id ranges (over real rows) overlap; padding
+  # in every tile that reaches past the true extent (more than the last one where the row
+  # tiles are split over TensorCores).
   full = (a_rng_ref[0, row_tile] <= b_rng_ref[1, j]) & (b_rng_ref[0, j] <= a_rng_ref[1, row_tile])
   if na_pad != n_a:
-    full = full | (row_tile == na_pad // rows - 1)
+    full = full | ((row_tile + 1) * rows > n_a)
   if nb_pad != n_b:
-    full = full | (j == last_j)
+    full = full | ((j + 1) * cols > n_b)
   pl.when(full)(lambda: tile_body(True))
   pl.when(jnp.logical_not(full))(lambda: tile_body(False))
 
