@@ -371,14 +371,18 @@ def _eval(fn, batch, dim, block_sizes):
 
 
 def test_fused_dy_only_where_it_fits():
+  # With the tiles value-and-grad takes by default (grad_block_sizes: the fused plan chosen
+  # before the tiles, so v6e's widest forward tiles give way to ones it fits with).
   plan = lambda gen, batch, dim=1152: tpu._fused_plan(
-    tpu.BlockSizes.for_generation(gen, dim), batch, batch, dim, jnp.bfloat16
+    tpu.grad_block_sizes(gen, batch, batch, dim, jnp.bfloat16), batch, batch, dim, jnp.bfloat16
   )
-  # A ring step's block fits everywhere but v4; a 16k single-device batch only on v5e.
+  # A ring step's block fits everywhere but v4; a 16k single-device batch on v5e and on v6e
+  # (512 x 512 tiles there), not on v5p (two dY copies in 64 MiB).
   assert plan("v5e", 4096) == (True, 1) and plan("v6e", 4096) == (True, 1)
   assert plan("v5p", 4096) == (True, 2)  # one dY copy per TensorCore
   assert plan("v4", 4096) == (False, 2)
   assert plan("v5e", 16384) == (True, 1) and plan("v5p", 16384) == (False, 2)
+  assert plan("v6e", 16384) == (True, 1)
   assert plan("v5e", 32768) == (False, 1)
   # Unknown chip (interpret mode): two kernels unless asked.
   assert tpu._fused_plan(tpu.BlockSizes(), 4096, 4096, 1152, jnp.bfloat16) == (False, 1)
