@@ -405,18 +405,17 @@ def kernel_schedule(op: str, bundles_path, util_path) -> KernelSchedule:
   spill_col = UNITS.index("VSTORE:SPILL")
   spill = sum(1 for b in body if util.rows[b][spill_col] > 0) / len(body)
   counts = {k: sum(len(r.findall(t)) for t in sched.texts[lo : hi + 1]) for k, r in _OPS.items()}
-  total = len(sched.texts) - sum(l.bundles for l in sched.loops)
-  for l in sched.loops:
-    c = l.cycles()
-    total = None if c is None or total is None else total + c
-  steady = steady_path(sched, loop) if loop else list(range(lo, hi + 1))
-  steady_total = len(sched.texts) - sum(l.bundles for l in sched.loops)
-  for l in sched.loops:
-    steady_total = (
-      None
-      if l.trips is None or steady_total is None
-      else steady_total + l.trips * len(steady_path(sched, l))
-    )
+  # The kernel's static cycles: its bundles outside loops plus each outermost loop's cycles,
+  # every bundle of its body (total) or its steady path (steady_total); None if a trip
+  # count is unknown.
+  outside = len(sched.texts) - sum(l.bundles for l in sched.loops)
+  paths = [steady_path(sched, l) for l in sched.loops]
+  loop_tree = lambda parts: None if None in parts else outside + sum(parts)
+  total = loop_tree([l.cycles() for l in sched.loops])
+  steady_total = loop_tree(
+    [None if l.trips is None else l.trips * len(p) for l, p in zip(sched.loops, paths)]
+  )
+  steady = paths[sched.loops.index(loop)] if loop else list(range(lo, hi + 1))
   steady_spill = sum(1 for b in steady if util.rows[b][spill_col] > 0) / len(steady)
   return KernelSchedule(
     op,

@@ -681,27 +681,15 @@ def _trip(x, y, x_ids, y_ids, log_t, bias, axis_name, schedule, interpret, block
   call = functools.partial(
     _ring_call, params=params, me=me, axis_name=axis_name, interpret=interpret
   )
+  # The first trip owns x while the text chunks travel.
+  text_travels = dict(a_rng=x_rng, b_rng=y_rng_all, a=x, a_ids=xid, bm=y, b_ids=yid)
   if not with_grads:
     sums, _ = call(
-      plan(stats=1, grad=False, transposed=False),
-      a_rng=x_rng,
-      b_rng=y_rng_all,
-      a=x,
-      a_ids=xid,
-      bm=y,
-      b_ids=yid,
-      name="siglip_ring_fwd",
+      plan(stats=1, grad=False, transposed=False), **text_travels, name="siglip_ring_fwd"
     )
     return jnp.sum(sums[0]) * mc.LN_2
   sums, dx = call(
-    plan(stats=3, grad=True, transposed=False),
-    a_rng=x_rng,
-    b_rng=y_rng_all,
-    a=x,
-    a_ids=xid,
-    bm=y,
-    b_ids=yid,
-    name="siglip_ring_fwd_bwd_dx",
+    plan(stats=3, grad=True, transposed=False), **text_travels, name="siglip_ring_fwd_bwd_dx"
   )
   # The transposed block: y owned, x travelling with its ids; the same logits tiles.
   _, dy = call(
