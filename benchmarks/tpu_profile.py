@@ -1,6 +1,6 @@
 """Static cycle profile of the Pallas TPU kernels, read from the TPU compiler's VLIW schedule.
 
-    python -m benchmarks.tpu_profile                       # v5e, D = 1152, B = 4096 (2.5-4 min)
+    python -m benchmarks.tpu_profile                       # v5e, D = 1152, B = 4096 (4-6 min)
     python -m benchmarks.tpu_profile --generations v4 v5e v5p v6e --dims 768 1152 \\
         --json benchmarks/results/tpu_profile_<date>.json --plot benchmarks/results/....png
     python -m benchmarks.tpu_profile --compare BEFORE.json AFTER.json   # markdown table
@@ -37,9 +37,10 @@ A Pallas grid is a software-pipelined loop whose body is one grid step, so per k
 For the ring kernel (``ring_hop``) there is no grid: static cycles come from the loop tree
 (``steady_static_cycles``: every loop on its steady path, i.e. the lean tile body),
 divided by the blocks one trip computes (one per device), against the modelled wire time of
-one hop's remote DMAs (a bf16 chunk and its ids, per trip) over one ICI link
-(benchmarks/chips.py): ``hop_hidden_ratio`` = compute time per hop / wire time per hop, > 1
-means the permute can hide behind compute.
+one hop's remote DMAs over one ICI link (benchmarks/chips.py; ``_ring_hop`` says what each
+plan sends): ``hop_hidden_ratio`` = compute time per hop / wire time per hop, > 1 means the
+permute can hide behind compute. ``ring_hop`` is the API's default value-and-grad plan (one
+trip, 6 b^2 D per block, where dX fits VMEM), ``ring_hop_2trip`` the two trips (8 b^2 D).
 
 These are STATIC figures, not measurements: they assume every bundle issues in one cycle.
 They leave out stalls on DMA waits (HBM and ICI), on semaphores, pipeline fill and drain,
@@ -90,7 +91,7 @@ UNITS = (
   "VSTORE:SPILL",
   "SALU",
 )
-KERNELS = ("fwd", "value_and_grad", "value_and_grad_2k", "ring_hop")
+KERNELS = ("fwd", "value_and_grad", "value_and_grad_2k", "ring_hop", "ring_hop_2trip")
 KERNEL_PREFIX = "siglip"
 DEFAULT_GENERATIONS = ("v5e",)
 DEFAULT_DIMS = (1152,)
@@ -118,6 +119,11 @@ _CMP_RE = r"%{p}\s*=\s*scmp\.(ge|gt|lt|le|eq|ne)\.s32\.totalorder\s+(%s\w+),\s*(
 # The induction variable's increment: "%s12_s6 = sadd.s32 4, %s..." (an unrolled loop steps by
 # its unroll factor).
 _STEP_RE = r"{reg}\s*=\s*sadd\.s32\s+(\d+),"
+# The induction variable's start: the loop-head phi joins the incremented register with a copy
+# of the initial value, "%s9_s30 = sphi %s7_s30, %s12_s30" with "%s7_s30 = smov 1" (a
+# fori_loop from 1 runs n - 1 trips to the same bound).
+_PHI_RE = r"=\s*sphi\s+(%s\w+),\s*{reg}\b|=\s*sphi\s+{reg},\s*(%s\w+)"
+_INIT_RE = r"{reg}\s*=\s*smov\s+(-?\d+)\b"
 
 
 @dataclasses.dataclass
@@ -203,12 +209,17 @@ def _trips(text: str, pred: str, negated: bool) -> int | None:
   step = int(inc.group(1)) if inc else 1
   if step <= 0:
     return None
-  # Back edge taken while i < n: "!(i >= n)" or "i < n" -> n / step trips (i counts step,
-  # 2 step, ... n).
+  start = 0
+  phi = re.search(_PHI_RE.format(reg=re.escape(reg)), text)
+  if phi:
+    init = re.search(_INIT_RE.format(reg=re.escape(phi.group(1) or phi.group(2))), text)
+    start = int(init.group(1)) if init else 0
+  # Back edge taken while i < n: "!(i >= n)" or "i < n" -> (n - start) / step trips (i
+  # counts start + step, start + 2 step, ... n).
   if (negated and op == "ge") or (not negated and op == "lt"):
-    return -(-n // step)
+    return max(-(-(n - start) // step), 1)
   if (negated and op == "gt") or (not negated and op == "le"):
-    return n // step + 1
+    return max((n - start) // step + 1, 1)
   return None
 
 
@@ -531,13 +542,17 @@ def _block_fn(kernel: str, bs):
   return lambda x, y, i, lt, b: tpu.loss_sum_and_grads(x, y, i, i, lt, b, block_sizes=bs)
 
 
-def _ring_fn(mesh, with_grads: bool):
+def _ring_fn(mesh, with_grads: bool, fuse_dy=None):
   import jax
   from jax.sharding import PartitionSpec as P
   from siglip_fast.kernels import tpu_ring
 
   def local(x, y, ids, lt, b):
-    return tpu_ring.ring_loss(x, y, ids, ids, lt, b, axis_name="batch", schedule="bidirectional")
+    bs = tpu_ring.BlockSizes.get_default(x.shape[1], x.dtype)
+    bs = dataclasses.replace(bs, fuse_dy=fuse_dy)
+    return tpu_ring.ring_loss(
+      x, y, ids, ids, lt, b, axis_name="batch", schedule="bidirectional", block_sizes=bs
+    )
 
   f = jax.shard_map(local, mesh=mesh, in_specs=(P("batch"),) * 3 + (P(), P()), out_specs=P())
   return jax.value_and_grad(f, argnums=(0, 1, 3, 4)) if with_grads else f
@@ -572,7 +587,9 @@ def _compile_case(gen, kernel, batch, dim, dump, mosaic):
     devs, _ = chips_lib.one_device_per_chip(devices)
     devs = devs[:RING_DEVICES]
     mesh, spec = Mesh(np.array(devs), ("batch",)), P("batch")
-    f = _ring_fn(mesh, kernel == "ring_hop")
+    # ring_hop: the API's default plan (one trip where dX fits VMEM); ring_hop_2trip forces
+    # the two trips (fuse_dy=False).
+    f = _ring_fn(mesh, kernel != "ring_hop_fwd", False if kernel == "ring_hop_2trip" else None)
   else:
     mesh, spec = Mesh(np.array(devices[:1]), ("batch",)), P()
     # The tiles the public API picks by default: value-and-grad chooses the fused plan
@@ -686,7 +703,7 @@ def profile_case(gen, kernel, batch, dim, case_dir, n_dev) -> list[dict]:
     busy = {u: ks.busy[u] for u in ("MXU", "XLU", "VALU", "VPOP", "EUP", "VLOAD", "VSTORE", "SALU")}
     row["bound"] = max(busy, key=busy.get)
     if kernel.startswith("ring"):
-      row.update(_ring_hop(gen, kernel, batch, dim, n_dev, row["steady_static_cycles"], clock))
+      row.update(_ring_hop(gen, op, batch, dim, n_dev, row["steady_static_cycles"], clock))
     rows.append(row)
   return rows
 
@@ -695,13 +712,17 @@ def _key(unit: str) -> str:
   return unit.lower().replace(":", "_") + "_busy"
 
 
-def _ring_hop(gen, kernel, batch, dim, n_dev, cycles, clock) -> dict:
-  """Compute per hop (one block of the trip per device) against one hop's wire time: each
-  trip (one kernel op; value-and-grad makes two) moves a bf16 chunk and its int32 ids."""
-  del kernel
+def _ring_hop(gen, op, batch, dim, n_dev, cycles, clock) -> dict:
+  """Compute per hop (one block of the op per device) against one hop's wire time on one
+  link. A trip of the two-trip plan (``..._dx``, ``..._dy``) or the loss-only ring moves a
+  bf16 chunk and its int32 ids per hop. The one-trip plan (``siglip_ring_fwd_bwd``) moves
+  the chunk, its ids and its f32 dY, under bidirectional (three or more chips) half of each
+  per link direction."""
   chip = chips_lib.CHIPS[gen]
   b = batch // n_dev
   wire = b * dim * 2 + b * 4
+  if op.split(".")[0] == "siglip_ring_fwd_bwd":
+    wire = (wire + b * dim * 4) // (2 if n_dev >= 3 else 1)
   out = {
     "ring_devices": n_dev,
     "hop_wire_bytes": wire,
@@ -930,8 +951,8 @@ def plot(rows, path):
 def main(argv=None):
   p = argparse.ArgumentParser(
     description=__doc__.split("\n\n")[0] + " The default run (v5e, D = 1152, B = 4096, all "
-    "four kernels) takes 2.5-4 minutes on a shared 2-core host; each further generation x D "
-    "adds about as much (the ring's compile is half of it; --kernels narrows it).",
+    "five kernels) takes 4-6 minutes on a shared 2-core host; each further generation x D "
+    "adds about as much (the ring's two plans are over half of it; --kernels narrows it).",
     formatter_class=argparse.RawDescriptionHelpFormatter,
   )
   p.add_argument(

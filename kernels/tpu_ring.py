@@ -9,21 +9,29 @@ One kernel, run as one or two trips round the ring. Each device *owns* an operan
 local (b, D) chunk, read from its own HBM) while the other operand B travels, with its pair
 ids, from neighbour to neighbour. At each hop the device computes the (b x b) block of
 (A_local, B_visiting) tile by tile in VMEM and accumulates into outputs that stay local:
-  - the loss sum and the statistics sum G * S and sum G (dlog_t and dbias), and
-  - optionally dA, in float32 in HBM, updated tile by tile once per hop.
-A loss-only call is one trip (A = x, B = y: loss sum only), 2 b^2 D FLOPs per block. Value
-and gradients are two trips: (A = x, B = y) for the loss, the statistics and dX = t G @ Y;
-then the transposed block (A = y, B = x with the ids swapped) for dY = t G^T @ X. The second
-trip computes the very same (image rows x text rows) logits tiles x @ y.T as the first, with
-the visiting x as the row operand, so every logit is the same number in both trips. 4 b^2 D
-FLOPs per block per trip, 8 b^2 D in all (the logits computed twice); nothing of size b x b
-leaves VMEM and no gradient travels: per hop the wire carries one chunk (b D elements of the
-input dtype) and its b int32 ids, and only ever to a ring neighbour.
+the loss sum, the statistics sum G * S and sum G (dlog_t and dbias), and dA.
+  - Loss only: one trip (A = x, B = y), 2 b^2 D FLOPs per block.
+  - Value and gradients, one trip (``BlockSizes.fuse_dy``, the default where this device's
+    f32 (b, D) dX fits VMEM): each tile is computed once, 6 b^2 D per block. dX stays
+    resident in VMEM for the whole kernel; each text tile's f32 dY accumulates in VMEM over
+    the image tiles and then travels on with the chunk: the next device adds its share, and
+    the device after the last hop sends it home to the chunk's owner. Per hop the wire
+    carries the chunk, its ids and its f32 dY.
+  - Value and gradients, two trips (where dX does not fit): (A = x, B = y) for the loss, the
+    statistics and dX = t G @ Y, then the transposed block (A = y, B = x with the ids
+    swapped) for dY = t G^T @ X, the same logits tiles x @ y.T with the visiting x as the
+    row operand, so every logit is the same number in both trips. 4 b^2 D FLOPs per block
+    per trip, 8 b^2 D in all (the logits computed twice); per hop the wire carries one
+    chunk and its ids, no gradient.
+Nothing of size b x b leaves VMEM, and copies only ever go to a ring neighbour.
 
 Streams: the right copy of every chunk (+1) and, under the bidirectional schedule, also the
-left copy (-1). Both streams' hop h forms round h: the round first waits for both chunks,
-then starts both sends on to the neighbours, computes both blocks, and waits for both sends
-at its end, so both link directions are busy during all of the round's compute.
+left copy (-1). In the two-trip plan each copy goes half way round; in the one-trip plan a
+chunk's dY must come home by neighbour hops, so each direction carries half of every
+chunk's text tiles all the way round (n - 1 hops, then its dY one hop home). Both streams'
+hop h forms round h: the round first waits for both chunks, then starts both sends on to
+the neighbours, computes both blocks, and waits for both sends at its end, so both link
+directions are busy during all of the round's compute.
 
 Handshake. Each stream's chunks land in two HBM slots per device (outputs of the call used as
 scratch, so every device has them at the same place for the remote copies): hop h's chunk in
@@ -36,8 +44,15 @@ read. Every credit granted is taken and every copy is waited for at both ends (t
 for its send semaphore, the receiver for its receive semaphore), so all semaphores are zero
 at kernel exit: TPU interpret mode checks that (tests/test_kernel_tpu_ring.py).
 
+The one-trip plan's dY tiles land in two more HBM slots per stream, on the same credits: a
+neighbour's hop-h dY tiles go to the slot its hop-h chunk went to. A DMA semaphore counts
+bytes, not copies, so a block waits for all of its arriving dY tiles at once (after its
+first column of tiles, see ``_fused_sweep``) rather than tile by tile.
+
 Semaphores, whatever b: 12 DMA semaphores for the local tile pipeline, 8 per stream for the
-chunk copies (chunk or ids, send or receive, slot), one credit per stream and the barrier.
+chunk copies (chunk or ids, send or receive, slot), one credit per stream and the barrier;
+the one-trip plan adds 3 for its dY sends and local copies and 3 per stream for its dY
+arrivals (slot 0, slot 1, home).
 """
 
 from __future__ import annotations
@@ -72,10 +87,17 @@ class BlockSizes:
   of the tile and the padding masked out. A trip keeps two buffers of an image tile and of
   a text tile, with gradients two f32 gradient tiles (all D wide), and a few (rows x cols)
   f32 temporaries in VMEM.
+
+  fuse_dy: value-and-grad as one trip that computes each block once (6 b^2 D FLOPs per
+  block) with this device's float32 (b, D) dX resident in VMEM while the text chunks travel
+  with their float32 dY; False: two trips (8 b^2 D, each logit computed twice) that keep
+  only tiles in VMEM. None: one trip where the resident dX fits the chip's VMEM budget
+  (``fused_vmem_bytes``; the smallest chip's, v4's 16 MiB, where no chip is known).
   """
 
   block_rows: int = 256
   block_cols: int = 256
+  fuse_dy: bool | None = None
 
   @classmethod
   def get_default(cls, dim: int, dtype) -> "BlockSizes":
@@ -88,6 +110,12 @@ class BlockSizes:
     if _vmem_bytes(size, size, dim, jnp.dtype(dtype).itemsize, True) > 24 * 2**20:
       size = 256
     return cls(size, size)
+
+
+# The share of a chip's VMEM the one-trip plan may take (its resident dX and tile buffers);
+# the rest is the compiler's. The smallest VMEM of the chips with defaults, where none is known.
+_VMEM_BUDGET = 0.75
+_SMALLEST_VMEM = min(mc.VMEM_CAPACITY.values())
 
 
 def _vmem_capacity() -> int | None:
@@ -104,6 +132,19 @@ def _vmem_bytes(tm, tn, dim, itemsize, with_grads):
   grads = 2 * max(tm, tn) * dim * 4 if with_grads else 0
   temps = 8 * tm * max(tn, 128) * 4 + 8 * max(tn, 128) * 4
   return tiles + grads + temps
+
+
+def fused_vmem_bytes(b, tm, tn, dim, itemsize):
+  """VMEM of the one-trip value-and-grad plan at local batch b (padded): the resident f32
+  (b, D) dX, two f32 dY tiles being accumulated and one arriving, and the tile pipeline."""
+  return b * dim * 4 + 3 * tn * dim * 4 + _vmem_bytes(tm, tn, dim, itemsize, False)
+
+
+def _fuses(block_sizes, b, tm, tn, dim, itemsize) -> bool:
+  if block_sizes.fuse_dy is not None:
+    return block_sizes.fuse_dy
+  budget = _VMEM_BUDGET * (_vmem_capacity() or _SMALLEST_VMEM)
+  return fused_vmem_bytes(b, tm, tn, dim, itemsize) <= budget
 
 
 def _fit_tile(b, tile, sub):
@@ -131,6 +172,8 @@ def _check_inputs(x, y, x_ids, y_ids, log_t, bias, block_sizes):
     raise TypeError(
       f"block_sizes must be a siglip_fast.kernels.tpu_ring.BlockSizes, got {block_sizes!r}"
     )
+  if block_sizes.fuse_dy not in (None, True, False):
+    raise TypeError(f"block_sizes.fuse_dy must be True, False or None, got {block_sizes.fuse_dy!r}")
   sub = mc.sublanes(x.dtype)
   for arg in ("block_rows", "block_cols"):
     t = getattr(block_sizes, arg)
@@ -163,6 +206,10 @@ class _Plan:
   grad: bool  # accumulate dA = t * G @ B (or t * G^T @ B when transposed) in float32
   transposed: bool
   hops: tuple  # per stream (right, then left if bidirectional): number of hops H_s
+  # The one-trip value-and-grad (``BlockSizes.fuse_dy``): stream s carries text tiles
+  # [q0, q0 + nq) of every chunk, parts[s] = (q0, nq), with their dY partial sums.
+  fused: bool = False
+  parts: tuple = ()
 
   @property
   def ta(self):  # rows of an A tile
@@ -178,13 +225,27 @@ class _Plan:
 
 
 def _ring_hops(n_dev, schedule):
-  """Hops per stream: the right copy (+1), then under bidirectional the left copy (-1)."""
+  """Hops per stream of the two-trip plan: the right copy (+1), then under bidirectional
+  the left copy (-1)."""
   if schedule == "unidirectional" or n_dev <= 2:
     return (n_dev - 1,) if n_dev > 1 else ()
   # As siglip_fast.ring: ceil((n - 1) / 2) rounds; with an even count the last round meets
   # the chunk n / 2 away, which only the right copy brings.
   rounds = (n_dev - 1) // 2
   return (rounds + (n_dev % 2 == 0), rounds)
+
+
+def _fused_streams(n_dev, schedule, n_tiles):
+  """(hops, parts) of the one-trip plan. A chunk's dY partial sum travels with it and must
+  come home, which a copy sent halfway round one way cannot do by neighbour hops: so under
+  bidirectional each direction carries half of every chunk's text tiles all the way round
+  (n - 1 hops, then its dY one more hop home), both directions busy in every round."""
+  if n_dev == 1:
+    return (), ((0, n_tiles),)
+  if schedule == "unidirectional" or n_dev == 2 or n_tiles == 1:
+    return (n_dev - 1,), ((0, n_tiles),)
+  half = (n_tiles + 1) // 2
+  return (n_dev - 1,) * 2, ((0, half), (half, n_tiles - half))
 
 
 def _remote_copy(kind, offset, src, dst, send_sem, recv_sem, device_id):
@@ -217,7 +278,8 @@ def _tile(x, y, pos, params, valid=None):
 
 @dataclasses.dataclass(frozen=True)
 class _Refs:
-  """The kernel's refs by name, in ``pallas_call`` order (inputs, outputs, scratch)."""
+  """The kernel's refs by name, in ``pallas_call`` order (inputs, outputs, scratch); the
+  one-trip plan's own refs (``fused``) last, None otherwise."""
 
   params: Any  # SMEM (4,): the kernel scalars (mosaic_common.kernel_scalars)
   me: Any  # SMEM (1,): this device's ring index
@@ -229,51 +291,47 @@ class _Refs:
   b_ids: Any
   sums: Any  # VMEM (8, tn) f32, or None
   da: Any  # HBM (b, D) f32, or None
-  slots: tuple  # per stream: HBM (2, b, D), where visiting B chunks land
+  slots: tuple  # per stream: HBM (2, rows, D), where visiting B chunks (or parts) land
   id_slots: tuple  # per stream: their ids
   a_tile: Any  # VMEM (2, ta, D) double buffers of the tile pipeline
   b_tile: Any
   a_id_tile: Any
   b_id_tile: Any
-  acc: Any  # VMEM (2, ta, D) f32: the dA tile being accumulated, or None
   tile_sems: Any  # DMA (6, 2): local tile copies, (kind, slot)
   ring_sems: Any  # DMA (streams, 2, 2, 2): (stream, chunk or ids, send or recv, slot)
   credits: Any  # REGULAR (streams,): slots freed by the downstream neighbour
+  acc: Any = None  # VMEM (2, ta, D) f32: the dA tile being accumulated (two-trip plan)
+  db: Any = None  # HBM (b, D) f32: dY of this device's text chunk, brought home last
+  db_slots: tuple = ()  # per stream: HBM (2, rows, D) f32, the visiting parts' dY so far
+  da_all: Any = None  # VMEM (b, D) f32: this device's dX, resident for the whole trip
+  db_acc: Any = None  # VMEM (2, tn, D) f32: dY tiles being accumulated / sent
+  db_in: Any = None  # VMEM (tn, D) f32: the arriving dY tile
+  db_sems: Any = None  # DMA (3,): sends from db_acc slot 0, 1; the local db_in copy
+  db_ring_sems: Any = None  # DMA (streams, 3): receives into db slot 0, 1; home into db
+  pending: Any = None  # SMEM (2,) int32: a send from db_acc slot k is not yet waited for
 
   @classmethod
   def unpack(cls, plan: _Plan, refs):
     refs = list(refs)
     take = lambda k: [refs.pop(0) for _ in range(k)]
-    params, me, a_rng, b_rng, a, a_ids, b, b_ids = take(8)
-    sums = take(1)[0] if plan.stats else None
-    da = take(1)[0] if plan.grad else None
+    named = dict(zip(("params", "me", "a_rng", "b_rng", "a", "a_ids", "b", "b_ids"), take(8)))
+    named["sums"] = take(1)[0] if plan.stats else None
+    named["da"] = take(1)[0] if plan.grad else None
+    if plan.fused:
+      named["db"] = take(1)[0]
     n_buf = len(plan.hops)
-    slots, id_slots = tuple(take(n_buf)), tuple(take(n_buf))
-    a_tile, b_tile, a_id_tile, b_id_tile, tile_sems, ring_sems, credits = take(7)
-    acc = take(1)[0] if plan.grad else None
+    named["slots"], named["id_slots"] = tuple(take(n_buf)), tuple(take(n_buf))
+    if plan.fused:
+      named["db_slots"] = tuple(take(n_buf))
+    scratch = ("a_tile", "b_tile", "a_id_tile", "b_id_tile", "tile_sems", "ring_sems", "credits")
+    named.update(zip(scratch, take(len(scratch))))
+    if plan.fused:
+      extra = ("da_all", "db_acc", "db_in", "db_sems", "db_ring_sems", "pending")
+      named.update(zip(extra, take(len(extra))))
+    elif plan.grad:
+      named["acc"] = take(1)[0]
     assert not refs, refs
-    return cls(
-      params,
-      me,
-      a_rng,
-      b_rng,
-      a,
-      a_ids,
-      b,
-      b_ids,
-      sums,
-      da,
-      slots,
-      id_slots,
-      a_tile,
-      b_tile,
-      a_id_tile,
-      b_id_tile,
-      acc,
-      tile_sems,
-      ring_sems,
-      credits,
-    )
+    return cls(**named)
 
 
 def _when(cond, body):
@@ -312,6 +370,38 @@ def _valid(plan: _Plan, i, j):
   return jnp.logical_and(r < plan.b_valid, c < plan.b_valid)
 
 
+def _add_stats(plan: _Plan, r: _Refs, loss, g, s):
+  """Column sums of a tile into the sums rows: the loss, and G * S and G for the scalars'
+  gradients."""
+  if plan.stats:
+    sp, ln1p = loss
+    r.sums[0:1, :] += jnp.sum(sp, axis=0, keepdims=True) + mc.LOG2_E * jnp.sum(
+      ln1p, axis=0, keepdims=True
+    )
+  if plan.stats > 1:
+    r.sums[1:2, :] += jnp.sum(g * s, axis=0, keepdims=True)
+    r.sums[2:3, :] += jnp.sum(g, axis=0, keepdims=True)
+
+
+def _may_meet(plan: _Plan, r: _Refs, src, o, q):
+  """Whether A tile o and B tile q (of device src's chunk) can share an id or hold padding:
+  such a pair runs the full tile body, any other the lean one."""
+  lo_b, hi_b = r.b_rng[2 * src, q], r.b_rng[2 * src + 1, q]
+  full = (r.a_rng[0, o] <= hi_b) & (lo_b <= r.a_rng[1, o])
+  if plan.b_valid != plan.b:
+    full = full | ((o + 1) * plan.ta > plan.b_valid) | ((q + 1) * plan.tb > plan.b_valid)
+  return full
+
+
+def _fetches(r: _Refs, ops, k, slot, kind):
+  """The local copies of tile k of each (source, VMEM double buffer) in ``ops`` into
+  ``slot``, on tile semaphores kind, kind + 1, ..."""
+  return [
+    pltpu.make_async_copy(src(k), buf.at[slot], r.tile_sems.at[kind + a, slot])
+    for a, (src, buf) in enumerate(ops)
+  ]
+
+
 def _sweep(plan: _Plan, r: _Refs, b_blk, b_ids_blk, src, first):
   """One (b x b) block (A_local x B_visiting) as a hand-written tile pipeline; ``src`` is
   the ring index of the device whose chunk B is.
@@ -336,12 +426,7 @@ def _sweep(plan: _Plan, r: _Refs, b_blk, b_ids_blk, src, first):
     (lambda q: _id_rows(b_ids_blk, tb, q, False), r.b_id_tile),
   )
 
-  def fetches(ops, k, slot, kind):
-    return [
-      pltpu.make_async_copy(src(k), buf.at[slot], r.tile_sems.at[kind + a, slot])
-      for a, (src, buf) in enumerate(ops)
-    ]
-
+  fetches = functools.partial(_fetches, r)
   grad = plan.grad
   if grad:
     acc_tile = lambda slot: r.acc.at[slot]
@@ -376,14 +461,7 @@ def _sweep(plan: _Plan, r: _Refs, b_blk, b_ids_blk, src, first):
       xid, yid = (_column(b_id[...]), a_id[...]) if tr else (a_id[...], b_id[...])
       pos, valid = xid == yid, _valid(plan, i, j)
     loss, g, s = _tile(x_val, y_val, pos, r.params, valid)
-    if plan.stats:
-      sp, ln1p = loss
-      r.sums[0:1, :] += jnp.sum(sp, axis=0, keepdims=True) + mc.LOG2_E * jnp.sum(
-        ln1p, axis=0, keepdims=True
-      )
-    if plan.stats > 1:
-      r.sums[1:2, :] += jnp.sum(g * s, axis=0, keepdims=True)
-      r.sums[2:3, :] += jnp.sum(g, axis=0, keepdims=True)
+    _add_stats(plan, r, loss, g, s)
     if not grad:
       return None
     gt = (g * r.params[2]).astype(b_val.dtype)
@@ -394,14 +472,6 @@ def _sweep(plan: _Plan, r: _Refs, b_blk, b_ids_blk, src, first):
     return jnp.dot(
       gt, b_val, precision=mc.precision(b_val.dtype), preferred_element_type=jnp.float32
     )
-
-  def may_hold_positives_or_padding(o, q):
-    """Whether A tile o and B tile q (of device src's chunk) can share an id or hold padding."""
-    lo_b, hi_b = r.b_rng[2 * src, q], r.b_rng[2 * src + 1, q]
-    full = (r.a_rng[0, o] <= hi_b) & (lo_b <= r.a_rng[1, o])
-    if plan.b_valid != plan.b:
-      full = full | ((o + 1) * ta > plan.b_valid) | ((q + 1) * tb > plan.b_valid)
-    return full
 
   def step(c, carry):
     o, q = c // n_inner, lax.rem(c, n_inner)
@@ -442,7 +512,7 @@ def _sweep(plan: _Plan, r: _Refs, b_blk, b_ids_blk, src, first):
       if grad:
         acc_tile(so)[...] += contrib
 
-    full = may_hold_positives_or_padding(o, q)
+    full = _may_meet(plan, r, src, o, q)
     pl.when(full)(lambda: tile_step(True))
     pl.when(jnp.logical_not(full))(lambda: tile_step(False))
     if grad:
@@ -452,6 +522,110 @@ def _sweep(plan: _Plan, r: _Refs, b_blk, b_ids_blk, src, first):
   lax.fori_loop(0, n_steps, step, 0)
   if grad:
     acc_out(n_outer - 1, (n_outer - 1) % 2).wait()
+
+
+def _fused_sweep(plan: _Plan, r: _Refs, part, b_blk, b_ids_blk, src, db_io):
+  """One block of the one-trip plan: A_local x the visiting part ``b_blk`` (text tiles
+  part = (q0, nq) of device src's chunk), each tile computed once for the loss, the
+  statistics, dX and dY (6 tn tm D FLOPs a tile).
+
+  B tiles outer, A tiles inner: the (tn, D) f32 dY tile accumulates in VMEM over the A
+  tiles; dX rows go straight into the VMEM-resident dX. When a B tile is done the dY so far
+  of that tile (sent by the upstream neighbour during its previous hop; none on the chunk's
+  first block) is added and the tile leaves at once for the downstream neighbour (or home),
+  so the dY traffic overlaps the rest of the block. ``db_io`` (from ``_Ring``): arrival,
+  None or (a remote copy of one arriving tile, to wait on, and q -> the local copy of tile q
+  into VMEM); departure(q, k), which sends dY slot k as tile q; wait_departed(k).
+  """
+  q0, nq = part
+  tm, tn, n_a = plan.tm, plan.tn, plan.b // plan.tm
+  n_steps = nq * n_a
+  arrival, departure, wait_departed = db_io
+  outer = (
+    (lambda q: _rows(b_blk, tn, q), r.b_tile),
+    (lambda q: b_ids_blk.at[q], r.b_id_tile),
+  )
+  inner = (
+    (lambda o: _rows(r.a, tm, o), r.a_tile),
+    (lambda o: _id_rows(r.a_ids, tm, o, True), r.a_id_tile),
+  )
+  fetches = functools.partial(_fetches, r)
+  for c in fetches(outer, 0, 0, 0) + fetches(inner, 0, 0, 2):
+    c.start()
+
+  def tile_step(o, q, so, sq, full):
+    x_val, y_val = r.a_tile[so], r.b_tile[sq]
+    pos = valid = None
+    if full:
+      pos, valid = r.a_id_tile[so] == r.b_id_tile[sq], _valid(plan, o, q0 + q)
+    loss, g, s = _tile(x_val, y_val, pos, r.params, valid)
+    _add_stats(plan, r, loss, g, s)
+    gt = (g * r.params[2]).astype(x_val.dtype)
+    prec = mc.precision(x_val.dtype)
+    dx = _rows(r.da_all, tm, o)
+    dx[...] += jnp.dot(gt, y_val, precision=prec, preferred_element_type=jnp.float32)
+    r.db_acc[sq] += lax.dot_general(
+      gt, x_val, _TN, precision=prec, preferred_element_type=jnp.float32
+    )
+
+  def step(c, carry):
+    q, o = c // n_a, lax.rem(c, n_a)
+    sq, so = lax.rem(q, 2), lax.rem(c, 2)
+    last_o = o == n_a - 1
+
+    @pl.when(c + 1 < n_steps)
+    def _():
+      for cp in fetches(inner, lax.rem(c + 1, n_a), 1 - so, 2):
+        cp.start()
+
+      @pl.when(last_o)
+      def _():
+        for cp in fetches(outer, q + 1, 1 - sq, 0):
+          cp.start()
+
+    for cp in fetches(inner, o, so, 2):
+      cp.wait()
+
+    @pl.when(o == 0)
+    def _():
+      for cp in fetches(outer, q, sq, 0):
+        cp.wait()
+
+      # dY slot sq is free once the tile it sent two B tiles ago has left.
+      @pl.when(r.pending[sq] == 1)
+      def _():
+        wait_departed(sq)
+        r.pending[sq] = 0
+
+      r.db_acc[sq] = jnp.zeros((tn, plan.dim), jnp.float32)
+      if arrival is not None:
+        pl.when(q >= 1)(lambda: arrival[1](q).start())
+
+    full = _may_meet(plan, r, src, o, q0 + q)
+    pl.when(full)(lambda: tile_step(o, q, so, sq, True))
+    pl.when(jnp.logical_not(full))(lambda: tile_step(o, q, so, sq, False))
+
+    @pl.when(last_o)
+    def _():
+      if arrival is not None:
+
+        @pl.when(q == 0)
+        def _():
+          # A DMA semaphore counts bytes, not copies: with several tiles in flight to one
+          # semaphore, a tile's worth of bytes does not say which tile has landed. So wait
+          # for all of them, once, here: the last left upstream at the end of its previous
+          # block, about when this block began, and has had this first column to land.
+          lax.fori_loop(0, nq, lambda _, c: (arrival[0].wait_recv(), c)[1], 0)
+          arrival[1](q).start()
+
+        arrival[1](q).wait()
+        r.db_acc[sq] += r.db_in[...]
+      departure(q, sq)
+      r.pending[sq] = 1
+
+    return carry
+
+  lax.fori_loop(0, n_steps, step, 0)
 
 
 class _Ring:
@@ -523,7 +697,7 @@ class _Ring:
     for s in streams:
       # The chunk from -d * h devices away.
       src = lax.rem(r.me[0] - self.plan.directions[s] * h + 2 * self.plan.n_dev, self.plan.n_dev)
-      _sweep(self.plan, r, r.slots[s].at[slot], r.id_slots[s].at[slot], src, first=False)
+      self.sweep(s, h, r.slots[s].at[slot], r.id_slots[s].at[slot], src)
 
     def wait_sends(s):
       for c in sends(s):
@@ -535,30 +709,121 @@ class _Ring:
       # Upstream's hop h + 1 send lands in our slot h % 2, the one this hop just read.
       _when((h >= 1) & (h <= hops[s] - 2), functools.partial(self.grant, s))
 
+  def sweep(self, s, h, chunk, chunk_ids, src):
+    """Stream s's block of hop h: ``chunk`` (the whole chunk, or the stream's part of it in
+    the one-trip plan) from device src."""
+    plan, r = self.plan, self.r
+    if not plan.fused:
+      _sweep(plan, r, chunk, chunk_ids, src, first=isinstance(h, int) and h == 0)
+      return
+    _fused_sweep(plan, r, plan.parts[s], chunk, chunk_ids, src, self.db_io(s, h))
+
+  def db_io(self, s, h):
+    """The dY traffic of stream s's hop h in the one-trip plan (see ``_fused_sweep``): the
+    dY so far of each visiting tile arrives in db slot h % 2 (none at hop 0), leaves for
+    the downstream neighbour's other slot, and after the last hop (H = n - 1) for home,
+    the chunk's owner, one hop further on."""
+    plan, r = self.plan, self.r
+    tn, (q0, _) = plan.tn, plan.parts[s]
+    slot = h % 2 if isinstance(h, int) else lax.rem(h, 2)
+    home = lambda q: _rows(r.db, tn, q0 + q)
+    if plan.n_dev == 1:
+      local = lambda q, k: pltpu.make_async_copy(r.db_acc.at[k], home(q), r.db_sems.at[k])
+      return None, lambda q, k: local(q, k).start(), self.wait_departed
+    d = plan.directions[s]
+    send = lambda k, dst, sem: _remote_copy(
+      "dy", d, r.db_acc.at[k], dst, r.db_sems.at[k], sem, self.device(d)
+    )
+    to_slot = lambda q, k: send(
+      k, _rows(r.db_slots[s].at[1 - slot], tn, q), r.db_ring_sems.at[s, 1 - slot]
+    )
+
+    def departure(q, k):
+      last = plan.hops[s]
+      _when(h < last, lambda: to_slot(q, k).start())
+      _when(h == last, lambda: send(k, home(q), r.db_ring_sems.at[s, 2]).start())
+
+    arrival = None
+    if not (isinstance(h, int) and h == 0):
+      here = lambda q: _rows(r.db_slots[s].at[slot], tn, q)
+      arrival = (
+        send(0, here(0), r.db_ring_sems.at[s, slot]),
+        lambda q: pltpu.make_async_copy(here(q), r.db_in, r.db_sems.at[2]),
+      )
+    return arrival, departure, self.wait_departed
+
+  def wait_departed(self, k):
+    """Wait for the dY tile sent from ``db_acc`` slot k (a semaphore per slot: one at a time)."""
+    plan, r = self.plan, self.r
+    tile = _rows(r.db, plan.tn, 0)
+    if plan.n_dev == 1:
+      pltpu.make_async_copy(r.db_acc.at[k], tile, r.db_sems.at[k]).wait()
+    else:
+      _remote_copy(
+        "dy", 1, r.db_acc.at[k], tile, r.db_sems.at[k], r.db_ring_sems.at[0, 2], self.device(1)
+      ).wait_send()
+
+  def finish_fused(self):
+    """The end of the one-trip plan: this device's dY tiles home from every stream, every
+    dY tile sent gone, and the resident dX out to HBM."""
+    plan, r = self.plan, self.r
+    # Our own departures first: the neighbours' last receives wait on them.
+    for k in range(2):
+      pl.when(r.pending[k] == 1)(functools.partial(self.wait_departed, k))
+    for s, (_, nq) in enumerate(plan.parts[: len(plan.hops)]):
+      d = plan.directions[s]
+      tile = _rows(r.db, plan.tn, 0)
+      arrived = _remote_copy(
+        "dy", d, r.db_acc.at[0], tile, r.db_sems.at[0], r.db_ring_sems.at[s, 2], self.device(d)
+      )
+      lax.fori_loop(0, nq, lambda q, c: (arrived.wait_recv(), c)[1], 0)
+    out = pltpu.make_async_copy(r.da_all, r.da, r.tile_sems.at[4, 0])
+    out.start()
+    out.wait()
+
   def run(self):
     plan, r = self.plan, self.r
     streams = tuple(range(len(plan.hops)))
     if streams:
       self.enter()
-    first_sends = [c for s in streams for c in self.copies(s, r.b, r.b_ids, 1)]
+    # Hop 0: every stream's chunk (or part) leaves for hop 1 while the own block computes.
+    if plan.fused:
+      own = lambda s: (r.b.at[_part_rows(plan, s)], r.b_ids.at[pl.ds(*plan.parts[s])])
+    else:
+      own = lambda s: (r.b, r.b_ids)
+    first_sends = [c for s in streams for c in self.copies(s, *own(s), 1)]
     for c in first_sends:
       c.start()
-    _sweep(plan, r, r.b, r.b_ids, r.me[0], first=True)
+    if plan.fused:
+      for s in range(len(plan.parts)):
+        self.sweep(s, 0, *own(s), r.me[0])
+    else:
+      self.sweep(0, 0, r.b, r.b_ids, r.me[0])
     for c in first_sends:
       c.wait_send()
-    if not streams:
-      return
-    both = plan.hops[-1]  # rounds in which every stream has a hop
-    if both >= 1:
-      lax.fori_loop(1, both + 1, lambda h, c: (self.round_(h, streams), c)[1], 0)
-    if plan.hops[0] > both:  # the right copy's extra hop (even device count)
-      self.round_(plan.hops[0], (0,))
+    if streams:
+      both = plan.hops[-1]  # rounds in which every stream has a hop
+      if both >= 1:
+        lax.fori_loop(1, both + 1, lambda h, c: (self.round_(h, streams), c)[1], 0)
+      if plan.hops[0] > both:  # the right copy's extra hop (even device count)
+        self.round_(plan.hops[0], (0,))
+    if plan.fused:
+      self.finish_fused()
+
+
+def _part_rows(plan: _Plan, s):
+  q0, nq = plan.parts[s]
+  return pl.ds(q0 * plan.tn, nq * plan.tn)
 
 
 def _ring_kernel(plan: _Plan, axis_name, *refs):
   r = _Refs.unpack(plan, refs)
   if plan.stats:
     r.sums[...] = jnp.zeros_like(r.sums)
+  if plan.fused:
+    r.da_all[...] = jnp.zeros_like(r.da_all)
+    r.pending[0] = 0
+    r.pending[1] = 0
   _Ring(plan, r, axis_name).run()
 
 
@@ -567,6 +832,8 @@ def _cost(plan: _Plan):
   dA); the owned A read once per block, B once per A tile; the dA tile read and written
   back at every block but the first; one chunk with its ids received per hop."""
   b, dim, isz, n = plan.b, plan.dim, plan.dtype.itemsize, plan.n_dev
+  if plan.fused:
+    return _fused_cost(plan)
   flops = (4 if plan.grad else 2) * b * b * dim * n
   # exp and log1p per logit for the loss; exp and the sigmoid's division for a gradient.
   trans = (2 if plan.stats else 0) + (1 if plan.stats and plan.grad else 0)
@@ -580,10 +847,29 @@ def _cost(plan: _Plan):
   return pl.CostEstimate(**cost)
 
 
+def _fused_cost(plan: _Plan):
+  """Per device, the one-trip plan: n_dev blocks at 6 D FLOPs a logit; A read once per B
+  tile, B once per block; dY tiles written to the wire at every block and read from a
+  landing slot at all but the first; dX written once. Per hop a chunk (or its parts) with
+  ids and, one block behind, its f32 dY; n hops of dY (the last one home)."""
+  b, dim, isz, n = plan.b, plan.dim, plan.dtype.itemsize, plan.n_dev
+  per_block = b * dim * isz * (1 + b // plan.tn) + 4 * b * (1 + b // plan.tn) + 2 * b * dim * 4
+  wire = (b * dim * isz + 4 * b) * (n - 1) + b * dim * 4 * (n if n > 1 else 0)
+  cost = dict(
+    flops=6 * b * b * dim * n,
+    transcendentals=3 * b * b * n,
+    bytes_accessed=per_block * n + b * dim * 4 + wire,
+  )
+  if "remote_bytes_transferred" in {f.name for f in dataclasses.fields(pl.CostEstimate)}:
+    cost["remote_bytes_transferred"] = wire
+  return pl.CostEstimate(**cost)
+
+
 def _ring_call(
   plan: _Plan, params, me, a_rng, b_rng, a, a_ids, bm, b_ids, *, axis_name, interpret, name
 ):
-  """One trip of the kernel: (sums or None, dA or None)."""
+  """One trip of the kernel: (sums or None, dA or None, dB or None); dB (dY) from the
+  one-trip plan only."""
   f32, dim, b = jnp.float32, plan.dim, plan.b
   axes = vma.varying_axes(a)
   hbm = pl.BlockSpec(memory_space=pl.ANY)
@@ -591,15 +877,20 @@ def _ring_call(
   if plan.stats:
     out_shape.append(vma.shape_struct((8, plan.tn), f32, axes))
     out_specs.append(pl.BlockSpec(memory_space=pltpu.VMEM))
-  if plan.grad:
-    out_shape.append(vma.shape_struct((b, dim), f32, axes))
-    out_specs.append(hbm)
+  n_grads = plan.grad + plan.fused
+  out_shape += [vma.shape_struct((b, dim), f32, axes)] * n_grads
+  out_specs += [hbm] * n_grads
   # The landing slots (outputs used as scratch: every device has them at the same place,
-  # which the remote copies need). None on one device.
+  # which the remote copies need). None on one device. Each stream's slot holds a whole
+  # chunk, or in the one-trip plan the stream's part of it.
   n_buf = len(plan.hops)
-  out_shape += [vma.shape_struct((2, b, dim), bm.dtype, axes)] * n_buf
-  out_shape += [vma.shape_struct((2,) + b_ids.shape, jnp.int32, axes)] * n_buf
-  out_specs += [hbm] * (2 * n_buf)
+  rows = [plan.tn * nq for _, nq in plan.parts[:n_buf]] if plan.fused else [b] * n_buf
+  slot = lambda r_, tail, dt: vma.shape_struct((2, r_) + tail, dt, axes)
+  out_shape += [slot(r_, (dim,), bm.dtype) for r_ in rows]
+  out_shape += [slot(r_ // plan.tb, b_ids.shape[1:], jnp.int32) for r_ in rows]
+  if plan.fused:
+    out_shape += [slot(r_, (dim,), f32) for r_ in rows]
+  out_specs += [hbm] * (len(out_shape) - len(out_specs))
 
   ta, tb, tr = plan.ta, plan.tb, plan.transposed
   id_tile = lambda size, as_rows: (size, 1) if as_rows else (1, size)
@@ -612,9 +903,20 @@ def _ring_call(
     pltpu.SemaphoreType.DMA((max(n_buf, 1), 2, 2, 2)),
     pltpu.SemaphoreType.REGULAR((max(n_buf, 1),)),
   ]
-  if plan.grad:
-    scratch.append(pltpu.VMEM((2, ta, dim), f32))
-  vmem = _vmem_bytes(plan.tm, plan.tn, dim, a.dtype.itemsize, plan.grad)
+  if plan.fused:
+    scratch += [
+      pltpu.VMEM((b, dim), f32),
+      pltpu.VMEM((2, plan.tn, dim), f32),
+      pltpu.VMEM((plan.tn, dim), f32),
+      pltpu.SemaphoreType.DMA((3,)),
+      pltpu.SemaphoreType.DMA((max(n_buf, 1), 3)),
+      pltpu.SMEM((2,), jnp.int32),
+    ]
+    vmem = fused_vmem_bytes(b, plan.tm, plan.tn, dim, a.dtype.itemsize)
+  else:
+    if plan.grad:
+      scratch.append(pltpu.VMEM((2, ta, dim), f32))
+    vmem = _vmem_bytes(plan.tm, plan.tn, dim, a.dtype.itemsize, plan.grad)
   vmem_limit = int(min(max(vmem * 3 // 2 + 2 * 2**20, 16 * 2**20), 100 * 2**20))
   if interpret is True:
     interpret = pltpu.InterpretParams()
@@ -631,9 +933,11 @@ def _ring_call(
     interpret=interpret or False,
     name=name,
   )(params, me, a_rng, b_rng, a, a_ids, bm, b_ids)
-  sums = outs[0] if plan.stats else None
-  da = outs[1 if plan.stats else 0] if plan.grad else None
-  return sums, da
+  outs = list(outs)
+  sums = outs.pop(0) if plan.stats else None
+  da = outs.pop(0) if plan.grad else None
+  db = outs.pop(0) if plan.fused else None
+  return sums, da, db
 
 
 def _tile_ranges(ids, b_valid, size, axis_name):
@@ -684,24 +988,33 @@ def _trip(x, y, x_ids, y_ids, log_t, bias, axis_name, schedule, interpret, block
   # The first trip owns x while the text chunks travel.
   text_travels = dict(a_rng=x_rng, b_rng=y_rng_all, a=x, a_ids=xid, bm=y, b_ids=yid)
   if not with_grads:
-    sums, _ = call(
+    sums, _, _ = call(
       plan(stats=1, grad=False, transposed=False), **text_travels, name="siglip_ring_fwd"
     )
     return jnp.sum(sums[0]) * mc.LN_2
-  sums, dx = call(
-    plan(stats=3, grad=True, transposed=False), **text_travels, name="siglip_ring_fwd_bwd_dx"
-  )
-  # The transposed block: y owned, x travelling with its ids; the same logits tiles.
-  _, dy = call(
-    plan(stats=0, grad=True, transposed=True),
-    a_rng=y_rng,
-    b_rng=x_rng_all,
-    a=y,
-    a_ids=yid,
-    bm=x,
-    b_ids=xid_t,
-    name="siglip_ring_fwd_bwd_dy",
-  )
+  if _fuses(block_sizes, b, tm, tn, dim, x.dtype.itemsize):
+    # One trip: each block once, dY travelling with the text chunks.
+    fused_hops, parts = _fused_streams(n_dev, schedule, b // tn)
+    sums, dx, dy = call(
+      plan(stats=3, grad=True, transposed=False, fused=True, parts=parts, hops=fused_hops),
+      **text_travels,
+      name="siglip_ring_fwd_bwd",
+    )
+  else:
+    sums, dx, _ = call(
+      plan(stats=3, grad=True, transposed=False), **text_travels, name="siglip_ring_fwd_bwd_dx"
+    )
+    # The transposed block: y owned, x travelling with its ids; the same logits tiles.
+    _, dy, _ = call(
+      plan(stats=0, grad=True, transposed=True),
+      a_rng=y_rng,
+      b_rng=x_rng_all,
+      a=y,
+      a_ids=yid,
+      bm=x,
+      b_ids=xid_t,
+      name="siglip_ring_fwd_bwd_dy",
+    )
   # The kernel sums softplus / ln 2 and G * s; d/dlog_t of t s is t s.
   return jnp.sum(sums[0]) * mc.LN_2, (
     dx[:b_valid],

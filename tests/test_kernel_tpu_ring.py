@@ -13,7 +13,7 @@ on its worker thread pool instead of inline, and that pool's threads are held by
 programs of the kernel, each blocked in a callback waiting for the others. The stall shows at
 exactly 102,400 bytes (101,888 runs), and goes away when the callback skips the ``device_put``
 (the ``host_callbacks`` fixture). Cases without the fixture keep every kernel buffer under
-100 KiB; the 8-device b = 128, D = 128 float32 case (128 KiB landing slots) uses it.
+100 KiB; the 8-device b = 128, D = 128 cases (128 KiB landing slots) use it.
 
 Every test runs under a watchdog that dumps all threads and exits the process if a case hangs,
 so CI fails instead of blocking.
@@ -174,14 +174,20 @@ def _check_ring(
   assert got[1][2].shape == () and got[1][3].shape == ()
 
 
-# (devices, schedule, DMA execution mode, dtype, race detection, tiles). Multi-tile cases
-# exercise the in-kernel tile pipeline; one-tile cases keep the larger rings fast.
+# (devices, schedule, DMA execution mode, dtype, race detection, BlockSizes fields: tiles and
+# fuse_dy, None being the default one-trip plan at these sizes, False the two trips).
+# Multi-tile cases exercise the in-kernel tile pipeline; one-tile cases keep the larger rings
+# fast.
 CASES = [
-  (2, "unidirectional", "on_wait", jnp.float32, False, (32, 64)),
+  (2, "unidirectional", "on_wait", jnp.float32, False, (32, 64, False)),
   (2, "bidirectional", "eager", jnp.bfloat16, True, (16, 32)),
-  (3, "bidirectional", "eager", jnp.float32, True, (64, 64)),
+  (3, "bidirectional", "eager", jnp.float32, True, (64, 64, False)),
+  (3, "bidirectional", "on_wait", jnp.float32, True, (32, 16)),
   (4, "unidirectional", "eager", jnp.float32, True, (32, 64)),
   pytest.param(4, "bidirectional", "on_wait", jnp.float32, False, (16, 32), marks=pytest.mark.slow),
+  pytest.param(
+    4, "bidirectional", "eager", jnp.bfloat16, True, (16, 32, False), marks=pytest.mark.slow
+  ),
   pytest.param(8, "bidirectional", "on_wait", jnp.float32, False, (64, 64), marks=pytest.mark.slow),
   pytest.param(8, "unidirectional", "eager", jnp.float32, True, (64, 64), marks=pytest.mark.slow),
 ]
@@ -201,21 +207,20 @@ def test_ring_matches_reference(capfd, n, schedule, mode, dtype, races, tiles):
   )
 
 
-# The largest interpreted rings: 8 devices, b = 128, D = 128, 2 x 2 tiles per block. In
-# bfloat16 every kernel buffer is at most 64 KiB (the f32 dA, the two landing slots), so it
-# runs as it is; in float32 the landing slots are 128 KiB and need ``host_callbacks``.
+# The largest interpreted rings: 8 devices, b = 128, D = 128, 2 x 2 tiles per block. The f32
+# dY landing slots of the one-trip plan (and in float32 the chunk slots) are 128 KiB: past the
+# interpreter's 100 KiB stall, so these cases run with ``host_callbacks``.
 @pytest.mark.parametrize(
-  "schedule,mode,dtype,races",
+  "schedule,mode,dtype,races,fuse_dy",
   [
-    ("bidirectional", "on_wait", jnp.float32, False),
-    ("unidirectional", "eager", jnp.bfloat16, True),
-    pytest.param("unidirectional", "eager", jnp.float32, True, marks=pytest.mark.slow),
-    pytest.param("bidirectional", "eager", jnp.bfloat16, True, marks=pytest.mark.slow),
+    ("bidirectional", "on_wait", jnp.float32, False, None),
+    ("unidirectional", "eager", jnp.bfloat16, True, False),
+    pytest.param("unidirectional", "eager", jnp.float32, True, None, marks=pytest.mark.slow),
+    pytest.param("bidirectional", "eager", jnp.bfloat16, True, False, marks=pytest.mark.slow),
   ],
 )
-def test_ring_8_devices_b128(request, capfd, schedule, mode, dtype, races):
-  if dtype == jnp.float32:
-    request.getfixturevalue("host_callbacks")
+def test_ring_8_devices_b128(request, capfd, schedule, mode, dtype, races, fuse_dy):
+  request.getfixturevalue("host_callbacks")
   _check_ring(
     capfd,
     8,
@@ -223,7 +228,7 @@ def test_ring_8_devices_b128(request, capfd, schedule, mode, dtype, races):
     mode,
     dtype,
     races,
-    tpu_ring.BlockSizes(64, 64),
+    tpu_ring.BlockSizes(64, 64, fuse_dy),
     b_local=128,
     dim=128,
     seed=1300 + len(schedule) + len(mode),
@@ -299,11 +304,12 @@ def test_interpreter_stall_reproduction():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("fuse_dy", [True, False])
 @pytest.mark.parametrize("mode", ["on_wait", "eager"])
 @pytest.mark.parametrize("schedule", ["unidirectional", "bidirectional"])
 @pytest.mark.parametrize("n", [2, 3, 4, 5, 8])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_ring_matches_reference_all(capfd, n, schedule, mode, dtype):
+def test_ring_matches_reference_all(capfd, n, schedule, mode, dtype, fuse_dy):
   _check_ring(
     capfd,
     n,
@@ -311,15 +317,20 @@ def test_ring_matches_reference_all(capfd, n, schedule, mode, dtype):
     mode,
     dtype,
     True,
-    tpu_ring.BlockSizes(16, 32),
+    tpu_ring.BlockSizes(16, 32, fuse_dy),
     seed=2000 + 31 * n + len(schedule) + len(mode) + (dtype == jnp.bfloat16),
   )
 
 
 @pytest.mark.parametrize(
-  "schedule", ["bidirectional", pytest.param("unidirectional", marks=pytest.mark.slow)]
+  "schedule,fuse_dy",
+  [
+    ("bidirectional", None),
+    ("bidirectional", False),
+    pytest.param("unidirectional", None, marks=pytest.mark.slow),
+  ],
 )
-def test_pair_ids_and_ragged_batch(capfd, schedule):
+def test_pair_ids_and_ragged_batch(capfd, schedule, fuse_dy):
   # b = 20 is no multiple of the 16-row tiles: padded to 32 and masked. Duplicate ids on
   # different devices are positives across the ring.
   n, b_local = 3, 20
@@ -331,7 +342,7 @@ def test_pair_ids_and_ragged_batch(capfd, schedule):
     "on_wait",
     jnp.float32,
     False,
-    tpu_ring.BlockSizes(16, 16),
+    tpu_ring.BlockSizes(16, 16, fuse_dy),
     b_local=b_local,
     dim=24,
     seed=78 + len(schedule),
@@ -375,6 +386,37 @@ def test_forward_only_matches_and_skips_gradients(capfd):
   assert "siglip_ring_fwd" in text and "siglip_ring_fwd_bwd" not in text
 
 
+def test_the_plan_follows_the_vmem_budget(monkeypatch):
+  # Value-and-grad is one trip (6 b^2 D) where the resident f32 dX fits the VMEM budget and
+  # two trips otherwise; fuse_dy forces either. No chip is known here: the budget is the
+  # smallest chip's (v4, 16 MiB).
+  n, b_local, dim = 4, 64, 64
+  x, y = random_inputs(402, n * b_local, dim)
+  ids = jnp.arange(n * b_local, dtype=jnp.int32)
+  lt, b = jnp.float32(2.3), jnp.float32(-10.0)
+
+  def kernels(block_sizes):
+    text = str(
+      jax.make_jaxpr(_kernel_ring(n, "bidirectional", True, block_sizes))(x, y, ids, lt, b)
+    )
+    return {k for k in ("siglip_ring_fwd_bwd_dx", "siglip_ring_fwd_bwd_dy") if k in text} or (
+      {"siglip_ring_fwd_bwd"} if "siglip_ring_fwd_bwd" in text else set()
+    )
+
+  one, two = {"siglip_ring_fwd_bwd"}, {"siglip_ring_fwd_bwd_dx", "siglip_ring_fwd_bwd_dy"}
+  assert kernels(None) == one
+  assert kernels(tpu_ring.BlockSizes(32, 32, fuse_dy=False)) == two
+  need = tpu_ring.fused_vmem_bytes(b_local, 64, 64, dim, 4)
+  monkeypatch.setattr(tpu_ring, "_SMALLEST_VMEM", int(need / tpu_ring._VMEM_BUDGET) - 1)
+  assert kernels(None) == two
+  assert kernels(tpu_ring.BlockSizes(64, 64, fuse_dy=True)) == one
+  # Streams of the one-trip plan: under bidirectional each direction carries half the tiles.
+  assert tpu_ring._fused_streams(5, "bidirectional", 5) == ((4, 4), ((0, 3), (3, 2)))
+  assert tpu_ring._fused_streams(5, "unidirectional", 5) == ((4,), ((0, 5),))
+  assert tpu_ring._fused_streams(2, "bidirectional", 4) == ((1,), ((0, 4),))
+  assert tpu_ring._fused_streams(1, "bidirectional", 4) == ((), ((0, 4),))
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, pytest.param(jnp.bfloat16, marks=pytest.mark.slow)])
 def test_single_device(dtype):
   # axis_name=None (no shard_map) and a one-device ring: the local block, no DMA.
@@ -407,15 +449,17 @@ def test_handshake_is_load_bearing(capfd, monkeypatch):
   assert RACE in out + err and _races_found()
 
 
+@pytest.mark.parametrize("fuse_dy", [False, True])
 @pytest.mark.parametrize(
   "n,schedule", [(4, "bidirectional"), (5, "bidirectional"), (3, "unidirectional")]
 )
-def test_copies_overlap_compute(monkeypatch, n, schedule):
+def test_copies_overlap_compute(monkeypatch, n, schedule, fuse_dy):
   """Where each trip places its copies against the tile compute, in program order (the trace
   order). Only neighbours are written to. Every round after the first opens by waiting for
   all its streams' chunks, starts all its sends (under bidirectional both directions, so
   both are in flight at once) before its first tile and waits for them only after its
-  last tile."""
+  last tile. In the one-trip plan dY tiles leave during the block, and this device's own
+  dY tiles are waited for only after the last round."""
   events = []
 
   class Recorded:
@@ -444,24 +488,29 @@ def test_copies_overlap_compute(monkeypatch, n, schedule):
   b_local, dim = 64, 64
   x, y = random_inputs(701, n * b_local, dim)
   ids = jnp.arange(n * b_local, dtype=jnp.int32)
-  kernel = _kernel_ring(n, schedule, _params("on_wait"), tpu_ring.BlockSizes(32, 32))
+  kernel = _kernel_ring(n, schedule, _params("on_wait"), tpu_ring.BlockSizes(32, 32, fuse_dy))
   jax.eval_shape(kernel, x, y, ids, jnp.float32(2.3), jnp.float32(-10.0))
 
   assert {off for _, kind, off in events if kind} <= {1, -1}
   directions = {1, -1} if schedule == "bidirectional" else {1}
-  # Two trips (x owned, then y owned), each: the own block, then rounds opening with receives.
-  trips = []
+  # Per trip (two without fuse_dy: x owned, then y owned; one with it): the own block, then
+  # rounds opening with the chunks' receives.
+  trips, dy = [], []
   for e in events:
     if e[0] == "kernel":
       trips.append([[]])
-    elif e[0] == "wait_recv" and trips[-1][-1] and trips[-1][-1][-1][0] != "wait_recv":
+      dy.append([])
+      continue
+    if e[1] == "dy":
+      dy[-1].append((e, len(trips[-1])))
+      continue
+    if e[0] == "wait_recv" and trips[-1][-1] and trips[-1][-1][-1][0] != "wait_recv":
       trips[-1].append([])
-    if e[0] != "kernel":
-      trips[-1][-1].append(e)
-  assert len(trips) == 2
+    trips[-1][-1].append(e)
+  assert len(trips) == (1 if fuse_dy else 2)
   # Traced once: the own block, the loop's round, and with an even device count under
-  # bidirectional the right copy's extra hop, whose chunk goes no further.
-  extra = schedule == "bidirectional" and n % 2 == 0
+  # bidirectional (two trips) the right copy's extra hop, whose chunk goes no further.
+  extra = not fuse_dy and schedule == "bidirectional" and n % 2 == 0
   for rounds in trips:
     assert len(rounds) == 2 + extra
     for k, ev in enumerate(rounds):
@@ -476,6 +525,17 @@ def test_copies_overlap_compute(monkeypatch, n, schedule):
       assert all(i < tiles[0] for i in at("start"))
       assert all(i > tiles[-1] for i in at("wait_send"))
       assert {ev[i][2] for i in at("wait_send")} == sent
+  if not fuse_dy:
+    assert dy == [[], []]
+    return
+  # dY tiles leave in both directions during the own block and the round; the round waits
+  # for the tiles that arrived; the own dY tiles come home after the last round.
+  (dy,) = dy
+  for k in (1, 2):
+    assert {e[2] for e, r in dy if r == k and e[0] == "start"} == directions
+  assert {e[2] for e, r in dy if r == 2 and e[0] == "wait_recv"} == directions
+  home = [e for e, r in dy if r == 2][-len(directions) :]
+  assert [e[0] for e in home] == ["wait_recv"] * len(directions)
 
 
 @pytest.mark.parametrize(
@@ -483,6 +543,7 @@ def test_copies_overlap_compute(monkeypatch, n, schedule):
   [
     (dict(block_sizes=tpu_ring.BlockSizes(12, 16)), ValueError, "block_rows"),
     (dict(block_sizes=tpu_ring.BlockSizes(16, 0)), ValueError, "block_cols"),
+    (dict(block_sizes=tpu_ring.BlockSizes(16, 16, fuse_dy="yes")), TypeError, "fuse_dy"),
     (dict(block_sizes=(16, 16)), TypeError, "block_sizes"),
     (dict(schedule="ring"), ValueError, "schedule"),
   ],
@@ -558,17 +619,21 @@ def _flops(compiled):
   return cost["flops"]
 
 
-def _check_compiled(compiled, n, b_local, dim, grads):
+def _check_compiled(compiled, n, b_local, dim, grads, fused=None):
+  """``fused``: whether value-and-grad must be the one-trip plan (6 b^2 D per block) or
+  the two trips (8 b^2 D)."""
   text = compiled.as_text()
-  assert (
-    ("siglip_ring_fwd_bwd_dx" in text and "siglip_ring_fwd_bwd_dy" in text)
-    if grads
-    else "siglip_ring_fwd" in text
-  )
+  two_trips = "siglip_ring_fwd_bwd_dx" in text and "siglip_ring_fwd_bwd_dy" in text
+  one_trip = "siglip_ring_fwd_bwd." in text or 'siglip_ring_fwd_bwd"' in text
+  if grads:
+    assert one_trip != two_trips and one_trip == fused
+  else:
+    assert "siglip_ring_fwd" in text and not (one_trip or two_trips)
   # The chunks travel inside the kernel: XLA schedules no collective permute of its own.
   assert "collective-permute" not in text
-  # Per device: n blocks of b x b pairs, each D multiply-adds per logit (and per gradient).
-  want = (8 if grads else 2) * b_local * b_local * dim * n
+  # Per device: n blocks of b x b pairs, each D multiply-adds per logit and per gradient,
+  # the logits twice in two trips.
+  want = (2 if not grads else 6 if fused else 8) * b_local * b_local * dim * n
   assert abs(_flops(compiled) - want) < 0.01 * want
   # O(b D) per chip (landing slots, f32 gradients), nothing of size b x b (1 GiB of f32 at
   # b = 16384, against 576 MiB for this bound).
@@ -577,25 +642,28 @@ def _check_compiled(compiled, n, b_local, dim, grads):
 
 
 @pytest.mark.parametrize(
-  "topology,schedule,b_local,grads",
+  "topology,schedule,b_local,grads,fused",
   [
-    # The shapes that ran out of DMA semaphores (sflag) with one semaphore per dY tile.
-    ("v5e:2x4", "bidirectional", 16384, True),
-    pytest.param("v6e:2x4", "bidirectional", 16384, True, marks=pytest.mark.slow),
-    pytest.param("v5e:2x4", "unidirectional", 16384, True, marks=pytest.mark.slow),
-    pytest.param("v6e:2x4", "unidirectional", 16384, True, marks=pytest.mark.slow),
-    pytest.param("v5e:2x4", "unidirectional", 32768, True, marks=pytest.mark.slow),
-    pytest.param("v6e:2x4", "unidirectional", 32768, True, marks=pytest.mark.slow),
-    pytest.param("v5e:2x4", "bidirectional", 16384, False, marks=pytest.mark.slow),
-    pytest.param("v5e:2x2", "bidirectional", 16384, True, marks=pytest.mark.slow),
-    pytest.param("v4:2x2x1", "bidirectional", 16384, True, marks=pytest.mark.slow),
-    pytest.param("v4:2x2x1", "unidirectional", 4096, False, marks=pytest.mark.slow),
+    # The one-trip plan's largest resident dX (72 MiB) on a 128 MiB chip; the shapes that
+    # ran out of DMA semaphores (sflag) with one semaphore per dY tile.
+    ("v5e:2x4", "bidirectional", 16384, True, True),
+    ("v5e:2x4", "bidirectional", 4096, True, True),
+    pytest.param("v6e:2x4", "bidirectional", 16384, True, True, marks=pytest.mark.slow),
+    pytest.param("v5e:2x4", "unidirectional", 16384, True, True, marks=pytest.mark.slow),
+    pytest.param("v6e:2x4", "unidirectional", 16384, True, True, marks=pytest.mark.slow),
+    # dX no longer fits: two trips.
+    pytest.param("v5e:2x4", "unidirectional", 32768, True, False, marks=pytest.mark.slow),
+    pytest.param("v6e:2x4", "bidirectional", 32768, True, False, marks=pytest.mark.slow),
+    pytest.param("v5e:2x4", "bidirectional", 16384, False, None, marks=pytest.mark.slow),
+    pytest.param("v5e:2x2", "bidirectional", 16384, True, True, marks=pytest.mark.slow),
+    pytest.param("v4:2x2x1", "bidirectional", 16384, True, False, marks=pytest.mark.slow),
+    pytest.param("v4:2x2x1", "unidirectional", 4096, False, None, marks=pytest.mark.slow),
   ],
 )
-def test_compiles_for_tpu_slice(topology, schedule, b_local, grads):
+def test_compiles_for_tpu_slice(topology, schedule, b_local, grads, fused):
   dim = 1152
   n, compiled, default = _compile_for_slice(topology, schedule, b_local, dim, grads)
-  _check_compiled(compiled, n, b_local, dim, grads)
+  _check_compiled(compiled, n, b_local, dim, grads, fused)
   # Tile defaults come from the target chip (128 MiB of VMEM on v5e and v6e, 16 MiB on v4),
   # not the host: pltpu.get_tpu_info() inside shard_map on a compile-only mesh sees the target.
   assert default == tpu_ring.BlockSizes(*(2 * (256 if topology.startswith("v4") else 512,)))

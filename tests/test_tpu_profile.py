@@ -82,6 +82,24 @@ def test_nested_loops_and_trip_counts():
   assert outer.cycles() == 5 * (3 + 3 * 2)
 
 
+def test_a_loop_counting_from_one_runs_one_trip_fewer():
+  # lax.fori_loop(1, 4): the ring's rounds. The loop-head phi joins "smov 1" with the
+  # incremented counter; the exit test compares with 4: three trips, not four.
+  b = lambda addr, marker, body, region="": (
+    f"{addr:#6x} {marker or '  '}: > {{ {body} }}"
+    + (f" /* Start region {region} */" if region else "")
+  )
+  lines = ["= control target key start", "LB: loop body", "= control target key end", ""]
+  lines.append(b(0, "", "%s20_s30 = smov 1 /* copy for cssa */"))
+  lines.append(b(1, "LB", "%s21_s30 = sphi %s20_s30, %s22_s30 /* phi copy */", 1))
+  lines.append(b(2, "", "%v = vmatmul.bf16 %v1"))
+  lines.append(b(3, "", "%s22_s30 = sadd.s32 1, %s21_s30"))
+  lines.append(b(4, "", "%p23 = scmp.ge.s32.totalorder %s22_s30, 4 /* loop exit test */"))
+  lines.append(b(5, "", "%24 = sbr.rel (!%p23) target = $region1"))
+  (loop,) = _write_and_parse("\n".join(lines)).loops
+  assert (loop.start, loop.end, loop.trips) == (1, 5, 3)
+
+
 def test_steady_path_skips_one_off_regions_and_takes_the_shorter_body():
   # A grid step: an init region without matmuls (first step only), then an if/else between
   # a long and a short tile body (both with matmuls), then the back edge.
