@@ -421,9 +421,12 @@ def test_fast_math_worst_case_ragged_multichunk(dtype, tol):
     assert rel_err(grads[0], ref_grads[0]) < tol and rel_err(grads[1], ref_grads[1]) < tol
     for g, r, scale in zip(grads[2:], ref_grads[2:], scales):
       assert abs(float(g) - r) / scale < 1e-5
-  # The emulated approximations move the float32 results, by about their ulps.
+  # The emulated approximations move the float32 results, by about their ulps. dX shows it
+  # element by element (float32 inputs; bf16 dX rounds the shift away). The loss total is
+  # not compared for a change: its positives dominate it (1987 against a shift of ~1e-7 in
+  # the negatives' terms), so whether the float32 sum moves depends on the CPU's summation
+  # order (it did on one CI machine, not on the next).
   (f0, _, g0), (f1, _, g1) = outs["exact"], outs["emulate"]
-  assert float(f0) != float(f1)
   assert rel_err(f1, np.asarray(f0, np.float64)) < 1e-6
   if dtype == F32:
     assert 0 < rel_err(g1[0], np.asarray(g0[0], np.float64)) < 1e-6

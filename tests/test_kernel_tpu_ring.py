@@ -214,7 +214,7 @@ def test_ring_matches_reference(capfd, n, schedule, mode, dtype, races, tiles):
   "schedule,mode,dtype,races,fuse_dy",
   [
     ("bidirectional", "on_wait", jnp.float32, False, None),
-    ("unidirectional", "eager", jnp.bfloat16, True, False),
+    pytest.param("unidirectional", "eager", jnp.bfloat16, True, False, marks=pytest.mark.slow),
     pytest.param("unidirectional", "eager", jnp.float32, True, None, marks=pytest.mark.slow),
     pytest.param("bidirectional", "eager", jnp.bfloat16, True, False, marks=pytest.mark.slow),
   ],
@@ -647,7 +647,7 @@ def _check_compiled(compiled, n, b_local, dim, grads, fused=None):
     # The one-trip plan's largest resident dX (72 MiB) on a 128 MiB chip; the shapes that
     # ran out of DMA semaphores (sflag) with one semaphore per dY tile.
     ("v5e:2x4", "bidirectional", 16384, True, True),
-    ("v5e:2x4", "bidirectional", 4096, True, True),
+    pytest.param("v5e:2x4", "bidirectional", 4096, True, True, marks=pytest.mark.slow),
     pytest.param("v6e:2x4", "bidirectional", 16384, True, True, marks=pytest.mark.slow),
     pytest.param("v5e:2x4", "unidirectional", 16384, True, True, marks=pytest.mark.slow),
     pytest.param("v6e:2x4", "unidirectional", 16384, True, True, marks=pytest.mark.slow),
