@@ -484,9 +484,11 @@ _BOUNDS_RE = re.compile(r"iteration_bounds = array<i64(?::\s*([\d,\s]*))?>")
 _SEMANTICS_RE = re.compile(r"dimension_semantics = \[([^\]]*)\]")
 
 
-def mosaic_grids(mosaic_dir) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
-  """{kernel name: (grid, dimension semantics)} from the Mosaic dump's deserialized modules."""
-  grids = {}
+def mosaic_grids(mosaic_dir) -> dict[str, list[tuple[tuple[int, ...], tuple[str, ...]]]]:
+  """{kernel name: [(grid, dimension semantics), ...]} from the Mosaic dump's deserialized
+  modules: one entry per distinct grid (calls of one kernel name may differ, e.g. the fused
+  value-and-grad's super-blocks of 6 and 5 column tiles)."""
+  grids: dict[str, list] = {}
   d = pathlib.Path(mosaic_dir)
   if not d.is_dir():
     return grids
@@ -502,8 +504,25 @@ def mosaic_grids(mosaic_dir) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]
       if sem
       else ()
     )
-    grids[f.group(1)] = (grid, semantics)
+    if (grid, semantics) not in grids.setdefault(f.group(1), []):
+      grids[f.group(1)].append((grid, semantics))
   return grids
+
+
+def _grid_of(candidates, trips, cores):
+  """The grid (and semantics) among a kernel name's ``candidates`` that a loop of ``trips``
+  runs: a Pallas grid loop runs two trips more than the steps it runs (pipeline fill and
+  drain), all of the grid's steps or, on megacore, one TensorCore's share. The only
+  candidate where the trips are unknown; (None, ()) where none matches."""
+  if len(candidates) == 1 and trips is None:
+    return candidates[0]
+  for grid, semantics in candidates:
+    steps = math.prod(grid)
+    if trips is not None and trips - 2 in (steps, steps // cores):
+      return grid, semantics
+  if len(candidates) == 1:  # an unexpected loop; the caller says so
+    return candidates[0]
+  return None, ()
 
 
 # ------------------------------------------------------------------------------------------
@@ -638,7 +657,7 @@ def profile_case(gen, kernel, batch, dim, case_dir, n_dev) -> list[dict]:
   for op, (bpath, upath) in kernels.items():
     ks = kernel_schedule(op, bpath, upath)
     base = op.split("#")[0].rsplit(".", 1)[0]
-    grid, semantics = grids.get(base, (None, ()))
+    grid, semantics = _grid_of(grids.get(base, []), ks.loop.trips if ks.loop else None, cores)
     row = {
       "generation": gen,
       "kernel": kernel,
@@ -847,9 +866,34 @@ def format_table(rows) -> str:
   return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in out)
 
 
+def merge_calls(rows: list[dict]) -> list[dict]:
+  """One row per (generation, D, batch, kernel, op name): the calls of one op that a case
+  makes in sequence (the fused value-and-grad, one per super-block) summed: steady us added,
+  steady occupancies weighted by each call's steady us; ``calls`` counts them."""
+  groups: dict[tuple, list[dict]] = {}
+  for r in rows:
+    op = r.get("op", "").split(".")[0]
+    groups.setdefault((r["generation"], r["dim"], r["batch"], r["kernel"], op), []).append(r)
+  out = []
+  for group in groups.values():
+    ok = [r for r in group if "error" not in r and r.get("steady_static_us")]
+    if len(ok) < 2 or len(ok) != len(group):
+      out += group
+      continue
+    total = sum(r["steady_static_us"] for r in ok)
+    merged = dict(ok[0], calls=len(ok), steady_static_us=round(total, 2))
+    for k in ok[0]:
+      if k.startswith("steady_") and (k.endswith("_busy") or k == "steady_spill_frac"):
+        merged[k] = sum(r[k] * r["steady_static_us"] for r in ok) / total
+    out.append(merged)
+  return out
+
+
 def compare_table(before: list[dict], after: list[dict]) -> str:
   """A markdown table of the steady-state step, before -> after, per (generation, D, kernel,
-  op) present in ``after``; ``before`` rows are matched on generation, D, batch and op name."""
+  op) present in ``after`` (an op's successive calls merged, ``merge_calls``); ``before``
+  rows are matched on generation, D, batch and op name."""
+  before, after = merge_calls(before), merge_calls(after)
   key = lambda r: (r["generation"], r["dim"], r["batch"], r.get("op", "").split(".")[0])
   old = {key(r): r for r in before if "error" not in r}
   lines = [
@@ -874,6 +918,8 @@ def compare_table(before: list[dict], after: list[dict]) -> str:
       t, m = f"new: {us:.1f}", f"{mxu:.2f}"
     bound = max(units, key=lambda u: r.get(f"steady_{u}_busy", 0)).upper()
     grid = "x".join(map(str, r["grid"])) if r.get("grid") else "ring"
+    if r.get("calls"):
+      grid = f"{r['calls']} x {grid}"
     op = r.get("op", "").split(".")[0]
     lines.append(
       f"| {r['generation']} | {r['dim']} | {r['kernel']} ({op}) | {grid} | {t} | {m} "

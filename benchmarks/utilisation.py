@@ -76,6 +76,7 @@ except ImportError:  # run as a file (python benchmarks/utilisation.py): add the
 
 from siglip_fast.loss import REGISTRY
 from siglip_fast import ring as ring_lib
+from siglip_fast import target as target_lib
 from siglip_fast.reference import ring as reference_ring
 
 AXIS = "ring"
@@ -151,18 +152,12 @@ def available_implementations(backend: str) -> list[str]:
   return impls
 
 
-def _block_ops(impl: str, generation: str | None, interpret: bool) -> ring_lib.BlockOps:
+def _block_ops(impl: str, target: target_lib.Target | None, interpret: bool) -> ring_lib.BlockOps:
   if impl == "xla":
     return reference_ring.REFERENCE_OPS
-  module = kernel_module(impl)
-  block_sizes = None
-  # Compiling for a TPU generation from a CPU host: the kernel cannot see the chip, so ask
-  # for that generation's tiles (and its VMEM cap) explicitly.
-  if generation is not None and not interpret and hasattr(module, "BlockSizes"):
-    for_generation = getattr(module.BlockSizes, "for_generation", None)
-    if for_generation is not None:
-      block_sizes = for_generation(generation)
-  return module.block_ops(interpret=interpret, block_sizes=block_sizes)
+  # Compiling for a TPU from a CPU host: name the chip, so that the kernels pick its defaults
+  # (tiles for this shape, the value-and-grad plan, the VMEM cap) as they would on it.
+  return kernel_module(impl).block_ops(interpret=interpret, target=None if interpret else target)
 
 
 def loss_function(
@@ -171,18 +166,17 @@ def loss_function(
   pass_: str,
   *,
   mesh=None,
-  generation=None,
+  target=None,
   interpret=False,
   schedule="bidirectional",
 ):
-  """f(x, y, ids, log_t, bias) -> loss (fwd) or (loss, (dx, dy, dlog_t, dbias)) (vag)."""
+  """f(x, y, ids, log_t, bias) -> loss (fwd) or (loss, (dx, dy, dlog_t, dbias)) (vag).
+  ``target``: the ``siglip_fast.target.Target`` the block kernels pick defaults for."""
   axis = AXIS if kind == "ring" else None
   if impl == "pallas_tpu_ring":
     ring_loss = functools.partial(kernel_module(impl).ring_loss, interpret=interpret)
   else:
-    ring_loss = functools.partial(
-      reference_ring.ring_loss, ops=_block_ops(impl, generation, interpret)
-    )
+    ring_loss = functools.partial(reference_ring.ring_loss, ops=_block_ops(impl, target, interpret))
 
   def local(x, y, ids, log_t, bias):
     return ring_loss(x, y, ids, ids, log_t, bias, axis_name=axis, schedule=schedule)
@@ -289,7 +283,19 @@ def _cost(compiled) -> dict:
   text = compiled.as_text()
   out["vmem_limit_bytes"] = _kernel_vmem_limit(text)
   out["has_loop"] = bool(re.search(r"\bwhile\(", text))
+  out["ring_plan"] = _ring_kernel_plan(text)
   return out
+
+
+def _ring_kernel_plan(hlo_text: str) -> str | None:
+  """The value-and-grad plan of the ring kernel (kernels/tpu_ring.py) a compiled program
+  runs, from its kernels' op names: "one trip" (``siglip_ring_fwd_bwd``), "two trips"
+  (``siglip_ring_fwd_bwd_dx`` then ``_dy``), or None (no ring kernel with gradients)."""
+  if re.search(r"%siglip_ring_fwd_bwd_dx[.\s=]", hlo_text):
+    return "two trips"
+  if re.search(r"%siglip_ring_fwd_bwd[.\s=]", hlo_text):
+    return "one trip"
+  return None
 
 
 def _kernel_vmem_limit(hlo_text: str) -> int | None:
@@ -347,12 +353,23 @@ def model_row(row: dict, chip: chips_lib.Chip | None, devices_per_chip: int, sch
   if row["kind"] == "ring":
     n, b = row["devices"], row["batch"] // row["devices"]
     isz = jnp.dtype(row["dtype"]).itemsize
-    # A hop carries the text chunk and its ids; under grad also its float32 dY.
-    chunk = b * row["dim"] * isz + 4 * b + (4 * b * row["dim"] if row["pass"] == "vag" else 0)
+    both_ways = schedule == "bidirectional" and n > 2
+    chunk = b * row["dim"] * isz + 4 * b  # the text chunk and its ids
+    hops = _ring_hops(n, schedule)
+    plan = row.get("ring_plan") if row["pass"] == "vag" else None
+    if plan == "two trips":  # text chunks, then image chunks: no float32 on the wire
+      hops *= 2
+    elif plan == "one trip":
+      # Each chunk's float32 dY travels with it all the way round and then home; both
+      # directions carry half of every chunk's tiles.
+      chunk = (chunk + 4 * b * row["dim"]) // (2 if both_ways else 1)
+      hops = n
+    elif row["pass"] == "vag":  # the reference ring: dY travels with the chunk, then home
+      chunk += 4 * b * row["dim"]
+      hops += 1
     per_hop = chunk / chip.link_bw
-    if schedule == "bidirectional" and n > 2:  # both neighbours at once share the egress
+    if both_ways:  # both neighbours at once share the egress
       per_hop = max(per_hop, 2 * chunk / chip.egress_bw)
-    hops = _ring_hops(n, schedule) + (1 if row["pass"] == "vag" else 0)  # + dY home
     row.update(
       wire_bytes_per_hop=chunk,
       wire_hops=hops,
@@ -419,6 +436,7 @@ def compile_only_rows(shapes, generations, impls, ring, schedule, check_max, see
       continue
     devices, per_chip = chips_lib.one_device_per_chip(topo.devices)
     target = f"{gen} (compile-only)"
+    chip_target = target_lib.Target("tpu", devices[0].device_kind)
     for shape in shapes:
       cases = [("block", 1), ("ring", min(ring, len(devices)))] if ring > 1 else [("block", 1)]
       for kind, n_dev in cases:
@@ -434,7 +452,7 @@ def compile_only_rows(shapes, generations, impls, ring, schedule, check_max, see
               f"compiling {gen} {impl} {kind} {pass_} B={shape.batch} D={shape.dim} {shape.dtype}"
             )
             try:
-              f = loss_function(impl, kind, pass_, mesh=mesh, generation=gen, schedule=schedule)
+              f = loss_function(impl, kind, pass_, mesh=mesh, target=chip_target, schedule=schedule)
               compiled = (
                 jax.jit(f).lower(*_abstract(shape, _shardings(kind, devices[0], mesh))).compile()
               )
@@ -580,21 +598,23 @@ def default_static_profiles() -> list[pathlib.Path]:
 
 
 def load_static_profiles(paths) -> list[dict]:
-  """The rows of tpu_profile JSONs; a kernel op profiled in several files (same generation,
-  kernel, B, D) keeps the row of the last file."""
-  rows = {}
+  """The rows of tpu_profile JSONs; a case profiled in several files (same generation,
+  kernel, B, D, ring devices) keeps the rows of the last file, all of its ops (their
+  numbering, and the number of calls, may differ from file to file)."""
+  cases: dict[tuple, list[dict]] = {}
   for path in paths:
+    fresh: dict[tuple, list[dict]] = {}
     for r in json.loads(pathlib.Path(path).read_text())["rows"]:
       key = (
         r.get("generation"),
         r.get("kernel"),
         r.get("batch"),
         r.get("dim"),
-        r.get("op"),
         r.get("ring_devices"),
       )
-      rows[key] = r
-  return list(rows.values())
+      fresh.setdefault(key, []).append(r)
+    cases.update(fresh)
+  return [r for rows in cases.values() for r in rows]
 
 
 def attach_static(rows: list[dict], profile_rows: list[dict]) -> list[dict]:

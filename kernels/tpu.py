@@ -9,22 +9,30 @@ VPU and EUP, and folds what it needs into output blocks that stay resident in VM
 Passes (FLOPs for an n x m block with feature dim D):
   forward      a = x, b = y: loss partial sums                                 2 n m D
   fused        a = x, b = y: loss, dX, sum G*S, sum G, and dY = t G^T X       6 n m D
-               accumulated into a float32 (m, D) array resident in VMEM
+               accumulated in float32, resident in VMEM, a super-block of y at a time
   two-kernel   dX pass (a = x, b = y): loss, dX = t G Y, sum G*S, sum G       4 n m D
                dY pass (a = y, b = x): the tile recomputed, transposed         4 n m D
-The forward pass pays for no gradient work. Value-and-grad is the fused 6 n m D kernel when the
-resident dY fits the chip's VMEM (``BlockSizes.fuse_dy``), else the two-kernel 8 n m D design.
+The forward pass pays for no gradient work. Value-and-grad is the fused 6 n m D kernel by
+default (``BlockSizes.fuse_dy``), the two-kernel 8 n m D design where asked or where the
+fused one's super-blocks would be too short to stay compute bound.
 
 Why dY is the hard part: a Pallas TPU output block survives only *consecutive* grid steps, and
 with row tiles outermost dX_i is consecutive but dY_j is revisited once per row tile. The fused
-kernel therefore keeps all of dY in VMEM (m * D * 4 bytes: 72 MiB at m = 16384, D = 1152, which
-fits v5e/v6e's 128 MiB but not v5p's 64 MiB or v4's 16 MiB; a ring step's block, m = B / devices,
-fits far more often). Its row axis must then run sequentially, so on megacore chips (v4, v5p)
-a leading axis of 2 gives each TensorCore its own dY copy, summed afterwards. The alternatives
-to recomputing the tile when dY does not fit were a read-modify-write of dY tiles in HBM at
-every grid step (``RevisitMode.ANY`` single-buffers it, serialising that DMA with the compute)
-or a hand-written DMA pipeline; the second kernel costs 2 n m D FLOPs instead and keeps both
-grids parallel over row tiles.
+kernel therefore keeps dY in VMEM in float32, for a super-block of y's rows at a time: y is
+split into ``splits`` super-blocks, each of which runs every row tile of x against its own
+columns, keeps its (m / splits, D) dY resident and writes it once. Successive super-blocks are
+successive kernel calls, chained through a float32 dX updated in place (input and output
+alias): each call starts every row tile's accumulator from the previous call's partial, so
+the sum costs no extra pass over HBM, only that partial's read and write inside a
+compute-bound pipeline; the last call writes dX in x's dtype. On megacore chips (v4, v5p) each call has a leading parallel axis of 2: each
+TensorCore takes half of the call's columns, with its own half of dY and its own partial dX
+(the two summed afterwards). All of dY is m * D * 4 bytes (72 MiB at m = 16384, D = 1152), so
+one call serves v5e up to there (v6e's larger tiles leave less room) and a ring step's block
+almost anywhere; more split the rest. The alternatives were a read-modify-write of dY tiles in HBM at every grid step
+(``RevisitMode.ANY`` single-buffers it, serialising that DMA with the compute) or a
+hand-written DMA pipeline; the two-kernel design (``fuse_dy=False``, or where super-blocks
+would be so short that a call's x and partial-dX traffic would make it HBM bound) recomputes
+the tile instead, 2 n m D FLOPs more.
 
 Positives are pairs with equal ids (docs/DESIGN.md section 1), so the same kernel serves the
 diagonal block, any ring step, duplicate pairs, and padding (padded rows and columns are masked
@@ -79,9 +87,18 @@ _CANDIDATE_TILES = {
   "v5p": ((512, 512), (512, 256), (256, 256), (128, 128)),
   "v6e": ((1024, 2048), (1024, 1024), (1024, 512), (512, 512), (512, 256), (256, 256), (128, 128)),
 }
+# The fused value-and-grad's candidates: on v6e from 1024 x 1024, since 1024 x 2048, which
+# pays for the forward's vector work, spills more under three matmuls a tile and needs more
+# super-blocks (static profile, B = 16384: 1024 x 1024 3-6% ahead at D = 768 and 1152; 1.5%
+# behind at B = 4096, D = 768).
+_FUSED_TILES = dict(_CANDIDATE_TILES, v6e=_CANDIDATE_TILES["v6e"][1:])
 _VMEM_BUDGET = 0.75
-# TensorCores per jax device (megacore): the fused kernel keeps one dY copy per core.
+# TensorCores per jax device (megacore): they split the fused kernel's super-blocks.
 _TENSORCORES = {"v4": 2, "v5p": 2}
+# Peak bf16 FLOP/s over HBM bytes/s (the ridges quoted above): the fused kernel is split into
+# more calls only while each call stays compute bound with the traffic a split adds (per row
+# tile, x's tile read and the float32 partial dX read and written).
+_HBM_RIDGE = {"v4": 220, "v5e": 240, "v5p": 190, "v6e": 560}
 # Interpret mode (CPU) runs one Python-level step per grid point: fewer, larger tiles.
 _INTERPRET_TILES = (256, 256)
 
@@ -108,9 +125,14 @@ class BlockSizes:
     caps the VMEM limit at its VMEM; None leaves the cap to the compiler.
   vmem_limit_bytes: overrides the VMEM limit the kernels compile with (default: the modelled
     use, ``vmem_bytes``, plus headroom).
-  fuse_dy: value-and-grad in one kernel (6 n m D FLOPs) that keeps a float32 (m, D) dY
-    resident in VMEM (one copy per TensorCore on v4/v5p), rather than two kernels
-    (8 n m D). None: fuse when ``generation`` is set and the resident dY fits its VMEM budget.
+  fuse_dy: value-and-grad in one kernel (6 n m D FLOPs) that keeps a float32 dY resident in
+    VMEM, for one super-block of y's rows at a time, rather than two kernels (8 n m D).
+    None: fuse when ``generation`` is set and its VMEM holds the resident dY of super-blocks
+    long enough to keep each call compute bound (``dy_splits``).
+  dy_splits: the fused kernel's super-blocks of y's rows, one resident at a time (a kernel
+    call each, or a pair per call on v4/v5p, one per TensorCore; at most one per column
+    tile). None: the fewest whose resident dY fits the VMEM budget, a multiple of the
+    TensorCores so that both have work; 1 where no generation is known.
   """
 
   block_rows: int = 512
@@ -120,6 +142,7 @@ class BlockSizes:
   generation: str | None = None
   vmem_limit_bytes: int | None = None
   fuse_dy: bool | None = None
+  dy_splits: int | None = None
 
   def __post_init__(self):
     for name in ("block_rows", "block_cols", "block_rows_dy", "block_cols_dy"):
@@ -128,6 +151,12 @@ class BlockSizes:
         continue
       if not isinstance(v, int) or v <= 0 or v % _LANES:
         raise ValueError(f"BlockSizes.{name} must be a positive multiple of {_LANES}, got {v!r}")
+    if self.dy_splits is not None and (
+      not isinstance(self.dy_splits, int) or isinstance(self.dy_splits, bool) or self.dy_splits < 1
+    ):
+      raise ValueError(
+        f"BlockSizes.dy_splits must be a positive int or None, got {self.dy_splits!r}"
+      )
     if self.generation is not None and self.generation not in VMEM_CAPACITY:
       raise ValueError(
         f"BlockSizes.generation must be one of {tuple(VMEM_CAPACITY)} or None, "
@@ -187,13 +216,15 @@ def vmem_bytes(
   with_grad: bool,
   n_stats: int = 1,
   resident_rows: int = 0,
+  chained: bool = False,
 ) -> int:
   """Modelled VMEM of one kernel: double-buffered blocks plus float32 tile temporaries.
 
   rows, cols: the owned and streamed tile heights; dim: the feature dimension (padded to
   lanes, as VMEM stores it). ``with_grad``: the kernel accumulates a (rows, dim) float32
   gradient; ``resident_rows``: rows of the float32 dY the fused kernel keeps resident (one
-  buffer), plus G's transpose for it. The temporaries (logits, exp, softplus or sigmoid, G and
+  buffer), plus G's transpose for it; ``chained``: a fused call that reads or writes float32
+  partial dX blocks (at most one of each, double-buffered). The temporaries (logits, exp, softplus or sigmoid, G and
   its cast) are what Mosaic keeps live for the elementwise chain. A model, conservative against
   the compiler's own figures (benchmarks/tpu_compile.py records both).
   """
@@ -209,6 +240,8 @@ def vmem_bytes(
   if resident_rows:
     blocks += resident_rows * d * 4
     temps += rows * cols * 4
+  if chained:
+    blocks += 2 * rows * d * 4 + 2 * rows * d * (4 - isz)
   if isz == 4:
     # precision=HIGHEST splits float32 operands into bf16 parts: more temporaries. Fitted
     # (conservatively) to Mosaic's figures for D = 768 and 1536.
@@ -266,25 +299,32 @@ def _tile_kernel(
   with_scalar_grads,
   with_grad,
   with_db,
+  with_da_in,
+  da_partial,
+  col_start,
   precision,
 ):
-  """One grid step: (a tile i, b tile j), or (split c, a tile i, b tile j) with a resident
-  gradient of b, where a's row tile is c * (tiles per split) + i.
+  """One grid step: (a tile i, b tile j), or with a resident gradient of b (core c, a tile
+  i, b tile j), where core c takes the c-th share of this call's b tiles, from b tile
+  ``col_start`` on.
 
-  refs: the outputs, as requested: stats (1, k, 8, 128) holding [loss] + [sum G*S, sum G];
-  the (rows, D) gradient of a, in a's dtype; with_db, split c's (1, all of b, D) float32
-  partial gradient of b (without the factor t), resident for the whole grid. Then a float32
-  (rows, D) accumulator for a's gradient when its dtype is not float32 (otherwise the output
-  block accumulates in place).
+  refs: with_da_in, the (1, rows, D) float32 partial gradient of a that the previous call
+  left (the accumulator starts from it); then the outputs, as requested: stats (1, k, 8, 128)
+  holding [loss] + [sum G*S, sum G]; the gradient of a: a (rows, D) block in a's dtype, or
+  with da_partial core c's float32 (1, rows, D) partial, without the factor t; with_db, core
+  c's share of this call's float32 gradient of b (without t), resident for the call. Then a
+  float32 (rows, D) accumulator for a's gradient where its block is a partial or not float32
+  (otherwise the block accumulates in place).
   """
   if with_db:
     c, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    row_tile = c * pl.num_programs(1) + i
+    col_tile = col_start + c * pl.num_programs(2) + j
   else:
     i, j = pl.program_id(0), pl.program_id(1)
-    row_tile = i
+    col_tile = j
   last_j = pl.num_programs(2 if with_db else 1) - 1
   refs = list(refs)
+  da_in_ref = refs.pop(0) if with_da_in else None
   stats_ref = refs.pop(0) if (with_loss or with_scalar_grads) else None
   da_ref = refs.pop(0) if with_grad else None
   db_ref = refs.pop(0) if with_db else None
@@ -295,7 +335,9 @@ def _tile_kernel(
   def _init():
     if stats_ref is not None:
       stats_ref[...] = jnp.zeros_like(stats_ref)
-    if acc_ref is not None:
+    if da_in_ref is not None:
+      acc_ref[...] = da_in_ref[0]
+    elif acc_ref is not None:
       acc_ref[...] = jnp.zeros_like(acc_ref)
 
   if db_ref is not None:
@@ -312,7 +354,7 @@ def _tile_kernel(
     a = a_ref[...]
     valid_rows = None
     if full and na_pad != n_a:
-      valid_rows = row_tile * rows + lax.broadcasted_iota(jnp.int32, (rows, 1), 0) < n_a
+      valid_rows = i * rows + lax.broadcasted_iota(jnp.int32, (rows, 1), 0) < n_a
     b = b_ref[...]
     s = lax.dot_general(
       a, b, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
@@ -323,7 +365,7 @@ def _tile_kernel(
       pos = a_ids_ref[...] == b_ids_ref[...]  # (rows, 1) == (1, cols)
       valid = valid_rows
       if nb_pad != n_b:
-        col_ok = j * cols + lax.broadcasted_iota(jnp.int32, (1, cols), 1) < n_b
+        col_ok = col_tile * cols + lax.broadcasted_iota(jnp.int32, (1, cols), 1) < n_b
         valid = col_ok if valid is None else valid & col_ok
     sp, g = mc.tile_terms(
       v,
@@ -346,20 +388,20 @@ def _tile_kernel(
         gc, b, (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
       )
       if db_ref is not None:
-        # G^T @ a into this b tile's rows of the resident gradient of b.
+        # G^T @ a into this b tile's rows of the super-block's resident gradient of b.
         start = pl.multiple_of(j * cols, cols)
-        db_ref[0, pl.ds(start, cols), :] += lax.dot_general(
+        db_ref[pl.ds(start, cols), :] += lax.dot_general(
           gc, a, (((0,), (0,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
         )
 
   # Positives are possible only where the tiles' id ranges (over real rows) overlap; padding
-  # in every tile that reaches past the true extent (more than the last one where the row
-  # tiles are split over TensorCores).
-  full = (a_rng_ref[0, row_tile] <= b_rng_ref[1, j]) & (b_rng_ref[0, j] <= a_rng_ref[1, row_tile])
+  # in every tile that reaches past the true extent (more than the last one where the
+  # columns are split into super-blocks).
+  full = (a_rng_ref[0, i] <= b_rng_ref[1, col_tile]) & (b_rng_ref[0, col_tile] <= a_rng_ref[1, i])
   if na_pad != n_a:
-    full = full | ((row_tile + 1) * rows > n_a)
+    full = full | ((i + 1) * rows > n_a)
   if nb_pad != n_b:
-    full = full | ((j + 1) * cols > n_b)
+    full = full | ((col_tile + 1) * cols > n_b)
   pl.when(full)(lambda: tile_body(True))
   pl.when(jnp.logical_not(full))(lambda: tile_body(False))
 
@@ -367,8 +409,11 @@ def _tile_kernel(
 
     @pl.when(j == last_j)
     def _finish():
-      # d logits / d a = t * b: apply t once per row tile rather than per tile element.
-      da_ref[...] = (scal_ref[2] * acc_ref[...]).astype(da_ref.dtype)
+      if da_partial:  # the next call, or the sum over TensorCores, applies t
+        da_ref[0] = acc_ref[...]
+      else:
+        # d logits / d a = t * b: apply t once per row tile rather than per tile element.
+        da_ref[...] = (scal_ref[2] * acc_ref[...]).astype(da_ref.dtype)
 
 
 def _tile_pass(
@@ -389,31 +434,42 @@ def _tile_pass(
   name,
   with_db=False,
   splits=1,
+  col_tiles=None,
+  da_in=None,
 ):
   """Run the kernel over all (a tile, b tile) pairs of already padded inputs.
 
   n_a, n_b (the unpadded row counts) are the ids' lengths. ``with_db`` (needs with_grad):
-  also accumulate G^T @ a into a float32 (rows of b, D) array resident in VMEM, ``splits``
-  copies of it (one per TensorCore), each over its share of a's row tiles.
+  also accumulate G^T @ a, over b's tiles ``col_tiles`` = (first, count) (default: all),
+  into a float32 array resident in VMEM, in ``splits`` shares (one per TensorCore; the
+  leading, parallel grid axis), each with its own float32 partial gradient of a. ``da_in``:
+  the previous call's partials, (splits, rows of a, D) float32, to continue from.
 
   Returns (stats, da, db): the (k,) float32 sums (or None); the padded (rows of a, D)
-  gradient t * G @ b in a's dtype (or None); the padded float32 G^T @ a (or None).
+  gradient t * G @ b in a's dtype, or with_db, unless this is the one last call on one
+  TensorCore (splits == 1 and col_tiles reaching b's end), the (splits, rows of a, D)
+  float32 partials of G @ b, without t (or None); the float32 G^T @ a of the call's
+  columns (or None).
   """
   n_a, n_b = a_ids.shape[0], b_ids.shape[0]
   na_pad, nb_pad = a.shape[0], b.shape[0]
   dim = a.shape[1]
-  n_row_tiles = na_pad // rows
-  if n_row_tiles % splits:
-    raise ValueError(f"{n_row_tiles} row tiles do not split {splits} ways")
-  per_split = n_row_tiles // splits
+  n_row_tiles, n_col_tiles = na_pad // rows, nb_pad // cols
+  col_start, col_count = col_tiles or (0, n_col_tiles)
+  if col_count % splits:
+    raise ValueError(f"{col_count} column tiles do not split {splits} ways")
+  per_split = col_count // splits
+  da_partial = with_db and not (splits == 1 and col_start + col_count == n_col_tiles)
   if with_db:
-    grid = (splits, per_split, nb_pad // cols)
-    row = lambda c, i, j: c * per_split + i
+    grid = (splits, n_row_tiles, per_split)
+    row = lambda c, i, j: i
+    col = lambda c, i, j: col_start + c * per_split + j
+    stats_block = lambda c, i, j: c * n_row_tiles + i
   else:
     # Two axes: megacore splits the leading parallel one.
-    grid = (n_row_tiles, nb_pad // cols)
-    row = lambda i, j: i
-  col = lambda *g: g[-1]
+    grid = (n_row_tiles, n_col_tiles)
+    row = stats_block = lambda i, j: i
+    col = lambda i, j: j
   n_stats = int(with_loss) + 2 * int(with_scalar_grads)
 
   a_ids_col = jnp.pad(a_ids, (0, na_pad - n_a), constant_values=-1).reshape(na_pad, 1)
@@ -421,7 +477,8 @@ def _tile_pass(
   # Per tile, [min id, max id]: the kernel runs its lean body where the ranges of a row tile
   # and a column tile cannot share an id (see _tile_kernel).
   a_rng, b_rng = mc.tile_id_ranges(a_ids_col, rows, n_a), mc.tile_id_ranges(b_ids_row, cols, n_b)
-  operands, axes = vma.match_varying((scal, a_rng, b_rng, a_ids_col, b_ids_row, a, b))
+  extra = (da_in,) if da_in is not None else ()
+  operands, axes = vma.match_varying((scal, a_rng, b_rng, a_ids_col, b_ids_row, a, b) + extra)
   out_struct = lambda shape, dtype: vma.shape_struct(shape, dtype, axes)
 
   in_specs = [
@@ -433,36 +490,51 @@ def _tile_pass(
     pl.BlockSpec((rows, dim), lambda *g: (row(*g), 0)),
     pl.BlockSpec((cols, dim), lambda *g: (col(*g), 0)),
   ]
+  if da_in is not None:
+    in_specs.append(pl.BlockSpec((1, rows, dim), lambda c, i, j: (c, i, 0)))
   out_shape, out_specs, scratch = [], [], []
   if n_stats:
-    out_shape.append(out_struct((n_row_tiles, n_stats, _SUBLANES, _LANES), jnp.float32))
-    out_specs.append(pl.BlockSpec((1, n_stats, _SUBLANES, _LANES), lambda *g: (row(*g), 0, 0, 0)))
-  if with_grad:
+    out_shape.append(
+      out_struct(
+        (n_row_tiles * (splits if with_db else 1), n_stats, _SUBLANES, _LANES), jnp.float32
+      )
+    )
+    out_specs.append(
+      pl.BlockSpec((1, n_stats, _SUBLANES, _LANES), lambda *g: (stats_block(*g), 0, 0, 0))
+    )
+  if da_partial:
+    out_shape.append(out_struct((splits, na_pad, dim), jnp.float32))
+    out_specs.append(pl.BlockSpec((1, rows, dim), lambda c, i, j: (c, i, 0)))
+  elif with_grad:
     out_shape.append(out_struct((na_pad, dim), a.dtype))
     out_specs.append(pl.BlockSpec((rows, dim), lambda *g: (row(*g), 0)))
-  if with_db:
-    # Its block index changes only with the split: resident, written back once. One buffer.
-    out_shape.append(out_struct((splits, nb_pad, dim), jnp.float32))
-    out_specs.append(
-      pl.BlockSpec((1, nb_pad, dim), lambda c, i, j: (c, 0, 0), pipeline_mode=pl.Buffered(1))
-    )
-  if with_grad and a.dtype != jnp.float32:
+  if da_partial or (with_grad and a.dtype != jnp.float32):
+    # A fixed VMEM accumulator: accumulating in a pipelined output block costs the v5p
+    # fused kernel 7% more bundles a step (static profile, D = 1152).
     scratch.append(pltpu.VMEM((rows, dim), jnp.float32))
+  if with_db:
+    # Its block index changes only with the core: resident, written back once. One buffer.
+    out_shape.append(out_struct((col_count * cols, dim), jnp.float32))
+    out_specs.append(
+      pl.BlockSpec((per_split * cols, dim), lambda c, i, j: (c, 0), pipeline_mode=pl.Buffered(1))
+    )
 
   isz = a.dtype.itemsize
-  tile_elems = na_pad * nb_pad
+  nb_call = col_count * cols
+  tile_elems = na_pad * nb_call
   cost = pl.CostEstimate(
     flops=int(2 * tile_elems * dim * (1 + int(with_grad) + int(with_db))),
     # exp and log1p for the loss; exp and the reciprocal for the sigmoid.
     transcendentals=int(tile_elems * (1 + int(with_loss) + int(with_grad or with_scalar_grads))),
-    # a read once, b once per row tile, ids, and the outputs.
+    # a read once per core, b once per row tile, ids, the partials in and the outputs.
     bytes_accessed=int(
-      na_pad * dim * isz
-      + n_row_tiles * nb_pad * dim * isz
-      + 4 * (na_pad + n_row_tiles * nb_pad)
-      + (na_pad * dim * isz if with_grad else 0)
-      + (splits * nb_pad * dim * 4 if with_db else 0)
-      + 4 * n_row_tiles * n_stats * _SUBLANES * _LANES
+      splits * na_pad * dim * isz
+      + n_row_tiles * nb_call * dim * isz
+      + 4 * (splits * na_pad + n_row_tiles * nb_call)
+      + (splits * na_pad * dim * 4 if da_in is not None else 0)
+      + (na_pad * dim * (4 * splits if da_partial else isz) if with_grad else 0)
+      + (nb_call * dim * 4 if with_db else 0)
+      + 4 * splits * n_row_tiles * n_stats * _SUBLANES * _LANES
     ),
   )
   est = vmem_bytes(
@@ -472,7 +544,8 @@ def _tile_pass(
     a.dtype,
     with_grad=with_grad,
     n_stats=max(n_stats, 1),
-    resident_rows=nb_pad if with_db else 0,
+    resident_rows=per_split * cols if with_db else 0,
+    chained=da_partial or da_in is not None,
   )
   precision = mc.precision(a.dtype)
   kernel = functools.partial(
@@ -487,11 +560,17 @@ def _tile_pass(
     with_scalar_grads=with_scalar_grads,
     with_grad=with_grad,
     with_db=with_db,
+    with_da_in=da_in is not None,
+    da_partial=da_partial,
+    col_start=col_start,
     precision=precision,
   )
   # Row tiles are independent (megacore may split them) unless they share the resident
-  # gradient of b, which only the split axis may divide; the column axis accumulates.
+  # gradient of b; then the cores' shares are. The column axis accumulates.
   semantics = ("parallel", "arbitrary", "arbitrary") if with_db else ("parallel", "arbitrary")
+  # A partial in and a partial out: the same HBM buffer, updated in place (each row tile's
+  # block is read before any step of that row tile and written after its last).
+  aliases = {len(operands) - 1: int(n_stats > 0)} if da_in is not None and da_partial else {}
   outs = pl.pallas_call(
     kernel,
     grid=grid,
@@ -503,6 +582,7 @@ def _tile_pass(
       dimension_semantics=semantics, vmem_limit_bytes=_vmem_limit(est, generation, vmem_limit_bytes)
     ),
     cost_estimate=cost,
+    input_output_aliases=aliases,
     interpret=_interpret_mode() if interpret else False,
     name=name,
   )(*operands)
@@ -511,7 +591,7 @@ def _tile_pass(
   if with_loss:  # the kernel sums softplus / ln 2
     stats = stats * jnp.array([mc.LN_2] + [1.0] * (n_stats - 1), jnp.float32)
   da = outs.pop(0) if with_grad else None
-  db = jnp.sum(outs.pop(0), axis=0) if with_db else None
+  db = outs.pop(0) if with_db else None
   return stats, da, db
 
 
@@ -599,31 +679,64 @@ def loss_sum(
   return stats[0]
 
 
-def _fused_plan(bs, n, m, dim, dtype):
+def _super_blocks(bs, m: int, splits: int) -> tuple[int, int, list[int]]:
+  """(cols, cores, counts): the fused kernel's column tile for m rows of y, the TensorCores
+  each call splits its columns over, and each call's number of column tiles (a multiple of
+  cores, as even as they go: at most one super-block per column tile)."""
+  cores = _TENSORCORES.get(bs.generation, 1)
+  cores = cores if splits % cores == 0 else 1
+  cols = _tile(m, bs.block_cols, cores)
+  shares = mc.round_up(-(-m // cols), cores) // cores  # column tiles per TensorCore
+  calls = max(1, min(splits // cores, shares))
+  return cols, cores, [cores * (shares // calls + (k < shares % calls)) for k in range(calls)]
+
+
+def _fused_plan(bs, n, m, dim, dtype) -> tuple[bool, int]:
   """(fuse, splits): whether value-and-grad runs as one kernel with a resident dY (6 n m D)
-  rather than two (8 n m D), and over how many TensorCores' copies of dY."""
-  splits = _TENSORCORES.get(bs.generation, 1)
+  rather than two (8 n m D), and in how many super-blocks of y's rows (``BlockSizes``)."""
   if bs.fuse_dy is False or (bs.fuse_dy is None and bs.generation is None):
-    return False, splits
-  rows, cols = _tile(n, bs.block_rows, splits), _tile(m, bs.block_cols)
-  need = vmem_bytes(
-    rows, cols, dim, dtype, with_grad=True, n_stats=3, resident_rows=mc.round_up(m, cols)
-  )
-  if bs.fuse_dy is None:
-    return need <= _VMEM_BUDGET * VMEM_CAPACITY[bs.generation], splits
-  return True, splits
+    return False, 1
+  if bs.dy_splits is not None:
+    return True, bs.dy_splits
+  if bs.generation is None:
+    return True, 1
+  cores = _TENSORCORES.get(bs.generation, 1)
+  rows = _tile(n, bs.block_rows)
+  budget = _VMEM_BUDGET * VMEM_CAPACITY[bs.generation]
+  isz = jnp.dtype(dtype).itemsize
+  splits = cores
+  while True:
+    cols, _, counts = _super_blocks(bs, m, splits)
+    resident = counts[0] // cores * cols  # rows of dY a TensorCore holds (the largest share)
+    need = vmem_bytes(
+      rows, cols, dim, dtype, with_grad=True, n_stats=3, resident_rows=resident, chained=splits > 1
+    )
+    if need <= budget or len(counts) < splits // cores:  # fits, or one tile per super-block
+      splits = len(counts) * cores
+      break
+    splits += cores
+  # Each call stays compute bound with the traffic a super-block adds: per row tile, x's
+  # tile read and the float32 partial dX read and written.
+  flop_per_byte = 6 * rows * resident / ((isz + 8) * rows + isz * resident)
+  worth_it = need <= budget and (splits == cores or flop_per_byte >= _HBM_RIDGE[bs.generation])
+  return bs.fuse_dy is True or worth_it, splits
 
 
 def grad_block_sizes(
   generation: str | None, n: int, m: int, dim: int, dtype, *, interpret: bool = False
 ) -> BlockSizes:
-  """Default value-and-grad tiles: the fused kernel (6 n m D) is chosen before the tiles, so
-  the largest candidate tiles whose fused plan fits VMEM win over larger tiles that would
-  need two kernels (8 n m D); two kernels with ``for_generation``'s tiles otherwise."""
+  """Default value-and-grad tiles: the fused kernel (6 n m D) is chosen before the tiles:
+  the largest of its candidate tiles (``_FUSED_TILES``, down to half the area of the first)
+  that it runs with, in as many super-blocks as VMEM needs; two kernels (8 n m D) with
+  ``for_generation``'s tiles where it runs with none (v4 from D = 1152: its 16 MiB leaves
+  super-blocks too short to keep a call compute bound)."""
   base = default_block_sizes(generation, dim=dim, dtype=dtype, interpret=interpret)
   if generation is None:
     return base
-  for rows, cols in _CANDIDATE_TILES[generation]:
+  first_rows, first_cols = _FUSED_TILES[generation][0]
+  for rows, cols in _FUSED_TILES[generation]:
+    if 2 * rows * cols < first_rows * first_cols:
+      break
     bs = BlockSizes(rows, cols, generation=generation)
     if _fused_plan(bs, n, m, dim, dtype)[0]:
       return bs
@@ -644,8 +757,9 @@ def loss_sum_and_grads(
 ):
   """(loss sum, (dx, dy, dlog_t, dbias)); dx, dy in the dtypes of x, y, the rest float32.
 
-  One kernel (6 n m D FLOPs) when a float32 dY fits in VMEM, else two (8 n m D); see
-  ``BlockSizes.fuse_dy``. No (n, m) array outside VMEM either way.
+  The fused kernel (6 n m D FLOPs, one call per super-block of y: ``BlockSizes.dy_splits``)
+  where the chip's VMEM allows it, else two kernels (8 n m D); see ``BlockSizes.fuse_dy``.
+  No (n, m) array outside VMEM either way.
   """
   x_ids, y_ids, log_t, bias = validate.check_block_inputs(x, y, x_ids, y_ids, log_t, bias)
   _check_block_sizes(block_sizes)
@@ -655,44 +769,49 @@ def loss_sum_and_grads(
   )
   t, scal = mc.kernel_scalars(log_t, bias)
   common = _common(bs, interpret)
+  # The loss, its scalar gradients and dX: every call of the fused kernel, the first of two.
+  loss_and_dx = functools.partial(
+    _tile_pass, scal=scal, with_loss=True, with_scalar_grads=True, with_grad=True, **common
+  )
   fuse, splits = _fused_plan(bs, n, m, dim, x.dtype)
   if fuse:
-    rows, cols = _tile(n, bs.block_rows, splits), _tile(m, bs.block_cols)
-    stats, dx, dy = _tile_pass(
-      _pad_rows(x, rows * splits),
-      _pad_rows(y, cols),
-      x_ids,
-      y_ids,
-      scal,
-      rows=rows,
-      cols=cols,
-      with_loss=True,
-      with_scalar_grads=True,
-      with_grad=True,
-      with_db=True,
-      splits=splits,
-      name="siglip_fwd_dx_dy",
-      **common,
-    )
-    dy = (t * dy[:m]).astype(y.dtype)
+    # A call per super-block, or per pair of them where two TensorCores share a call.
+    cols, cores, counts = _super_blocks(bs, m, splits)
+    rows = _tile(n, bs.block_rows)
+    xp, yp = _pad_rows(x, rows), _pad_rows(y, cols * sum(counts))
+    stats, dx, dys = 0.0, None, []
+    for k, count in enumerate(counts):
+      call_stats, dx, call_dy = loss_and_dx(
+        xp,
+        yp,
+        x_ids,
+        y_ids,
+        rows=rows,
+        cols=cols,
+        with_db=True,
+        splits=cores,
+        col_tiles=(sum(counts[:k]), count),
+        da_in=dx,
+        name="siglip_fwd_dx_dy",
+      )
+      stats = stats + call_stats
+      dys.append(call_dy)
+    if dx.ndim == 3:  # the TensorCores' float32 partials, without t
+      dx = (t * jnp.sum(dx, axis=0)).astype(x.dtype)
+    dy = (t * jnp.concatenate(dys)[:m]).astype(y.dtype)
   else:
     rows, cols = _tile(n, bs.block_rows), _tile(m, bs.block_cols)
     rows_dy, cols_dy = _tile(m, bs.dy_tiles[0]), _tile(n, bs.dy_tiles[1])
     # x is the owned side of one kernel and the streamed side of the other: each kernel
     # gets its own padding, so neither pads to the lcm of two tiles.
-    stats, dx, _ = _tile_pass(
+    stats, dx, _ = loss_and_dx(
       _pad_rows(x, rows),
       _pad_rows(y, cols),
       x_ids,
       y_ids,
-      scal,
       rows=rows,
       cols=cols,
-      with_loss=True,
-      with_scalar_grads=True,
-      with_grad=True,
       name="siglip_fwd_dx",
-      **common,
     )
     # The same kernel on the transposed block: it owns y tiles and streams x tiles.
     _, dy, _ = _tile_pass(

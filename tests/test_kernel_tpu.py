@@ -91,9 +91,19 @@ def check(got, want, dtype, what="", scales=None):
     (jnp.float32, 200, 328, 96, tpu.BlockSizes(128, 256)),
     (jnp.bfloat16, 256, 384, 128, tpu.BlockSizes(256, 128, 128, 256)),
     (jnp.bfloat16, 136, 72, 256, None),
-    # the fused kernel (resident dY, 6 n m D), alone and split over two TensorCores (v5p)
+    # the fused kernel (resident dY, 6 n m D): one super-block; two, one per TensorCore
+    # (v5p); three calls over ragged columns, the last tile all padding
     (jnp.bfloat16, 256, 200, 128, tpu.BlockSizes(128, 128, fuse_dy=True)),
     (jnp.float32, 300, 200, 64, tpu.BlockSizes(128, 128, fuse_dy=True, generation="v5p")),
+    (jnp.bfloat16, 256, 600, 128, tpu.BlockSizes(128, 128, fuse_dy=True, dy_splits=3)),
+    # two calls chained through the partial dX, each split over two TensorCores
+    (
+      jnp.float32,
+      300,
+      520,
+      64,
+      tpu.BlockSizes(128, 128, fuse_dy=True, generation="v5p", dy_splits=4),
+    ),
   ],
 )
 def test_value_and_grads_match_oracle(dtype, n, m, dim, block_sizes):
@@ -341,6 +351,9 @@ def test_block_sizes_validation_and_generation_defaults():
     tpu.BlockSizes(100, 128)
   with pytest.raises(ValueError, match="generation"):
     tpu.BlockSizes(128, 128, generation="v9")
+  for bad in (0, 2.0, True):
+    with pytest.raises(ValueError, match="dy_splits must be a positive int"):
+      tpu.BlockSizes(128, 128, dy_splits=bad)
   for gen, cap in tpu.VMEM_CAPACITY.items():
     for dim in (768, 1152, 1536):
       for dtype in (jnp.bfloat16, jnp.float32):
@@ -370,24 +383,37 @@ def _eval(fn, batch, dim, block_sizes):
   )
 
 
-def test_fused_dy_only_where_it_fits():
+def test_fused_dy_in_super_blocks_at_any_batch():
   # With the tiles value-and-grad takes by default (grad_block_sizes: the fused plan chosen
-  # before the tiles, so v6e's widest forward tiles give way to ones it fits with).
+  # before the tiles).
   plan = lambda gen, batch, dim=1152: tpu._fused_plan(
     tpu.grad_block_sizes(gen, batch, batch, dim, jnp.bfloat16), batch, batch, dim, jnp.bfloat16
   )
-  # A ring step's block fits everywhere but v4; a 16k single-device batch on v5e and on v6e
-  # (512 x 512 tiles there), not on v5p (two dY copies in 64 MiB).
+  # One super-block where all of dY fits (v5e, v6e up to 16k at D = 768); one per
+  # TensorCore on megacore chips; more beyond: the fused plan (6 B^2 D) at any batch.
   assert plan("v5e", 4096) == (True, 1) and plan("v6e", 4096) == (True, 1)
-  assert plan("v5p", 4096) == (True, 2)  # one dY copy per TensorCore
-  assert plan("v4", 4096) == (False, 2)
-  assert plan("v5e", 16384) == (True, 1) and plan("v5p", 16384) == (False, 2)
-  assert plan("v6e", 16384) == (True, 1)
-  assert plan("v5e", 32768) == (False, 1)
+  assert plan("v5p", 4096) == (True, 2) and plan("v4", 4096, 768) == (True, 4)
+  assert plan("v6e", 16384, 768) == (True, 1) and plan("v6e", 16384) == (True, 3)
+  assert plan("v5e", 32768) == (True, 2) and plan("v5p", 16384) == (True, 4)
+  every_dim = (768, 1152, 1536)
+  for gen, dims in (("v4", (768,)), ("v5e", every_dim), ("v5p", every_dim), ("v6e", every_dim)):
+    for dim in dims:
+      fuse, splits = plan(gen, 65536, dim)
+      assert fuse and splits % tpu._TENSORCORES.get(gen, 1) == 0, (gen, dim, splits)
+  # Super-blocks as even as the column tiles go: v6e at 16k, D = 1152, 16 tiles of
+  # 1024 x 1024 in three calls of 6, 5 and 5 (no padding); on v5p a pair per call.
+  bs = tpu.grad_block_sizes("v6e", 16384, 16384, 1152, jnp.bfloat16)
+  assert (bs.block_rows, bs.block_cols) == (1024, 1024)
+  assert tpu._super_blocks(bs, 16384, 3) == (1024, 1, [6, 5, 5])
+  assert tpu._super_blocks(tpu.BlockSizes(generation="v5p"), 16384, 4) == (512, 2, [16, 16])
+  # v4 at D >= 1152: the tiles that leave dY room in 16 MiB make super-blocks too short to
+  # keep a call compute bound: two kernels.
+  assert plan("v4", 4096)[0] is False and plan("v4", 4096, 1536)[0] is False
   # Unknown chip (interpret mode): two kernels unless asked.
   assert tpu._fused_plan(tpu.BlockSizes(), 4096, 4096, 1152, jnp.bfloat16) == (False, 1)
-  # Forcing it where it cannot fit is refused at trace time, not left to the compiler.
-  forced = tpu.BlockSizes(256, 256, generation="v4", fuse_dy=True)
+  # Forcing one super-block where it cannot fit is refused at trace time, not left to the
+  # compiler.
+  forced = tpu.BlockSizes(256, 256, generation="v4", fuse_dy=True, dy_splits=1)
   with pytest.raises(ValueError, match="VMEM"):
     _eval(tpu.loss_sum_and_grads, 16384, 1152, forced)
 
@@ -435,6 +461,35 @@ def test_mosaic_compiles_v5e_without_bxb_temporary():
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     assert cost["flops"] == pytest.approx(flops * batch * batch * dim, rel=1e-3)
+
+
+@pytest.mark.parametrize(
+  "gen,topology,splits",
+  [pytest.param("v5e", "v5e:2x2", 3, marks=pytest.mark.slow), ("v5p", "v5p:2x2x1", 4)],
+)
+def test_mosaic_compiles_fused_super_blocks(gen, topology, splits):
+  # The fused kernel over super-blocks: one call each (v5e), or one per pair with a
+  # TensorCore each (v5p), chained through the float32 partial dX. Real Mosaic compiles;
+  # 6 B^2 D in all, no B x B array, HBM temporaries O(B D).
+  batch, dim = 3072, 1152
+  bs = tpu.BlockSizes(512, 512, generation=gen, fuse_dy=True, dy_splits=splits)
+  compiled = _compile(
+    lambda *a: tpu.loss_sum_and_grads(*a, block_sizes=bs),
+    batch,
+    dim,
+    jnp.bfloat16,
+    _tpu_sharding(topology),
+  )
+  text = compiled.as_text()
+  cores = tpu._TENSORCORES.get(gen, 1)
+  assert text.count('custom_call_target="tpu_custom_call"') == splits // cores
+  assert f"[{batch},{batch}]" not in text
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  assert cost["flops"] == pytest.approx(6 * batch * batch * dim, rel=1e-3)
+  temp = compiled.memory_analysis().temp_size_in_bytes
+  # The float32 partial dX in and out of a call (one per TensorCore), and dY.
+  assert temp <= (2 * cores + 1) * 4 * batch * dim, f"temp {temp} bytes"
 
 
 def test_mosaic_compiles_ragged_shapes_and_odd_dim():
@@ -544,15 +599,21 @@ def test_mosaic_compiles_all_generations():
   ):
     sharding = _tpu_sharding(topo)
     for dim in (768, 1152):
+      # The tiles (and value-and-grad plan) the API picks by default at this shape.
       bs = tpu.BlockSizes.for_generation(gen, dim, jnp.bfloat16)
       _compile(lambda *a: tpu.loss_sum(*a, block_sizes=bs), 16384, dim, jnp.bfloat16, sharding)
-      _compile(
-        lambda *a: tpu.loss_sum_and_grads(*a, block_sizes=bs), 16384, dim, jnp.bfloat16, sharding
+      gbs = tpu.grad_block_sizes(gen, 16384, 16384, dim, jnp.bfloat16)
+      compiled = _compile(
+        lambda *a: tpu.loss_sum_and_grads(*a, block_sizes=gbs), 16384, dim, jnp.bfloat16, sharding
       )
+      cost = compiled.cost_analysis()
+      cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+      # 6 B^2 D (two kernels would be 8), up to the padding of whole tiles.
+      assert cost["flops"] == pytest.approx(6 * 16384**2 * dim, rel=0.05), (gen, dim)
 
 
-# Tile sizes, batch shapes and the fused/two-kernel choice drawn at random: padding and the
-# lean/full tile bodies must never change the result (the two-kernel path once summed
+# Tile sizes, batch shapes, the fused/two-kernel choice and the fused kernel's super-blocks
+# drawn at random: padding and the lean/full tile bodies must never change the result (the two-kernel path once summed
 # padded tiles where the padding came from the lcm of two tile sizes).
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
@@ -568,14 +629,15 @@ _TILE = st.sampled_from([128, 256])
   rows_dy=_TILE,
   cols_dy=_TILE,
   fuse=st.booleans(),
+  splits=st.sampled_from([None, 2, 3]),
   dup=st.booleans(),
   seed=st.integers(0, 2**16),
 )
-def test_any_block_sizes_match_oracle(n, m, rows, cols, rows_dy, cols_dy, fuse, dup, seed):
+def test_any_block_sizes_match_oracle(n, m, rows, cols, rows_dy, cols_dy, fuse, splits, dup, seed):
   x, y = inputs(seed, n, m, 64, jnp.float32)
   x_ids = np.arange(n) // (3 if dup else 1)
   y_ids = np.arange(m) // (3 if dup else 1)
-  bs = tpu.BlockSizes(rows, cols, rows_dy, cols_dy, fuse_dy=fuse)
+  bs = tpu.BlockSizes(rows, cols, rows_dy, cols_dy, fuse_dy=fuse, dy_splits=splits)
   got = tpu.loss_sum_and_grads(
     x,
     y,

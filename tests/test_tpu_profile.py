@@ -35,7 +35,7 @@ def test_fixture_parses_to_its_known_figures():
   assert (ks.loop.bundles, ks.loop.trips) == (meta["loop_bundles"], meta["loop_trips"])
   # The grid's pipeline runs two more trips than grid steps (fill and drain).
   grids = tp.mosaic_grids(FIXTURE / "mosaic")
-  grid, semantics = grids["siglip_fwd"]
+  ((grid, semantics),) = grids["siglip_fwd"]
   assert list(grid) == meta["grid"]
   assert ks.loop.trips == meta["grid"][0] * meta["grid"][1] + 2
   assert semantics and all(s in ("parallel", "arbitrary") for s in semantics)
@@ -53,6 +53,18 @@ def test_fixture_parses_to_its_known_figures():
   assert ks.counts["matmul"] == meta["loop_matmuls"] > 0
   assert ks.counts["transcendental"] > 0
   assert ks.static_cycles == ks.bundles - ks.loop.bundles + ks.loop.trips * ks.loop.bundles
+
+
+def test_calls_of_one_kernel_name_get_the_grid_their_loop_runs():
+  # The fused value-and-grad in super-blocks of 6 and 5 column tiles: two grids for one
+  # kernel name; each op's loop runs its own grid's steps plus two (fill and drain).
+  grids = [((1, 16, 5), ("parallel", "arbitrary", "arbitrary")), ((1, 16, 6), ())]
+  assert tp._grid_of(grids, 98, 1)[0] == (1, 16, 6)
+  assert tp._grid_of(grids, 82, 1)[0] == (1, 16, 5)
+  assert tp._grid_of(grids, 50, 1) == (None, ())
+  # Megacore: the loop runs one TensorCore's share of the parallel axis.
+  assert tp._grid_of([((2, 32, 8), ())], 258, 2)[0] == (2, 32, 8)
+  assert tp._grid_of([((2, 32, 8), ())], None, 2)[0] == (2, 32, 8)
 
 
 def test_nested_loops_and_trip_counts():
@@ -177,6 +189,32 @@ def test_compare_table_pairs_rows_by_generation_dim_batch_and_op():
   assert "| 100.0 -> 80.0 (-20%) | 0.50 -> 0.60 |" in table[2] and "| 8x8 |" in table[2]
   assert "| ring | new: 100.0 | 0.50 |" in table[3]
   assert "error: boom" in table[4]
+
+
+def test_compare_table_sums_the_calls_of_one_op():
+  # The fused value-and-grad in two super-blocks: two calls of siglip_fwd_dx_dy, one row.
+  row = lambda **kw: {
+    "generation": "v6e",
+    "dim": 1152,
+    "batch": 16384,
+    "kernel": "value_and_grad",
+    "op": "siglip_fwd_dx_dy.1",
+    "grid": [1, 16, 8],
+    "steady_static_us": 100.0,
+    "steady_mxu_busy": 0.8,
+    "steady_valu_busy": 0.4,
+    "steady_vstore_busy": 0.2,
+    "steady_spill_frac": 0.3,
+    **kw,
+  }
+  before = [row(grid=[1, 32, 32], steady_static_us=250.0, steady_mxu_busy=0.75)]
+  after = [row(op="siglip_fwd_dx_dy.2"), row(op="siglip_fwd_dx_dy.3", steady_mxu_busy=0.6)]
+  (merged,) = tp.merge_calls(after)
+  assert merged["calls"] == 2 and merged["steady_static_us"] == 200.0
+  assert merged["steady_mxu_busy"] == pytest.approx(0.7)
+  table = tp.compare_table(before, after).splitlines()
+  assert len(table) == 3
+  assert "| 2 x 1x16x8 | 250.0 -> 200.0 (-20%) | 0.75 -> 0.70 |" in table[2]
 
 
 def _write_and_parse(text, tmp=None):

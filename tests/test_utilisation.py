@@ -113,12 +113,19 @@ def test_compile_only_ring_wire_model(compile_only_report):
   chip = chips.CHIPS["v5e"]
   rings = _rows(report, kind="ring")
   assert rings
+  # The ring kernel's value-and-grad runs one trip at this size (its dX fits VMEM).
+  plans = {(r["impl"], r["pass"]): r["ring_plan"] for r in rings}
+  assert plans[("pallas_tpu_ring", "vag")] == "one trip"
+  assert plans[("pallas_tpu_ring", "fwd")] is None and plans[("pallas_tpu", "vag")] is None
   for r in rings:
     n, b = r["devices"], r["batch"] // r["devices"]
-    # The text chunk (f32 here) and its int32 ids; under grad its float32 dY travels too.
-    chunk = b * r["dim"] * 4 + 4 * b + (4 * b * r["dim"] if r["pass"] == "vag" else 0)
+    # The text chunk (f32 here) and its int32 ids, half round the ring each way.
+    chunk, hops = b * r["dim"] * 4 + 4 * b, math.ceil((n - 1) / 2)
+    if r["ring_plan"] == "one trip":  # half of every chunk and its f32 dY each way, n hops
+      chunk, hops = (chunk + 4 * b * r["dim"]) // 2, n
+    elif r["pass"] == "vag":  # the reference ring: the chunk's f32 dY travels and goes home
+      chunk, hops = chunk + 4 * b * r["dim"], hops + 1
     assert r["wire_bytes_per_hop"] == chunk
-    hops = math.ceil((n - 1) / 2) + (1 if r["pass"] == "vag" else 0)
     assert r["wire_hops"] == hops
     per_hop = max(chunk / chip.link_bw, 2 * chunk / chip.egress_bw)
     assert r["wire_s"] == pytest.approx(hops * per_hop)
@@ -180,11 +187,9 @@ def test_measured_mode_on_cpu_devices(tmp_path):
     assert r["rel_err"] < 1e-5, r
 
 
-def test_model_row_reproduces_the_design_example():
-  # docs/DESIGN.md section 2: TPU v4, b = 4096, D = 1152, bf16: a block's 6 b^2 D FLOPs take
-  # ~0.42 ms of MXU time and a forward chunk (2 b D bytes) ~0.2 ms on one ICI link.
-  chip, b, dim, n = chips.CHIPS["v4"], 4096, 1152, 4
-  row = {
+def _ring_vag_row(b, dim, n):
+  """A costed bf16 ring value-and-grad row of n devices, b rows each, as model_row gets it."""
+  return {
     "kind": "ring",
     "pass": "vag",
     "batch": n * b,
@@ -195,6 +200,13 @@ def test_model_row_reproduces_the_design_example():
     "flops": 6 * n * b * b * dim,
     "bytes": 1.0,
   }
+
+
+def test_model_row_reproduces_the_design_example():
+  # docs/DESIGN.md section 2: TPU v4, b = 4096, D = 1152, bf16: a block's 6 b^2 D FLOPs take
+  # ~0.42 ms of MXU time and a forward chunk (2 b D bytes) ~0.2 ms on one ICI link.
+  chip, b, dim, n = chips.CHIPS["v4"], 4096, 1152, 4
+  row = _ring_vag_row(b, dim, n)
   utilisation.model_row(row, chip, 1, "unidirectional")
   assert row["compute_s_per_block"] == pytest.approx(6 * b * b * dim / chip.bf16_flops)
   fwd_chunk = 2 * b * dim + 4 * b
@@ -368,3 +380,36 @@ def test_static_profiles_load_with_the_last_file_winning(tmp_path):
   new.write_text(json.dumps({"rows": [dict(row, static_us=2.0)]}))
   rows = utilisation.load_static_profiles([old, new])
   assert sorted((r["dim"], r["static_us"]) for r in rows) == [(768, 1.0), (1152, 2.0)]
+  # A case whose ops are numbered differently in the newer file (the fused value-and-grad
+  # in two calls where it was one) keeps only the newer file's ops.
+  vag = dict(row, kernel="value_and_grad", op="siglip_fwd_dx_dy.1")
+  old.write_text(json.dumps({"rows": [vag]}))
+  new.write_text(json.dumps({"rows": [dict(vag, op=f"siglip_fwd_dx_dy.{k}") for k in (2, 3)]}))
+  rows = utilisation.load_static_profiles([old, new])
+  assert sorted(r["op"] for r in rows) == ["siglip_fwd_dx_dy.2", "siglip_fwd_dx_dy.3"]
+
+
+def test_model_row_follows_the_ring_kernel_plan():
+  # The ring kernel's value-and-grad (kernels/tpu_ring.py): one trip sends half of each
+  # chunk and its float32 dY each way, n hops (the last one home); two trips send bf16
+  # chunks only, text then image, half round each way; the reference ring sends the whole
+  # chunk and its dY half round, then home.
+  chip, b, dim, n = chips.CHIPS["v5e"], 4096, 1152, 4
+  base = _ring_vag_row(b, dim, n)
+  chunk, dy = 2 * b * dim + 4 * b, 4 * b * dim
+  rows = {
+    plan: utilisation.model_row(dict(base, ring_plan=plan), chip, 1, "bidirectional")
+    for plan in ("one trip", "two trips", None)
+  }
+  assert (rows["one trip"]["wire_bytes_per_hop"], rows["one trip"]["wire_hops"]) == (
+    (chunk + dy) // 2,
+    n,
+  )
+  assert (rows["two trips"]["wire_bytes_per_hop"], rows["two trips"]["wire_hops"]) == (chunk, 4)
+  assert (rows[None]["wire_bytes_per_hop"], rows[None]["wire_hops"]) == (chunk + dy, 3)
+  assert rows["one trip"]["wire_s"] == pytest.approx(rows[None]["wire_s"] * 2 / 3)
+  # The plan is read from the compiled program's kernel names.
+  hlo = '%siglip_ring_fwd_bwd_dx.1 = f32[] custom-call(...), custom_call_target="tpu_custom_call"'
+  assert utilisation._ring_kernel_plan(hlo) == "two trips"
+  assert utilisation._ring_kernel_plan(hlo.replace("_dx.1", ".3")) == "one trip"
+  assert utilisation._ring_kernel_plan(hlo.replace("bwd_dx", "")) is None
