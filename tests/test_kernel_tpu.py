@@ -617,8 +617,12 @@ def test_mosaic_compiles_all_generations():
       )
       cost = compiled.cost_analysis()
       cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-      # 6 B^2 D (two kernels would be 8), up to the padding of whole tiles.
-      assert cost["flops"] == pytest.approx(6 * 16384**2 * dim, rel=0.05), (gen, dim)
+      # The fused kernel's 6 B^2 D (up to the padding of whole tiles) everywhere but v4 at
+      # D = 1152, where its VMEM leaves the two kernels' 8.
+      fused = tpu._fused_plan(gbs, 16384, 16384, dim, jnp.bfloat16)[0]
+      assert fused or (gen, dim) == ("v4", 1152)
+      want = (6 if fused else 8) * 16384**2 * dim
+      assert cost["flops"] == pytest.approx(want, rel=0.05), (gen, dim)
 
 
 # Tile sizes, batch shapes, the fused/two-kernel choice and the fused kernel's super-blocks
