@@ -61,6 +61,15 @@ def _sds(shape, dtype, sharding):
   return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
 
+def _fused_call(bs, batch, dim, dtype):
+  """(cols, cores, tiles, chained) of the fused value-and-grad's largest call as the API
+  plans it (``tpu._super_blocks``): column tile, TensorCores sharing the call, its column
+  tiles, and whether it reads the previous call's float32 partial dX."""
+  splits = tpu._fused_plan(bs, batch, batch, dim, dtype)[1]
+  cols, cores, counts = tpu._super_blocks(bs, batch, splits)
+  return cols, cores, counts[0], len(counts) > 1
+
+
 def _kernel_vmem(gen, kind, batch, dim, dtype, sharding, bs):
   """The smallest VMEM limit (bytes) one kernel compiles under: its scoped VMEM use.
 
@@ -77,19 +86,20 @@ def _kernel_vmem(gen, kind, batch, dim, dtype, sharding, bs):
     "fwd_dx_dy": (True, True, True, True),
   }
   with_loss, with_scalar_grads, with_grad, with_db = flags[kind]
-  splits = tpu._fused_plan(bs, batch, batch, dim, dtype)[1] if with_db else 1
-  if with_db:  # the fused kernel's column tiles split evenly into its super-blocks
-    cols = tpu._tile(batch, cols, splits)
+  cores, tiles, chained = 1, None, False
+  if with_db:  # the fused kernel's largest call, reading a partial dX where calls chain
+    cols, cores, tiles, chained = _fused_call(bs, batch, dim, dtype)
   emb = _sds((batch, dim), dtype, sharding)
   ids = _sds((batch,), jnp.int32, sharding)
+  partial = (_sds((cores, tpu.mc.round_up(batch, rows), dim), jnp.float32, sharding),)
   limit = 64 << 10
   for _ in range(12):
 
-    def one_kernel(a, b, ia, ib, scal, limit=limit):
+    def one_kernel(a, b, ia, ib, scal, *da_in, limit=limit):
       # The private single-kernel entry, so that each kernel is measured alone.
       return tpu._tile_pass(
         tpu._pad_rows(a, rows),
-        tpu._pad_rows(b, cols * splits),
+        tpu._pad_rows(b, cols * (tiles or 1)),
         ia,
         ib,
         scal,
@@ -99,15 +109,18 @@ def _kernel_vmem(gen, kind, batch, dim, dtype, sharding, bs):
         with_scalar_grads=with_scalar_grads,
         with_grad=with_grad,
         with_db=with_db,
-        splits=splits,
+        splits=cores,
+        col_tiles=(0, tiles) if tiles else None,
+        da_in=da_in[0] if da_in else None,
         generation=gen,
         vmem_limit_bytes=limit,
         interpret=False,
         name=f"probe_{kind}",
       )
 
+    args = (emb, emb, ids, ids, _sds((4,), jnp.float32, sharding)) + (partial if chained else ())
     try:
-      jax.jit(one_kernel).lower(emb, emb, ids, ids, _sds((2,), jnp.float32, sharding)).compile()
+      jax.jit(one_kernel).lower(*args).compile()
       return limit
     except Exception as e:  # noqa: BLE001 - the out-of-VMEM error is the measurement
       total = re.search(r"Program vmem requirement ([\d.]+)([KMG])", str(e))
@@ -134,18 +147,20 @@ def compile_case(gen, batch, dim, dtype):
   peak, bw = PEAK[gen]
   rows_dy, cols_dy = bs.dy_tiles
   fused, splits = tpu._fused_plan(bs, batch, batch, dim, dtype)
+  fused_cols, cores, tiles, _ = _fused_call(bs, batch, dim, dtype)
   model = {
     "fwd": tpu.vmem_bytes(bs.block_rows, bs.block_cols, dim, dtype, with_grad=False),
     "fwd_dx": tpu.vmem_bytes(bs.block_rows, bs.block_cols, dim, dtype, with_grad=True, n_stats=3),
     "dy": tpu.vmem_bytes(rows_dy, cols_dy, dim, dtype, with_grad=True),
     "fwd_dx_dy": tpu.vmem_bytes(
       bs.block_rows,
-      tpu._tile(batch, bs.block_cols, splits),
+      fused_cols,
       dim,
       dtype,
       with_grad=True,
       n_stats=3,
-      resident_rows=-(-batch // splits),
+      resident_rows=tiles // cores * fused_cols,
+      chained=splits > 1,
     ),
   }
   two = dataclasses.replace(bs, fuse_dy=False)
