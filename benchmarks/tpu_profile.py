@@ -32,7 +32,11 @@ A Pallas grid is a software-pipelined loop whose body is one grid step, so per k
                  (VSTORE:SPILL > 0);
   mxu_ideal      cycles the step's FLOPs need on the core's MXUs at one matmul per MXU per
                  cycle; mxu_ideal_ratio = mxu_ideal / loop_bundles (1 = the MXUs never idle);
-  bound          the unit with the highest busy fraction.
+  bound          the unit with the highest busy fraction;
+  steady_floor_x bundles of the steady step over the largest unit floor (a unit's slots used
+                 / its slots per bundle: no schedule of the same instructions is shorter),
+                 i.e. 1 / the busiest unit's steady fraction, that unit ``steady_bound``:
+                 how far the schedule is from the limit its instruction mix sets.
 
 For the ring kernel (``ring_hop``) there is no grid: static cycles come from the loop tree
 (``steady_static_cycles``: every loop on its steady path, i.e. the lean tile body),
@@ -719,12 +723,36 @@ def profile_case(gen, kernel, batch, dim, case_dir, n_dev) -> list[dict]:
     row["static_us"] = (
       round(row["static_cycles"] / clock * 1e6, 2) if row["static_cycles"] else None
     )
-    busy = {u: ks.busy[u] for u in ("MXU", "XLU", "VALU", "VPOP", "EUP", "VLOAD", "VSTORE", "SALU")}
+    busy = {u: ks.busy[u] for u in ISSUE_UNITS}
     row["bound"] = max(busy, key=busy.get)
+    row["steady_bound"], row["steady_floor_x"] = floor(row)
     if kernel.startswith("ring"):
       row.update(_ring_hop(gen, op, batch, dim, n_dev, row["steady_static_cycles"], clock))
     rows.append(row)
   return rows
+
+
+# The units a bundle issues to, each with its own slots (VLOAD:FILL and VSTORE:SPILL are
+# the slots of VLOAD and VSTORE that fills and spills take, not units of their own).
+ISSUE_UNITS = ("MXU", "XLU", "VALU", "VPOP", "EUP", "VLOAD", "VSTORE", "SALU")
+
+
+def floor(row, prefix: str = "steady_") -> tuple[str, float] | tuple[None, None]:
+  """(binding unit, bundles over its floor) of a profile row's step (``prefix`` "steady_":
+  the steady step; "": every bundle of the loop body).
+
+  A unit's floor is the bundles its slots alone need: slots used / slots per bundle, i.e.
+  its busy fraction times the bundles. No schedule of the same instructions can be shorter
+  than the largest floor, so bundles / that floor (1 / the busiest unit's fraction) is how
+  far the schedule is from the limit the instruction mix sets: 1.0 is a unit busy in every
+  bundle. (The floor counts issue slots, not latencies: an MXU result that needs more cycles
+  than the schedule gives it is the separate ``mxu_ideal_ratio``.)"""
+  busy = {u: row.get(f"{prefix}{_key(u)}") for u in ISSUE_UNITS}
+  busy = {u: v for u, v in busy.items() if v is not None}
+  if not busy or max(busy.values()) <= 0:
+    return None, None
+  unit = max(busy, key=busy.get)
+  return unit, round(1 / busy[unit], 3)
 
 
 def _key(unit: str) -> str:
@@ -851,6 +879,8 @@ _COLS = (
   ("steady_valu_busy", "sVALU", "{:.2f}"),
   ("steady_vstore_busy", "sVST", "{:.2f}"),
   ("steady_spill_frac", "sspill", "{:.2f}"),
+  ("steady_bound", "sbound", "{}"),
+  ("steady_floor_x", "x floor", "{:.2f}"),
   ("hop_hidden_ratio", "hop/wire", "{:.2f}"),
 )
 
@@ -898,10 +928,9 @@ def compare_table(before: list[dict], after: list[dict]) -> str:
   old = {key(r): r for r in before if "error" not in r}
   lines = [
     "| gen | D | kernel (op) | grid | steady us, before -> after | steady MXU, before -> after "
-    "| VALU | VSTORE | spill | bound (steady) |",
+    "| VALU | VSTORE | spill | bound (steady): x its floor |",
     "|---|---|---|---|---|---|---|---|---|---|",
   ]
-  units = ("mxu", "xlu", "valu", "vpop", "eup", "vload", "vstore", "salu")
   for r in sorted(after, key=lambda r: (r["generation"], r["dim"], r["kernel"], r.get("op", ""))):
     if "error" in r:
       lines.append(
@@ -916,7 +945,8 @@ def compare_table(before: list[dict], after: list[dict]) -> str:
       m = f"{b['steady_mxu_busy']:.2f} -> {mxu:.2f}"
     else:
       t, m = f"new: {us:.1f}", f"{mxu:.2f}"
-    bound = max(units, key=lambda u: r.get(f"steady_{u}_busy", 0)).upper()
+    unit, x = floor(r)
+    bound = f"{unit}: {x:.2f}x" if unit else "-"
     grid = "x".join(map(str, r["grid"])) if r.get("grid") else "ring"
     if r.get("calls"):
       grid = f"{r['calls']} x {grid}"
@@ -1019,15 +1049,17 @@ def main(argv=None):
     "--compare",
     nargs=2,
     metavar=("BEFORE", "AFTER"),
-    help="print a markdown before -> after table of two --json files (BEFORE may be a "
-    "comma-separated list) and exit; nothing is compiled",
+    help="print a markdown before -> after table of two --json files (either may be a "
+    "comma-separated list: a case in several keeps the last file's rows) and exit; nothing "
+    "is compiled",
   )
   p.add_argument("--_child", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.compare:
-    load = lambda paths: [
-      r for f in paths.split(",") for r in json.loads(pathlib.Path(f).read_text())["rows"]
-    ]
+    # A case profiled in several files keeps the last file's rows.
+    from benchmarks.utilisation import load_static_profiles
+
+    load = lambda paths: load_static_profiles(paths.split(","))
     print(compare_table(load(args.compare[0]), load(args.compare[1])))
     return 0
   if args._child:
@@ -1051,6 +1083,7 @@ def main(argv=None):
       "source": "libtpu --xla_jf_dump_to final_bundles + final_hlo-static-per-bundle-utilization",
       "versions": _versions(),
       "note": "static schedule figures, not measurements",
+      "command": " ".join(["python -m benchmarks.tpu_profile", *(argv or sys.argv[1:])]),
     }
     pathlib.Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
   if args.plot:
