@@ -45,6 +45,11 @@ one hop's remote DMAs over one ICI link (benchmarks/chips.py; ``_ring_hop`` says
 plan sends): ``hop_hidden_ratio`` = compute time per hop / wire time per hop, > 1 means the
 permute can hide behind compute. ``ring_hop`` is the API's default value-and-grad plan (one
 trip, 6 b^2 D per block, where dX fits VMEM), ``ring_hop_2trip`` the two trips (8 b^2 D).
+``ring_blocks`` (on request) is the ring the API runs on megacore chips (v4, v5p): the block
+kernels' value-and-grad, a call (or several) per block, in the shared ring driver; a row per
+call, each carrying the hop that all the calls make together, against a wire that carries
+the chunk, its ids and its f32 dY both ways (XLA's accumulation between the calls is not in
+these figures).
 
 These are STATIC figures, not measurements: they assume every bundle issues in one cycle.
 They leave out stalls on DMA waits (HBM and ICI), on semaphores, pipeline fill and drain,
@@ -565,6 +570,27 @@ def _block_fn(kernel: str, bs):
   return lambda x, y, i, lt, b: tpu.loss_sum_and_grads(x, y, i, i, lt, b, block_sizes=bs)
 
 
+def _ring_blocks_fn(mesh, gen, batch, dim):
+  """Value-and-grad of the public API's ring on the block kernels (the shared driver), with
+  the tiles the API picks for one (b x b) block on ``gen``."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import PartitionSpec as P
+  import siglip_fast
+  from siglip_fast.kernels import tpu
+
+  b = batch // mesh.devices.size
+  bs = tpu.grad_block_sizes(gen, b, b, dim, jnp.bfloat16)
+
+  def local(x, y, ids, lt, bias):
+    return siglip_fast.sigmoid_loss(
+      x, y, lt, bias, pair_ids=ids, axis_name="batch", implementation="pallas_tpu", block_sizes=bs
+    )
+
+  f = jax.shard_map(local, mesh=mesh, in_specs=(P("batch"),) * 3 + (P(), P()), out_specs=P())
+  return jax.value_and_grad(f, argnums=(0, 1, 3, 4))
+
+
 def _ring_fn(mesh, with_grads: bool, fuse_dy=None):
   import jax
   from jax.sharding import PartitionSpec as P
@@ -585,6 +611,18 @@ _COST_RE = re.compile(
   r"%([\w.\-]+) = .*custom_call_target=\"tpu_custom_call\".*?"
   r"\"cost_estimate\":\{\"flops\":\"(\d+)\""
 )
+
+
+_CALL_RE = re.compile(r"^\s*%(siglip_[a-z_0-9]+?)(?:\.\d+)? = .*custom-call\(", re.M)
+
+
+def kernel_calls(hlo_text: str) -> dict[str, int]:
+  """{kernel name: its calls} in a compiled HLO text. libtpu dumps a kernel once however
+  many calls run it (the ring driver calls one block kernel per block)."""
+  calls: dict[str, int] = {}
+  for name in _CALL_RE.findall(hlo_text):
+    calls[name] = calls.get(name, 0) + 1
+  return calls
 
 
 def kernel_flops(hlo_text: str) -> dict[str, int]:
@@ -612,7 +650,10 @@ def _compile_case(gen, kernel, batch, dim, dump, mosaic):
     mesh, spec = Mesh(np.array(devs), ("batch",)), P("batch")
     # ring_hop: the API's default plan (one trip where dX fits VMEM); ring_hop_2trip forces
     # the two trips (fuse_dy=False).
-    f = _ring_fn(mesh, kernel != "ring_hop_fwd", False if kernel == "ring_hop_2trip" else None)
+    if kernel == "ring_blocks":
+      f = _ring_blocks_fn(mesh, gen, batch, dim)
+    else:
+      f = _ring_fn(mesh, kernel != "ring_hop_fwd", False if kernel == "ring_hop_2trip" else None)
   else:
     mesh, spec = Mesh(np.array(devices[:1]), ("batch",)), P()
     # The tiles the public API picks by default: value-and-grad chooses the fused plan
@@ -644,6 +685,7 @@ def _compile_case(gen, kernel, batch, dim, dump, mosaic):
   for name in set(os.listdir(mosaic)) - before[1]:
     os.replace(os.path.join(mosaic, name), case / "mosaic" / name)
   (case / "flops.json").write_text(json.dumps(flops))
+  (case / "calls.json").write_text(json.dumps(kernel_calls(compiled.as_text())))
   return case, mesh.devices.size
 
 
@@ -726,9 +768,26 @@ def profile_case(gen, kernel, batch, dim, case_dir, n_dev) -> list[dict]:
     busy = {u: ks.busy[u] for u in ISSUE_UNITS}
     row["bound"] = max(busy, key=busy.get)
     row["steady_bound"], row["steady_floor_x"] = floor(row)
-    if kernel.startswith("ring"):
+    if kernel.startswith("ring") and kernel != "ring_blocks":
       row.update(_ring_hop(gen, op, batch, dim, n_dev, row["steady_static_cycles"], clock))
     rows.append(row)
+  if kernel == "ring_blocks":
+    # The block calls (one or more per block, a block per chunk a device sees) are the
+    # trip's compute together. A kernel dumped once may run in several calls: each of its
+    # rows stands for calls / rows of them. Every row gets the hop they make together.
+    calls_path = pathlib.Path(case_dir) / "calls.json"
+    calls = json.loads(calls_path.read_text()) if calls_path.exists() else {}
+    total = 0
+    for r in rows:
+      base = r["op"].split("#")[0].rsplit(".", 1)[0]
+      same = sum(1 for q in rows if q["op"].split("#")[0].rsplit(".", 1)[0] == base)
+      r["calls_per_row"] = calls.get(base, same) / same
+      if total is not None and r.get("steady_static_cycles") is not None:
+        total += r["steady_static_cycles"] * r["calls_per_row"]
+      else:
+        total = None
+    for r in rows:
+      r.update(_ring_hop(gen, r["op"], batch, dim, n_dev, total, clock, driver=True))
   return rows
 
 
@@ -759,16 +818,19 @@ def _key(unit: str) -> str:
   return unit.lower().replace(":", "_") + "_busy"
 
 
-def _ring_hop(gen, op, batch, dim, n_dev, cycles, clock) -> dict:
-  """Compute per hop (one block of the op per device) against one hop's wire time on one
-  link. A trip of the two-trip plan (``..._dx``, ``..._dy``) or the loss-only ring moves a
-  bf16 chunk and its int32 ids per hop. The one-trip plan (``siglip_ring_fwd_bwd``) moves
-  the chunk, its ids and its f32 dY, under bidirectional (three or more chips) half of each
-  per link direction."""
+def _ring_hop(gen, op, batch, dim, n_dev, cycles, clock, driver=False) -> dict:
+  """Compute per hop (``cycles`` cover the n_dev blocks of a trip) against one hop's wire
+  time on one link. A trip of the two-trip plan (``..._dx``, ``..._dy``) or the loss-only
+  ring moves a bf16 chunk and its int32 ids per hop. The one-trip plan
+  (``siglip_ring_fwd_bwd``) moves the chunk, its ids and its f32 dY, under bidirectional
+  (three or more chips) half of each per link direction. The shared ring ``driver`` (block
+  kernels) moves the chunk, its ids and its f32 dY each way."""
   chip = chips_lib.CHIPS[gen]
   b = batch // n_dev
   wire = b * dim * 2 + b * 4
-  if op.split(".")[0] == "siglip_ring_fwd_bwd":
+  if driver:
+    wire += b * dim * 4
+  elif op.split(".")[0] == "siglip_ring_fwd_bwd":
     wire = (wire + b * dim * 4) // (2 if n_dev >= 3 else 1)
   out = {
     "ring_devices": n_dev,
@@ -899,7 +961,8 @@ def format_table(rows) -> str:
 def merge_calls(rows: list[dict]) -> list[dict]:
   """One row per (generation, D, batch, kernel, op name): the calls of one op that a case
   makes in sequence (the fused value-and-grad, one per super-block) summed: steady us added,
-  steady occupancies weighted by each call's steady us; ``calls`` counts them."""
+  steady occupancies weighted by each call's steady us; ``calls`` counts them (a row with
+  ``calls_per_row``, a kernel dumped once for several identical calls, counts as many)."""
   groups: dict[tuple, list[dict]] = {}
   for r in rows:
     op = r.get("op", "").split(".")[0]
@@ -907,14 +970,15 @@ def merge_calls(rows: list[dict]) -> list[dict]:
   out = []
   for group in groups.values():
     ok = [r for r in group if "error" not in r and r.get("steady_static_us")]
-    if len(ok) < 2 or len(ok) != len(group):
+    n = lambda r: r.get("calls_per_row", 1)
+    if sum(map(n, ok)) < 2 or len(ok) != len(group):
       out += group
       continue
-    total = sum(r["steady_static_us"] for r in ok)
-    merged = dict(ok[0], calls=len(ok), steady_static_us=round(total, 2))
+    total = sum(r["steady_static_us"] * n(r) for r in ok)
+    merged = dict(ok[0], calls=round(sum(map(n, ok))), steady_static_us=round(total, 2))
     for k in ok[0]:
       if k.startswith("steady_") and (k.endswith("_busy") or k == "steady_spill_frac"):
-        merged[k] = sum(r[k] * r["steady_static_us"] for r in ok) / total
+        merged[k] = sum(r[k] * r["steady_static_us"] * n(r) for r in ok) / total
     out.append(merged)
   return out
 
@@ -1041,7 +1105,9 @@ def main(argv=None):
     default=DEFAULT_BATCH,
     help="global batch B (the ring: over %d chips)" % RING_DEVICES,
   )
-  p.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=KERNELS + ("ring_hop_fwd",))
+  p.add_argument(
+    "--kernels", nargs="+", default=list(KERNELS), choices=KERNELS + ("ring_hop_fwd", "ring_blocks")
+  )
   p.add_argument("--json", help="write the rows here (nothing is written unless asked)")
   p.add_argument("--plot", help="write a PNG chart of the busy fractions here")
   p.add_argument("--keep-dump", help="keep libtpu's dump under this folder (one per generation)")

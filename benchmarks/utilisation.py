@@ -587,6 +587,7 @@ def capture_trace(
 _STATIC_KERNELS = {
   ("pallas_tpu", "block", "fwd"): "fwd",
   ("pallas_tpu", "block", "vag"): "value_and_grad",
+  ("pallas_tpu", "ring", "vag"): "ring_blocks",
   ("pallas_tpu_ring", "ring", "vag"): "ring_hop",
   ("pallas_tpu_ring", "ring", "fwd"): "ring_hop_fwd",
 }
@@ -644,7 +645,8 @@ def attach_static(rows: list[dict], profile_rows: list[dict]) -> list[dict]:
     us = lambda p: p.get("steady_static_us") or p.get("static_us")
     if not match or any(us(p) is None for p in match):
       continue
-    row["static_s"] = sum(us(p) for p in match) * 1e-6
+    # A kernel dumped once for several calls (the ring driver's blocks) counts each call.
+    row["static_s"] = sum(us(p) * p.get("calls_per_row", 1) for p in match) * 1e-6
     row["static_unit"] = max(match, key=us)["bound"]
     row["static_ops"] = [p["op"] for p in match]
   return rows

@@ -94,7 +94,7 @@ _CANDIDATE_TILES = {
 _FUSED_TILES = dict(_CANDIDATE_TILES, v6e=_CANDIDATE_TILES["v6e"][1:])
 _VMEM_BUDGET = 0.75
 # TensorCores per jax device (megacore): they split the fused kernel's super-blocks.
-_TENSORCORES = {"v4": 2, "v5p": 2}
+TENSORCORES = {"v4": 2, "v5p": 2}
 # Peak bf16 FLOP/s over HBM bytes/s (the ridges quoted above): the fused kernel is split into
 # more calls only while each call stays compute bound with the traffic a split adds (per row
 # tile, x's tile read and the float32 partial dX read and written).
@@ -684,7 +684,7 @@ def _super_blocks(bs, m: int, splits: int) -> tuple[int, int, list[int]]:
   """(cols, cores, counts): the fused kernel's column tile for m rows of y, the TensorCores
   each call splits its columns over, and each call's number of column tiles (a multiple of
   cores, as even as they go: at most one super-block per column tile)."""
-  cores = _TENSORCORES.get(bs.generation, 1)
+  cores = TENSORCORES.get(bs.generation, 1)
   cores = cores if splits % cores == 0 else 1
   cols = _tile(m, bs.block_cols, cores)
   shares = mc.round_up(-(-m // cols), cores) // cores  # column tiles per TensorCore
@@ -701,7 +701,7 @@ def _fused_plan(bs, n, m, dim, dtype) -> tuple[bool, int]:
     return True, bs.dy_splits
   if bs.generation is None:
     return True, 1
-  cores = _TENSORCORES.get(bs.generation, 1)
+  cores = TENSORCORES.get(bs.generation, 1)
   rows = _tile(n, bs.block_rows)
   budget = _VMEM_BUDGET * VMEM_CAPACITY[bs.generation]
   isz = jnp.dtype(dtype).itemsize

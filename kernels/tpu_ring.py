@@ -69,6 +69,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from siglip_fast import validate
 from siglip_fast.kernels import mosaic_common as mc
+from siglip_fast.kernels import tpu
 from siglip_fast import vma
 from siglip_fast.ring import SCHEDULES, global_mean
 
@@ -1033,6 +1034,34 @@ def _checked_trip(
   return _trip(
     x, y, x_ids, y_ids, log_t, bias, axis_name, schedule, interpret, block_sizes, with_grads
   )
+
+
+# Megacore chips (two TensorCores per jax device): peak bf16 FLOP/s per chip and one-way ICI
+# bytes/s per link, from the datasheets (benchmarks/chips.py cites them).
+_MEGACORE = {"v4": (275e12, 4.5e10), "v5p": (459e12, 1e11)}
+
+
+def runs_by_default(target, batch: int) -> bool:
+  """Whether ``sigmoid_loss(..., implementation="pallas_tpu", axis_name=...)`` without
+  ``block_sizes`` runs this kernel for ``target`` (a ``siglip_fast.target.Target``) at local
+  batch ``batch``, rather than the block kernels of ``siglip_fast.kernels.tpu`` under the
+  shared ring driver.
+
+  Everywhere but on megacore chips (v4, v5p) at large b. This kernel has no grid for Mosaic
+  to split, so there one TensorCore computes while the other idles; a block kernel call
+  splits its block over both, and XLA overlaps the driver's permutes with the calls. But
+  the driver sends each chunk with its float32 dY both ways, twice the one-trip plan's
+  bytes per link: it wins only where its wire time per hop (6 b D bytes over a link) is
+  under the ring kernel's compute on one TensorCore (6 b^2 D FLOPs at half the chip's
+  peak), by a margin of 4/3: b >= (2/3) peak / link, about 3060 on v5p and 4070 on v4.
+  Static profile, v5p, b = 4096, D = 1152, bf16 (docs/PERFORMANCE.md section 5): this kernel
+  443 us of compute per hop, the block kernel 215 us per block on both TensorCores, the
+  driver's wire 283 us."""
+  chip = _MEGACORE.get(tpu.tpu_generation(target))
+  if chip is None:
+    return True
+  peak, link = chip
+  return batch < 2 * peak / (3 * link)
 
 
 def ring_trip(

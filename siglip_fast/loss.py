@@ -3,8 +3,10 @@
 Implementations (``implementation=``), one registry entry each (``REGISTRY``):
   "xla"         the pure-JAX reference (``siglip_fast.reference``); runs anywhere.
   "pallas_tpu"  fused Pallas Mosaic kernels (``siglip_fast.kernels.tpu``; with ``axis_name``
-                the whole ring in one kernel, ``siglip_fast.kernels.tpu_ring``); TPU, or CPU
-                with ``interpret=True`` (TPU interpret mode).
+                the whole ring in one kernel, ``siglip_fast.kernels.tpu_ring``, except on
+                megacore chips, v4 and v5p, at large local batches, where the block kernels
+                run in the shared ring driver); TPU, or CPU with ``interpret=True`` (TPU
+                interpret mode).
   "pallas_gpu"  fused Pallas Triton kernels (``siglip_fast.kernels.gpu``); CUDA GPU, or CPU
                 with ``interpret=True``.
 None picks the registry's default for the platform being compiled for.
@@ -41,8 +43,11 @@ class Implementation:
   platform: the jax platform its kernels compile for; None runs anywhere.
   block_module: module under ``siglip_fast.kernels`` with ``BlockSizes`` and
     ``block_ops(*, interpret, block_sizes, target)``; None means the reference block.
-  ring_module: module under ``siglip_fast.kernels`` with ``BlockSizes`` and
-    ``ring_trip(...)`` running the whole ring in one kernel; None: the shared ring driver.
+  ring_module: module under ``siglip_fast.kernels`` with ``BlockSizes``,
+    ``ring_trip(...)`` running the whole ring in one kernel, and
+    ``runs_by_default(target, batch)``: whether a call with ``axis_name`` and no
+    ``block_sizes`` runs it on that target at that local batch (else the block kernels
+    under the shared ring driver); None: always the shared ring driver.
   default_on: platforms where ``implementation=None`` picks it.
   """
 
@@ -110,19 +115,40 @@ def _resolve(
   return impl
 
 
+def _runs_ring_kernel(impl: Implementation, block_sizes, target: target_lib.Target, batch) -> bool:
+  """With ``axis_name``: whether the whole-ring kernel runs rather than the block kernels
+  under the shared ring driver. ``block_sizes`` of either kernel picks that kernel; None
+  leaves it to the ring module for the target and local batch (the block kernels on
+  megacore TPUs at large b)."""
+  if impl.ring_module is None:
+    return False
+  ring_module = _kernel_module(impl.ring_module)
+  if block_sizes is not None:
+    return isinstance(block_sizes, ring_module.BlockSizes)
+  return ring_module.runs_by_default(target, batch)
+
+
 def _check_block_sizes(impl: Implementation, module_name: str | None, block_sizes, ring: bool):
+  """``module_name``: the kernel module that runs; ``ring``: the call has ``axis_name``."""
   if block_sizes is None:
     return
   if module_name is None:
     raise ValueError(f"block_sizes applies to the Pallas implementations, not {impl.name!r}")
-  want = _kernel_module(module_name).BlockSizes
-  if not isinstance(block_sizes, want):
-    where = "with axis_name (the whole-ring kernel)" if ring else "without axis_name"
+  if isinstance(block_sizes, _kernel_module(module_name).BlockSizes):
+    return
+  got = f"{type(block_sizes).__module__}.{type(block_sizes).__name__}"
+  if ring and impl.ring_module is not None:
     raise TypeError(
-      f"block_sizes for implementation={impl.name!r} {where} must be a "
-      f"siglip_fast.kernels.{module_name}.BlockSizes, got "
-      f"{type(block_sizes).__module__}.{type(block_sizes).__name__}"
+      f"block_sizes for implementation={impl.name!r} with axis_name must be a "
+      f"siglip_fast.kernels.{impl.ring_module}.BlockSizes (the whole-ring kernel) or a "
+      f"siglip_fast.kernels.{impl.block_module}.BlockSizes (the block kernels under the "
+      f"shared ring driver), got {got}"
     )
+  where = "with" if ring else "without"
+  raise TypeError(
+    f"block_sizes for implementation={impl.name!r} {where} axis_name must be a "
+    f"siglip_fast.kernels.{module_name}.BlockSizes, got {got}"
+  )
 
 
 def block_ops(
@@ -179,8 +205,11 @@ def sigmoid_loss(
     schedule: "bidirectional" (chunks travel both ways round the ring, about half the steps)
       or "unidirectional" (D - 1 permutes). Only matters with ``axis_name``.
     block_sizes: the running kernel's ``BlockSizes`` (``siglip_fast.kernels.tpu`` or ``gpu``
-      without ``axis_name``; ``siglip_fast.kernels.tpu_ring`` for "pallas_tpu" with it);
-      None picks defaults by shape and target chip.
+      without ``axis_name``). With it, "pallas_tpu" takes ``siglip_fast.kernels.tpu_ring``'s
+      (the whole ring in one kernel) or ``siglip_fast.kernels.tpu``'s (the block kernels
+      under the shared ring driver): the kind picks the kernel. None picks defaults by shape
+      and target chip, and with ``axis_name`` the whole-ring kernel except on megacore chips
+      (v4, v5p) at large local batches, where the block kernels keep both TensorCores busy.
 
   Differentiable w.r.t. both embeddings, ``log_t`` and ``bias``, with the gradients JAX's
   own rules give for a psum over the ring: correct under ``shard_map`` with
@@ -192,11 +221,11 @@ def sigmoid_loss(
     raise ValueError(f"schedule must be one of {ring_lib.SCHEDULES}, got {schedule!r}")
   target = target_lib.target_of(img_emb, txt_emb)
   impl = _resolve(implementation, interpret, target)
-  ring_kernel = axis_name is not None and impl.ring_module is not None
-  module = impl.ring_module if ring_kernel else impl.block_module
-  _check_block_sizes(impl, module, block_sizes, ring=ring_kernel)
-
   batch = img_emb.shape[0]
+  ring_kernel = axis_name is not None and _runs_ring_kernel(impl, block_sizes, target, batch)
+  module = impl.ring_module if ring_kernel else impl.block_module
+  _check_block_sizes(impl, module, block_sizes, ring=axis_name is not None)
+
   if axis_name is None:
     offset = 0
   else:

@@ -23,7 +23,7 @@ def _row(gen, chips, b, dim, schedule=None):
   assert row.compiled, row.error
   # O(b D) per chip, nothing near a b x b float32 buffer: at most the fused kernel's float32
   # dY and, between its calls, the float32 partial dX of each TensorCore.
-  cores = tpu._TENSORCORES.get(gen, 1)
+  cores = tpu.TENSORCORES.get(gen, 1)
   assert row.temp_bytes_per_chip <= (2 * cores + 1) * 4 * b * dim, row
   assert row.temp_bytes_per_chip < row.bxb_f32_bytes / 4, row
   return row
@@ -43,6 +43,65 @@ def test_single_chip_value_and_grad_at_16k_picks_the_fused_kernel_for_the_target
 def test_single_chip_value_and_grad_every_generation(gen):
   row = _row(gen, 1, 16384, 1152)
   assert all(k.startswith("siglip_") for k in row.kernels) and row.kernels
+
+
+def _permutes_in_flight(hlo: str, kernel: str) -> list[int]:
+  """Per call of ``kernel`` in a compiled (scheduled) HLO text, in order: how many
+  collective permutes of its computation are in flight across it (started before the
+  call, done after it)."""
+  counts, started = [], set()
+  for line in hlo.splitlines():
+    if not line.startswith(" "):  # a computation's header or end
+      started = set()
+      continue
+    name = line.split("=", 1)[0].strip().lstrip("%")
+    if " collective-permute-start(" in line:
+      started.add(name)
+    elif " collective-permute-done(" in line:
+      started.discard(line.split("collective-permute-done(%", 1)[1].split(")", 1)[0])
+    elif name.startswith(kernel) and " custom-call(" in line:
+      counts.append(len(started))
+  return counts
+
+
+def test_megacore_ring_runs_the_block_kernels_with_the_permutes_behind_them():
+  # On v5p (two TensorCores per chip) at b = 4096 the public API's ring runs the block
+  # kernels under the shared ring driver: each call splits its block over both TensorCores
+  # (the whole-ring kernel would compute on one). XLA must overlap the driver's permutes
+  # with the calls: every block call has a permute in flight across it.
+  b, dim, chips = 4096, 1152, 4
+  row = shape_sweep.Row("v5p", chips, b, dim, "bidirectional")
+  compiled = shape_sweep.lower_value_and_grad(
+    shape_sweep._devices("v5p", chips), b, dim, "bidirectional"
+  ).compile()
+  text = compiled.as_text()
+  assert "siglip_fwd_dx_dy" in text and "siglip_ring" not in text, row
+  in_flight = _permutes_in_flight(text, "siglip_fwd_dx_dy")
+  assert len(in_flight) == chips and min(in_flight) >= 1, in_flight  # a block per chunk
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  want = 6 * b * b * dim * chips  # the fused block kernel: each logit once
+  assert abs(cost["flops"] - want) < 0.01 * want, cost["flops"]
+  # O(b D), about three times the whole-ring kernel's: the chunks travelling both ways with
+  # their float32 dY, double-buffered by the permutes, and the cores' float32 partial dX.
+  temp = compiled.memory_analysis().temp_size_in_bytes
+  assert temp <= 16 * 4 * b * dim, temp
+
+
+def test_the_ring_kernel_is_the_default_but_on_megacore_chips_at_large_b():
+  from siglip_fast import target as target_lib  # pylint: disable=import-outside-toplevel
+  from siglip_fast.kernels import tpu_ring  # pylint: disable=import-outside-toplevel
+
+  # Megacore chips take the block kernels where the driver's heavier wire (the chunk and
+  # its float32 dY both ways) hides behind a block on both TensorCores: b >= ~3060 on v5p,
+  # ~4070 on v4.
+  runs = lambda kind, b: tpu_ring.runs_by_default(target_lib.Target("tpu", kind), b)
+  for b in (1024, 4096, 32768):
+    assert runs("TPU v5 lite", b) and runs("TPU v6 lite", b)
+  assert runs("TPU v5p", 2048) and not runs("TPU v5p", 4096) and not runs("TPU v5p", 32768)
+  assert runs("TPU v4", 4032) and not runs("TPU v4", 4096)
+  assert tpu_ring.runs_by_default(target_lib.Target("cpu", "cpu"), 32768)  # interpret mode
+  assert set(tpu_ring._MEGACORE) == set(tpu.TENSORCORES)
 
 
 def test_ring_mesh_orders_compile_only_slices_as_rings():

@@ -294,7 +294,7 @@ def test_non_finite_inputs_raise_in_eager_grad_too():
 
 
 def test_block_sizes_go_to_the_kernel_that_runs():
-  from siglip_fast.kernels import tpu, tpu_ring  # pylint: disable=import-outside-toplevel
+  from siglip_fast.kernels import gpu, tpu, tpu_ring  # pylint: disable=import-outside-toplevel
 
   mesh = Mesh(np.array(jax.devices()[:2]), ("x",))
   x, y = random_inputs(56, 32, 128)
@@ -303,14 +303,27 @@ def test_block_sizes_go_to_the_kernel_that_runs():
     f = lambda x, y: sigmoid_loss(
       x, y, LT, B, axis_name="x", implementation="pallas_tpu", interpret=True, block_sizes=bs
     )
-    return jax.shard_map(f, mesh=mesh, in_specs=(P("x"), P("x")), out_specs=P())(x, y)
+    ring = jax.shard_map(f, mesh=mesh, in_specs=(P("x"), P("x")), out_specs=P())
+    return jax.jit(jax.value_and_grad(ring, argnums=(0, 1)))
 
-  ref_loss, _ = numpy_loss_and_grads(x, y, LT, B)
-  assert rel_err(ring(tpu_ring.BlockSizes(16, 16)), ref_loss) < 1e-5
-  with pytest.raises(
-    TypeError, match="with axis_name .* must be a siglip_fast.kernels.tpu_ring.BlockSizes"
+  ref_loss, (ref_dx, ref_dy, _, _) = numpy_loss_and_grads(x, y, LT, B)
+  # With axis_name the kind of BlockSizes picks the kernel: the whole ring in one kernel,
+  # or the block kernels under the shared ring driver (the default on megacore chips).
+  for bs, kernel in (
+    (tpu_ring.BlockSizes(16, 16), "siglip_ring"),
+    (tpu.BlockSizes(128, 128), "siglip_fwd_dx"),
   ):
-    ring(tpu.BlockSizes(128, 128))
+    calls = str(jax.make_jaxpr(ring(bs))(x, y))  # the pallas_calls, by name
+    assert kernel in calls and ("siglip_ring" in calls) == (kernel == "siglip_ring"), kernel
+    loss, (dx, dy) = ring(bs)(x, y)
+    assert rel_err(loss, ref_loss) < 1e-5
+    assert rel_err(dx, ref_dx) < 1e-5 and rel_err(dy, ref_dy) < 1e-5
+  with pytest.raises(
+    TypeError,
+    match="with axis_name must be a siglip_fast.kernels.tpu_ring.BlockSizes .* or a "
+    "siglip_fast.kernels.tpu.BlockSizes .*, got siglip_fast.kernels.gpu.BlockSizes",
+  ):
+    ring(gpu.BlockSizes())(x, y)
   with pytest.raises(
     TypeError, match="without axis_name must be a siglip_fast.kernels.tpu.BlockSizes"
   ):

@@ -407,7 +407,7 @@ def test_fused_dy_in_super_blocks_at_any_batch():
   for gen, dims in (("v4", (768,)), ("v5e", every_dim), ("v5p", every_dim), ("v6e", every_dim)):
     for dim in dims:
       fuse, splits = plan(gen, 65536, dim)
-      assert fuse and splits % tpu._TENSORCORES.get(gen, 1) == 0, (gen, dim, splits)
+      assert fuse and splits % tpu.TENSORCORES.get(gen, 1) == 0, (gen, dim, splits)
   # Super-blocks as even as the column tiles go: v6e at 16k, D = 1152, 16 tiles of
   # 1024 x 1024 in three calls of 6, 5 and 5 (no padding); on v5p a pair per call.
   bs = tpu.grad_block_sizes("v6e", 16384, 16384, 1152, jnp.bfloat16)
@@ -489,7 +489,7 @@ def test_mosaic_compiles_fused_super_blocks(gen, topology, splits):
     _tpu_sharding(topology),
   )
   text = compiled.as_text()
-  cores = tpu._TENSORCORES.get(gen, 1)
+  cores = tpu.TENSORCORES.get(gen, 1)
   assert text.count('custom_call_target="tpu_custom_call"') == splits // cores
   assert f"[{batch},{batch}]" not in text
   cost = compiled.cost_analysis()

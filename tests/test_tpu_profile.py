@@ -218,6 +218,43 @@ def test_compare_table_sums_the_calls_of_one_op():
   assert "| 2 x 1x16x8 | 250.0 -> 200.0 (-20%) | 0.75 -> 0.70 |" in table[2]
 
 
+def test_a_kernel_dumped_once_counts_each_of_its_calls():
+  hlo = (
+    "ENTRY %main {\n"
+    "  %siglip_fwd_dx_dy.6 = (f32[2]) custom-call(%a), custom_call_target=\"tpu_custom_call\"\n"
+    "  %siglip_fwd_dx_dy = (f32[2]) custom-call(%b), custom_call_target=\"tpu_custom_call\"\n"
+    "  %siglip_dy.2 = f32[2] custom-call(%c)\n"
+    "  %fusion.siglip = f32[2] fusion(%c)\n"
+    "}\n"
+  )
+  assert tp.kernel_calls(hlo) == {"siglip_fwd_dx_dy": 2, "siglip_dy": 1}
+  row = {
+    "generation": "v5p",
+    "dim": 1152,
+    "batch": 16384,
+    "kernel": "ring_blocks",
+    "op": "siglip_fwd_dx_dy.9",
+    "grid": [2, 8, 4],
+    "steady_static_us": 200.0,
+    "steady_mxu_busy": 0.9,
+    "calls_per_row": 4.0,
+  }
+  (merged,) = tp.merge_calls([row])
+  assert merged["calls"] == 4 and merged["steady_static_us"] == 800.0
+
+
+def test_ring_wire_per_hop_follows_the_plan():
+  b, dim = 4096, 1152
+  hop = lambda op, **kw: tp._ring_hop("v5p", op, 4 * b, dim, 4, 4000, 1e9, **kw)
+  two_trips = hop("siglip_ring_fwd_bwd_dx.1")  # a bf16 chunk and its ids
+  one_trip = hop("siglip_ring_fwd_bwd.1")  # plus its f32 dY, half each way
+  driver = hop("siglip_fwd_dx_dy.7", driver=True)  # block calls: chunk, ids, f32 dY each way
+  assert two_trips["hop_wire_bytes"] == b * dim * 2 + b * 4
+  assert one_trip["hop_wire_bytes"] == (b * dim * 6 + b * 4) // 2
+  assert driver["hop_wire_bytes"] == b * dim * 6 + b * 4
+  assert two_trips["hop_cycles"] == one_trip["hop_cycles"] == driver["hop_cycles"] == 1000
+
+
 def test_floor_is_the_busiest_issue_unit():
   row = {"steady_mxu_busy": 0.6, "steady_valu_busy": 0.8, "steady_vstore_spill_busy": 0.9}
   # VSTORE:SPILL is a share of VSTORE's slots, not a unit of its own.

@@ -363,6 +363,12 @@ def test_static_profile_figures_attach_only_to_exact_matches():
   rows[0].pop("static_s")
   utilisation.attach_static(rows, [dict(profile[0]), dict(profile[1], static_us=None)])
   assert "static_s" not in rows[0]
+  # A kernel dumped once for several calls (the ring driver's blocks) counts every call.
+  ring = dict(rows[0], impl="pallas_tpu", kind="ring", pass_="vag", devices=4)
+  ring["pass"] = ring.pop("pass_")
+  blocks = dict(profile[0], kernel="ring_blocks", op="siglip_fwd_dx_dy.3", ring_devices=4)
+  utilisation.attach_static([ring], [dict(blocks, calls_per_row=4.0)])
+  assert ring["static_s"] == pytest.approx(1600e-6)
 
 
 def test_static_profiles_load_with_the_last_file_winning(tmp_path):
