@@ -109,7 +109,7 @@ def _kernel_vmem(gen, kind, batch, dim, dtype, sharding, bs):
         with_scalar_grads=with_scalar_grads,
         with_grad=with_grad,
         with_db=with_db,
-        splits=cores,
+        cores=cores,
         col_tiles=(0, tiles) if tiles else None,
         da_in=da_in[0] if da_in else None,
         generation=gen,

@@ -434,7 +434,7 @@ def _tile_pass(
   interpret,
   name,
   with_db=False,
-  splits=1,
+  cores=1,
   col_tiles=None,
   da_in=None,
 ):
@@ -442,13 +442,13 @@ def _tile_pass(
 
   n_a, n_b (the unpadded row counts) are the ids' lengths. ``with_db`` (needs with_grad):
   also accumulate G^T @ a, over b's tiles ``col_tiles`` = (first, count) (default: all),
-  into a float32 array resident in VMEM, in ``splits`` shares (one per TensorCore; the
+  into a float32 array resident in VMEM, in ``cores`` shares (one per TensorCore; the
   leading, parallel grid axis), each with its own float32 partial gradient of a. ``da_in``:
-  the previous call's partials, (splits, rows of a, D) float32, to continue from.
+  the previous call's partials, (cores, rows of a, D) float32, to continue from.
 
   Returns (stats, da, db): the (k,) float32 sums (or None); the padded (rows of a, D)
   gradient t * G @ b in a's dtype, or with_db, unless this is the one last call on one
-  TensorCore (splits == 1 and col_tiles reaching b's end), the (splits, rows of a, D)
+  TensorCore (cores == 1 and col_tiles reaching b's end), the (cores, rows of a, D)
   float32 partials of G @ b, without t (or None); the float32 G^T @ a of the call's
   columns (or None).
   """
@@ -457,14 +457,14 @@ def _tile_pass(
   dim = a.shape[1]
   n_row_tiles, n_col_tiles = na_pad // rows, nb_pad // cols
   col_start, col_count = col_tiles or (0, n_col_tiles)
-  if col_count % splits:
-    raise ValueError(f"{col_count} column tiles do not split {splits} ways")
-  per_split = col_count // splits
-  da_partial = with_db and not (splits == 1 and col_start + col_count == n_col_tiles)
+  if col_count % cores:
+    raise ValueError(f"{col_count} column tiles do not split over {cores} TensorCores")
+  per_core = col_count // cores
+  da_partial = with_db and not (cores == 1 and col_start + col_count == n_col_tiles)
   if with_db:
-    grid = (splits, n_row_tiles, per_split)
+    grid = (cores, n_row_tiles, per_core)
     row = lambda c, i, j: i
-    col = lambda c, i, j: col_start + c * per_split + j
+    col = lambda c, i, j: col_start + c * per_core + j
     stats_block = lambda c, i, j: c * n_row_tiles + i
   else:
     # Two axes: megacore splits the leading parallel one.
@@ -496,15 +496,13 @@ def _tile_pass(
   out_shape, out_specs, scratch = [], [], []
   if n_stats:
     out_shape.append(
-      out_struct(
-        (n_row_tiles * (splits if with_db else 1), n_stats, _SUBLANES, _LANES), jnp.float32
-      )
+      out_struct((n_row_tiles * (cores if with_db else 1), n_stats, _SUBLANES, _LANES), jnp.float32)
     )
     out_specs.append(
       pl.BlockSpec((1, n_stats, _SUBLANES, _LANES), lambda *g: (stats_block(*g), 0, 0, 0))
     )
   if da_partial:
-    out_shape.append(out_struct((splits, na_pad, dim), jnp.float32))
+    out_shape.append(out_struct((cores, na_pad, dim), jnp.float32))
     out_specs.append(pl.BlockSpec((1, rows, dim), lambda c, i, j: (c, i, 0)))
   elif with_grad:
     out_shape.append(out_struct((na_pad, dim), a.dtype))
@@ -517,7 +515,7 @@ def _tile_pass(
     # Its block index changes only with the core: resident, written back once. One buffer.
     out_shape.append(out_struct((col_count * cols, dim), jnp.float32))
     out_specs.append(
-      pl.BlockSpec((per_split * cols, dim), lambda c, i, j: (c, 0), pipeline_mode=pl.Buffered(1))
+      pl.BlockSpec((per_core * cols, dim), lambda c, i, j: (c, 0), pipeline_mode=pl.Buffered(1))
     )
 
   isz = a.dtype.itemsize
@@ -529,13 +527,13 @@ def _tile_pass(
     transcendentals=int(tile_elems * (1 + int(with_loss) + int(with_grad or with_scalar_grads))),
     # a read once per core, b once per row tile, ids, the partials in and the outputs.
     bytes_accessed=int(
-      splits * na_pad * dim * isz
+      cores * na_pad * dim * isz
       + n_row_tiles * nb_call * dim * isz
-      + 4 * (splits * na_pad + n_row_tiles * nb_call)
-      + (splits * na_pad * dim * 4 if da_in is not None else 0)
-      + (na_pad * dim * (4 * splits if da_partial else isz) if with_grad else 0)
+      + 4 * (cores * na_pad + n_row_tiles * nb_call)
+      + (cores * na_pad * dim * 4 if da_in is not None else 0)
+      + (na_pad * dim * (4 * cores if da_partial else isz) if with_grad else 0)
       + (nb_call * dim * 4 if with_db else 0)
-      + 4 * splits * n_row_tiles * n_stats * _SUBLANES * _LANES
+      + 4 * cores * n_row_tiles * n_stats * _SUBLANES * _LANES
     ),
   )
   est = vmem_bytes(
@@ -545,7 +543,7 @@ def _tile_pass(
     a.dtype,
     with_grad=with_grad,
     n_stats=max(n_stats, 1),
-    resident_rows=per_split * cols if with_db else 0,
+    resident_rows=per_core * cols if with_db else 0,
     chained=da_partial or da_in is not None,
   )
   precision = mc.precision(a.dtype)
@@ -790,7 +788,7 @@ def loss_sum_and_grads(
         rows=rows,
         cols=cols,
         with_db=True,
-        splits=cores,
+        cores=cores,
         col_tiles=(sum(counts[:k]), count),
         da_in=dx,
         name="siglip_fwd_dx_dy",
