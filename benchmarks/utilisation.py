@@ -598,6 +598,16 @@ def default_static_profiles() -> list[pathlib.Path]:
   return sorted(DEFAULT_RESULTS.glob("tpu_profile_*.json"))
 
 
+def _shown(path) -> str:
+  """A path as the report records it: relative to the repository when inside it (a clone
+  elsewhere reads the same report)."""
+  path = pathlib.Path(path).resolve()
+  try:
+    return str(path.relative_to(DEFAULT_RESULTS.parents[1]))
+  except ValueError:
+    return str(path)
+
+
 def load_static_profiles(paths) -> list[dict]:
   """The rows of tpu_profile JSONs; a case profiled in several files (same generation,
   kernel, B, D, ring devices) keeps the rows of the last file, all of its ops (their
@@ -794,7 +804,7 @@ def build_report(args) -> dict:
       for k, c in chips_lib.CHIPS.items()
       if k in used or mode == "measured"
     },
-    "static_profiles": [str(p) for p in static],
+    "static_profiles": [_shown(p) for p in static],
     "rows": rows,
   }
 

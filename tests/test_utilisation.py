@@ -419,3 +419,9 @@ def test_model_row_follows_the_ring_kernel_plan():
   assert utilisation._ring_kernel_plan(hlo) == "two trips"
   assert utilisation._ring_kernel_plan(hlo.replace("_dx.1", ".3")) == "one trip"
   assert utilisation._ring_kernel_plan(hlo.replace("bwd_dx", "")) is None
+
+
+def test_report_records_profile_paths_relative_to_the_repository(tmp_path):
+  inside = utilisation.DEFAULT_RESULTS / "tpu_profile_x.json"
+  assert utilisation._shown(inside) == "benchmarks/results/tpu_profile_x.json"
+  assert utilisation._shown(tmp_path / "p.json") == str((tmp_path / "p.json").resolve())
