@@ -87,6 +87,7 @@ try:
 except ImportError:  # run as a file: add the repo root
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
   from benchmarks import chips as chips_lib
+from benchmarks import static_profiles  # noqa: E402
 
 UNITS = (
   "MXU",
@@ -1123,9 +1124,7 @@ def main(argv=None):
   args = p.parse_args(argv)
   if args.compare:
     # A case profiled in several files keeps the last file's rows.
-    from benchmarks.utilisation import load_static_profiles
-
-    load = lambda paths: load_static_profiles(paths.split(","))
+    load = lambda paths: static_profiles.load_static_profiles(paths.split(","))
     print(compare_table(load(args.compare[0]), load(args.compare[1])))
     return 0
   if args._child:

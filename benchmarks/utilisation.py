@@ -73,6 +73,7 @@ try:
 except ImportError:  # run as a file (python benchmarks/utilisation.py): add the repo root
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
   from benchmarks import chips as chips_lib
+from benchmarks.static_profiles import load_static_profiles
 
 from siglip_fast.loss import REGISTRY
 from siglip_fast import ring as ring_lib
@@ -606,26 +607,6 @@ def _shown(path) -> str:
     return str(path.relative_to(DEFAULT_RESULTS.parents[1]))
   except ValueError:
     return str(path)
-
-
-def load_static_profiles(paths) -> list[dict]:
-  """The rows of tpu_profile JSONs; a case profiled in several files (same generation,
-  kernel, B, D, ring devices) keeps the rows of the last file, all of its ops (their
-  numbering, and the number of calls, may differ from file to file)."""
-  cases: dict[tuple, list[dict]] = {}
-  for path in paths:
-    fresh: dict[tuple, list[dict]] = {}
-    for r in json.loads(pathlib.Path(path).read_text())["rows"]:
-      key = (
-        r.get("generation"),
-        r.get("kernel"),
-        r.get("batch"),
-        r.get("dim"),
-        r.get("ring_devices"),
-      )
-      fresh.setdefault(key, []).append(r)
-    cases.update(fresh)
-  return [r for rows in cases.values() for r in rows]
 
 
 def attach_static(rows: list[dict], profile_rows: list[dict]) -> list[dict]:
