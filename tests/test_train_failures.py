@@ -70,6 +70,13 @@ def _falls_back(workdir, finished, capsys, *bad_files):
   assert os.path.isdir(os.path.join(workdir, "unreadable_checkpoints", "4"))
 
 
+# When one array file fails to read, orbax's restore abandons its sibling read coroutines
+# un-awaited and Python reports each at garbage collection; the fallback this test checks is
+# what handles the failure. Only those reports are silenced (they came 9-45 to a run).
+@pytest.mark.filterwarnings(
+  "ignore:Exception ignored in. <coroutine object _read_array_index_and_device_put"
+  ":pytest.PytestUnraisableExceptionWarning"
+)
 def test_truncated_array_file_falls_back_to_the_previous_checkpoint(finished, tmp_path, capsys):
   workdir = _copy(finished, tmp_path)
   # Every file of the process's OCDBT folder is cut short, as a crash mid-write would leave
