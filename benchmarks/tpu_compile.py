@@ -141,6 +141,7 @@ def compile_case(gen, batch, dim, dtype):
   device = topo.devices[0]
   sharding = jax.sharding.SingleDeviceSharding(device)
   bs = tpu.BlockSizes.for_generation(gen, dim, dtype)
+  fwd_bs = tpu.forward_block_sizes(gen, dim=dim, dtype=dtype)  # the forward's own tiles
   emb = _sds((batch, dim), dtype, sharding)
   ids = _sds((batch,), jnp.int32, sharding)
   scalar = _sds((), jnp.float32, sharding)
@@ -149,7 +150,7 @@ def compile_case(gen, batch, dim, dtype):
   fused, splits = tpu._fused_plan(bs, batch, batch, dim, dtype)
   fused_cols, cores, tiles, _ = _fused_call(bs, batch, dim, dtype)
   model = {
-    "fwd": tpu.vmem_bytes(bs.block_rows, bs.block_cols, dim, dtype, with_grad=False),
+    "fwd": tpu.vmem_bytes(fwd_bs.block_rows, fwd_bs.block_cols, dim, dtype, with_grad=False),
     "fwd_dx": tpu.vmem_bytes(bs.block_rows, bs.block_cols, dim, dtype, with_grad=True, n_stats=3),
     "dy": tpu.vmem_bytes(rows_dy, cols_dy, dim, dtype, with_grad=True),
     "fwd_dx_dy": tpu.vmem_bytes(
@@ -164,7 +165,7 @@ def compile_case(gen, batch, dim, dtype):
     ),
   }
   two = dataclasses.replace(bs, fuse_dy=False)
-  cases = [("forward", tpu.loss_sum, bs, 2, ("fwd",))]
+  cases = [("forward", tpu.loss_sum, fwd_bs, 2, ("fwd",))]
   if fused:
     cases.append(("value_and_grad", tpu.loss_sum_and_grads, bs, 6, ("fwd_dx_dy",)))
     cases.append(("value_and_grad_two_kernel", tpu.loss_sum_and_grads, two, 8, ("fwd_dx", "dy")))
@@ -187,10 +188,10 @@ def compile_case(gen, batch, dim, dtype):
         8: "two kernels",
       }[factor],
       "block_sizes": {
-        "block_rows": bs.block_rows,
-        "block_cols": bs.block_cols,
-        "block_rows_dy": rows_dy,
-        "block_cols_dy": cols_dy,
+        "block_rows": case_bs.block_rows,
+        "block_cols": case_bs.block_cols,
+        "block_rows_dy": case_bs.dy_tiles[0],
+        "block_cols_dy": case_bs.dy_tiles[1],
       },
       "analytic_flops": analytic,
     }
@@ -220,7 +221,7 @@ def compile_case(gen, batch, dim, dtype):
       cost_bytes_accessed=int(ca.get("bytes accessed", -1)),
       vmem={
         k: {
-          "mosaic_scoped_bytes": _kernel_vmem(gen, k, batch, dim, dtype, sharding, bs),
+          "mosaic_scoped_bytes": _kernel_vmem(gen, k, batch, dim, dtype, sharding, case_bs),
           "model_bytes": model[k],
           "limit_bytes": tpu._vmem_limit(model[k], gen, None),
         }

@@ -301,7 +301,7 @@ def parse_utilization(path) -> Utilization:
   return Utilization(str(path), dict(zip(UNITS, cap)), rows)
 
 
-def steady_path(sched: Schedule, loop: Loop) -> list[int]:
+def steady_path(sched: Schedule, loop: Loop, lean: bool = True) -> list[int]:
   """The bundles of ``loop``'s body that a steady-state grid step runs.
 
   A grid step's body holds regions guarded by forward branches: the pipeline's guard around
@@ -311,6 +311,8 @@ def steady_path(sched: Schedule, loop: Loop) -> list[int]:
   skips the regions with neither, and of an if/else (``if p goto T; A; T: if !p goto Y; B;
   Y:``) runs the shorter side. An inner loop (e.g. over strips of a tile, or a ring kernel's
   tile steps) runs its own steady path its trip count (once where the count is unknown).
+  ``lean=False``: the longer side of each if/else instead, the step of a tile that runs the
+  full body (one holding the diagonal or padding).
   """
   lo, hi = loop.start, loop.end
   region_at = {}
@@ -329,7 +331,7 @@ def steady_path(sched: Schedule, loop: Loop) -> list[int]:
     prefix.append(prefix[-1] + work[i])
   has_work = lambda a, b: prefix[b] - prefix[a] > 0  # in bundles [a, b)
   inner = {c.start: c for c in loop.children}
-  inner_path = {i: steady_path(sched, c) * (c.trips or 1) for i, c in inner.items()}
+  inner_path = {i: steady_path(sched, c, lean) * (c.trips or 1) for i, c in inner.items()}
 
   def partner(i, neg, pred, target):
     """The else-branch at ``target`` of an if at ``i``: (its target) or None."""
@@ -358,7 +360,7 @@ def steady_path(sched: Schedule, loop: Loop) -> list[int]:
       elif y is not None:
         # if/else: skipping A means running bundle ``target`` (not its jump) and then B.
         via_b = 2 + best[target + 1]
-        if via_b < best[i]:
+        if (via_b < best[i]) == lean:
           best[i], nxt[i] = via_b, -target  # marks: visit target, then target + 1
       elif not has_work(i + 1, target) and 1 + best[target] < best[i]:
         best[i], nxt[i] = 1 + best[target], target
@@ -400,6 +402,7 @@ class KernelSchedule:
   steady_static_cycles: int | None  # the same with every loop on its steady path
   counts: dict[str, int]  # op counts in the loop body: matmul, transcendental, spill, dma
   steady: list[int]  # the loop body's bundles on a steady-state step (steady_path)
+  full: list[int]  # the same on a step whose tile runs the full body
   steady_busy: dict[str, float]
   steady_spill_frac: float
 
@@ -437,6 +440,7 @@ def kernel_schedule(op: str, bundles_path, util_path) -> KernelSchedule:
     [None if l.trips is None else l.trips * len(p) for l, p in zip(sched.loops, paths)]
   )
   steady = paths[sched.loops.index(loop)] if loop else list(range(lo, hi + 1))
+  full = steady_path(sched, loop, lean=False) if loop else steady
   steady_spill = sum(1 for b in steady if util.rows[b][spill_col] > 0) / len(steady)
   return KernelSchedule(
     op,
@@ -450,6 +454,7 @@ def kernel_schedule(op: str, bundles_path, util_path) -> KernelSchedule:
     steady_total,
     counts,
     steady,
+    full,
     _busy_on(util, steady),
     steady_spill,
   )
@@ -661,6 +666,8 @@ def _compile_case(gen, kernel, batch, dim, dump, mosaic):
     # before the tiles (tpu.grad_block_sizes); the two-kernel case forces fuse_dy=False.
     if kernel == "value_and_grad":
       bs = tpu.grad_block_sizes(gen, batch, batch, dim, jnp.bfloat16)
+    elif kernel == "fwd":
+      bs = tpu.forward_block_sizes(gen, dim=dim)
     else:
       bs = tpu.BlockSizes.for_generation(gen, dim)
     f = _block_fn(kernel, bs)
@@ -721,6 +728,7 @@ def profile_case(gen, kernel, batch, dim, case_dir, n_dev) -> list[dict]:
     # The steady-state step: one-off regions (first / last step) and the longer of two
     # alternative tile bodies skipped.
     row["steady_bundles"] = len(ks.steady)
+    row["full_tile_bundles"] = len(ks.full)  # a step of a tile on the full body
     row.update({"steady_" + _key(u): round(v, 4) for u, v in ks.steady_busy.items()})
     row["steady_spill_frac"] = round(ks.steady_spill_frac, 4)
     row["loop_op_counts"] = ks.counts
@@ -732,6 +740,12 @@ def profile_case(gen, kernel, batch, dim, case_dir, n_dev) -> list[dict]:
       row["cost_flops_source"] = "program cost_analysis"
     row["cost_flops"] = op_flops
     if grid:  # a Pallas grid: one step per loop trip (plus the pipeline's fill and drain)
+      if ks.loop is None and math.prod(grid) == 1:
+        # Mosaic emits no loop for one step; the batch fits one tile (a kernel error row).
+        raise ValueError(
+          f"{base} runs its grid {grid} in one step, which the schedule holds as no loop: "
+          "profile a batch of more than one tile"
+        )
       if ks.loop is None:
         raise DumpFormatError(bpath, f"a loop for the grid {grid} of {base}")
       steps = math.prod(grid)

@@ -28,6 +28,7 @@ import jax.numpy as jnp  # noqa: E402
 
 import siglip_fast  # noqa: E402
 from siglip_fast.kernels import tpu, tpu_ring  # noqa: E402
+from siglip_fast import target as target_lib  # noqa: E402
 from siglip_fast.reference import dense  # noqa: E402
 
 from tests.helpers import numpy_loss_and_grads, random_inputs, rel_err  # noqa: E402
@@ -372,6 +373,20 @@ def test_block_sizes_validation_and_generation_defaults():
             tpu.vmem_bytes(bs.block_rows, bs.block_cols, dim, dtype, with_grad=grad, n_stats=3)
             <= cap
           )
+  # The forward alone takes tiles at least as large, within the same budget.
+  for gen, cap in tpu.VMEM_CAPACITY.items():
+    for dim in (768, 1152, 1536):
+      for dtype in (jnp.bfloat16, jnp.float32):
+        fwd = tpu.forward_block_sizes(gen, dim=dim, dtype=dtype)
+        both = tpu.BlockSizes.for_generation(gen, dim, dtype)
+        assert fwd.generation == gen
+        assert fwd.block_rows * fwd.block_cols >= both.block_rows * both.block_cols
+        assert tpu.vmem_bytes(fwd.block_rows, fwd.block_cols, dim, dtype, with_grad=False) <= (
+          0.75 * cap
+        )
+  assert tpu.forward_block_sizes(None, interpret=True) == tpu.default_block_sizes(
+    None, interpret=True
+  )
   # More VMEM, no smaller tiles.
   small = tpu.BlockSizes.for_generation("v4", 1536)
   big = tpu.BlockSizes.for_generation("v6e", 1536)
@@ -444,6 +459,25 @@ def _compile(fn, batch, dim, dtype, sharding):
   ids = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=sharding)
   s = jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding)
   return jax.jit(fn).lower(emb, emb, ids, ids, s, s).compile()
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_forward_default_tiles_compile_on_the_smallest_vmem(dtype):
+  # v4's 16 MiB: the forward's own tiles (larger than the gradient kernels') must compile
+  # under the limit the kernel asks for, at every dim users run, picked from the target.
+  sharding = _tpu_sharding("v4:2x2x1")
+  for dim in (768, 1536):
+    bs = tpu.forward_block_sizes("v4", dim=dim, dtype=dtype)
+    x = jax.ShapeDtypeStruct((4096, dim), dtype)
+    ids = jnp.arange(4096, dtype=jnp.int32)
+    v4 = target_lib.Target("tpu", "TPU v4")
+    jaxpr = jax.make_jaxpr(lambda x: tpu.loss_sum(x, x, ids, ids, 0.0, 0.0, target=v4))(x)
+    (grid,) = [
+      e.params["grid_mapping"].grid for e in jaxpr.eqns if e.primitive.name == "pallas_call"
+    ]
+    assert grid == (4096 // bs.block_rows, 4096 // bs.block_cols), (grid, bs)
+    _compile(tpu.loss_sum, 4096, dim, dtype, sharding)  # raises if Mosaic runs out of VMEM
+  assert tpu.forward_block_sizes("v4", dim=768) == tpu.BlockSizes(512, 1024, generation="v4")
 
 
 def test_mosaic_compiles_v5e_without_bxb_temporary():
@@ -609,8 +643,8 @@ def test_mosaic_compiles_all_generations():
     sharding = _tpu_sharding(topo)
     for dim in (768, 1152):
       # The tiles (and value-and-grad plan) the API picks by default at this shape.
-      bs = tpu.BlockSizes.for_generation(gen, dim, jnp.bfloat16)
-      _compile(lambda *a: tpu.loss_sum(*a, block_sizes=bs), 16384, dim, jnp.bfloat16, sharding)
+      # The forward with no block_sizes: its own tiles for the target (forward_block_sizes).
+      _compile(tpu.loss_sum, 16384, dim, jnp.bfloat16, sharding)
       gbs = tpu.grad_block_sizes(gen, 16384, 16384, dim, jnp.bfloat16)
       compiled = _compile(
         lambda *a: tpu.loss_sum_and_grads(*a, block_sizes=gbs), 16384, dim, jnp.bfloat16, sharding

@@ -134,6 +134,8 @@ def test_steady_path_skips_one_off_regions_and_takes_the_shorter_body():
   assert (loop.start, loop.end, loop.trips) == (0, 19, 4)
   # 0, 1 (init skipped), 7, 14 (A skipped, the else bundle runs), B = 15..17, 18, 19.
   assert tp.steady_path(sched, loop) == [0, 1, 7, 14, 15, 16, 17, 18, 19]
+  # A full-body tile runs the long side: 7, A = 8..13, 14 (its jump over B taken), 18, 19.
+  assert tp.steady_path(sched, loop, lean=False) == [0, 1, 7, *range(8, 14), 14, 18, 19]
 
 
 def test_inner_loops_run_their_trips_in_the_steady_step_and_unrolled_loops_count_steps():
@@ -383,14 +385,14 @@ def _libtpu():
 @pytest.mark.skipif(not _libtpu(), reason="needs libtpu (compile-only TPU topologies)")
 def test_live_compile_and_parse_v5e(tmp_path):
   """The real Mosaic compiler in a child process with libtpu's dump on, then the parser."""
-  rows = tp.run_generation("v5e", ["fwd"], [256], 1024, keep_dump=str(tmp_path / "dump"))
+  rows = tp.run_generation("v5e", ["fwd"], [256], 2048, keep_dump=str(tmp_path / "dump"))
   (row,) = rows
   assert "error" not in row, row
   assert row["op"].startswith("siglip_fwd")
   assert row["grid_steps"] >= 1 and row["loop_bundles"] > 0
   assert row["static_cycles"] == row["grid_steps"] * row["loop_bundles"]
   assert 0 < row["mxu_busy"] <= 1 and 0 < row["valu_busy"] <= 1
-  assert row["cost_flops"] == 2 * 1024 * 1024 * 256
+  assert row["cost_flops"] == 2 * 2048 * 2048 * 256
   assert row["mxu_ideal_ratio"] > 0 and row["static_us"] > 0
   assert row["bound"] in tp.ISSUE_UNITS and row["steady_bound"] in tp.ISSUE_UNITS
   steady = max(row[f"steady_{u.lower()}_busy"] for u in tp.ISSUE_UNITS)
@@ -398,3 +400,6 @@ def test_live_compile_and_parse_v5e(tmp_path):
   png = tmp_path / "p.png"
   tp.plot(rows, png)
   assert png.stat().st_size > 1000
+  # A batch that fits one tile compiles to no grid loop: an error row that says so.
+  (one,) = tp.run_generation("v5e", ["fwd"], [256], 1024)
+  assert "one step" in one["error"] and "more than one tile" in one["error"], one
