@@ -1134,12 +1134,23 @@ def main(argv=None):
     "comma-separated list: a case in several keeps the last file's rows) and exit; nothing "
     "is compiled",
   )
+  p.add_argument(
+    "--replot",
+    metavar="JSON[,JSON...]",
+    help="with --plot: draw the chart of committed --json files (a case in several keeps the "
+    "last file's rows) and exit; nothing is compiled",
+  )
   p.add_argument("--_child", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.compare:
     # A case profiled in several files keeps the last file's rows.
     load = lambda paths: static_profiles.load_static_profiles(paths.split(","))
     print(compare_table(load(args.compare[0]), load(args.compare[1])))
+    return 0
+  if args.replot:
+    if not args.plot:
+      p.error("--replot needs --plot PATH")
+    plot(static_profiles.load_static_profiles(args.replot.split(",")), args.plot)
     return 0
   if args._child:
     _child(args.generations[0], args.kernels, args.dims, args.batch, args._child)

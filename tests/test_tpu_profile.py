@@ -403,3 +403,28 @@ def test_live_compile_and_parse_v5e(tmp_path):
   # A batch that fits one tile compiles to no grid loop: an error row that says so.
   (one,) = tp.run_generation("v5e", ["fwd"], [256], 1024)
   assert "one step" in one["error"] and "more than one tile" in one["error"], one
+
+
+def test_replot_draws_saved_profiles_without_compiling(tmp_path, monkeypatch):
+  row = lambda **kw: {
+    "generation": "v5e",
+    "kernel": "fwd",
+    "op": "siglip_fwd.1",
+    "batch": 4096,
+    "dim": 768,
+    "steady_mxu_busy": 0.9,
+    "spill_frac": 0.1,
+    **kw,
+  }
+  files = [tmp_path / "old.json", tmp_path / "new.json"]
+  files[0].write_text(json.dumps({"rows": [row(), row(kernel="value_and_grad", op="siglip_dy")]}))
+  files[1].write_text(json.dumps({"rows": [row(steady_mxu_busy=0.97)]}))
+  drawn = []
+  monkeypatch.setattr(tp, "plot", lambda rows, path: drawn.append((rows, path)))
+  assert tp.main(["--replot", ",".join(map(str, files)), "--plot", "chart.png"]) == 0
+  ((rows, path),) = drawn
+  # The forward from the later file, the value-and-grad from the only file that has it.
+  assert path == "chart.png" and sorted(r["kernel"] for r in rows) == ["fwd", "value_and_grad"]
+  assert [r["steady_mxu_busy"] for r in rows if r["kernel"] == "fwd"] == [0.97]
+  with pytest.raises(SystemExit):
+    tp.main(["--replot", str(files[0])])  # nothing to draw to
