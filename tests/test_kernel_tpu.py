@@ -135,6 +135,22 @@ def test_value_and_grads_match_oracle(dtype, n, m, dim, block_sizes):
   assert rel_err(fwd, got[0]) < 1e-6
 
 
+@pytest.mark.parametrize("gen", ["v4", "v5e"])
+def test_forward_default_tiles_match_oracle(gen):
+  # The forward's own tiles (512 x 1024 on v4, 1024 x 1024 on v5e), in interpret mode: more
+  # rows and columns than one tile, padded on both axes, positives off the diagonal.
+  bs = tpu.forward_block_sizes(gen, dim=768)
+  n, m, dim = bs.block_rows + 200, bs.block_cols + 100, 64
+  x, y = inputs(5 + n, n, m, dim, jnp.float32)
+  x_ids = jnp.arange(n, dtype=jnp.int32)
+  y_ids = jnp.arange(m, dtype=jnp.int32) + 3
+  want, _ = oracle(x, y, x_ids, y_ids, LOG10, -10.0)
+  got = tpu.loss_sum(
+    x, y, x_ids, y_ids, jnp.float32(LOG10), jnp.float32(-10.0), block_sizes=bs, interpret=True
+  )
+  assert rel_err(got, want[0]) < TOL[jnp.float32]["value"], (bs, got, want[0])
+
+
 def test_square_batch_matches_helpers_oracle_and_reference():
   n, dim = 256, 64
   x, y = random_inputs(2024, n, dim, jnp.float32)
