@@ -182,17 +182,23 @@ class BlockSizes:
   def for_generation(cls, generation: str, dim: int = 1536, dtype=jnp.bfloat16) -> "BlockSizes":
     """The largest candidate tiles of a TPU generation ("v4", "v5e", "v5p", "v6e") whose
     kernels fit its VMEM for feature dim ``dim`` and input ``dtype``."""
-    if generation not in _CANDIDATE_TILES:
-      raise ValueError(f"generation must be one of {tuple(_CANDIDATE_TILES)}, got {generation!r}")
-    budget = _VMEM_BUDGET * VMEM_CAPACITY[generation]
-    for rows, cols in _CANDIDATE_TILES[generation]:
-      need = max(vmem_bytes(rows, cols, dim, dtype, with_grad=g, n_stats=3) for g in (0, 1))
-      if need <= budget:
-        return cls(rows, cols, generation=generation)
-    raise ValueError(
-      f"no tiles fit a {generation} TensorCore's VMEM at dim={dim} "
-      f"({jnp.dtype(dtype).name}); pass BlockSizes explicitly"
-    )
+    return _first_fit(_CANDIDATE_TILES, generation, dim, dtype, with_grad=(False, True))
+
+
+def _first_fit(candidates, generation, dim, dtype, *, with_grad) -> BlockSizes:
+  """The first of ``candidates[generation]`` whose kernels (with and / or without a
+  gradient, ``with_grad``) fit the VMEM budget of ``generation`` at (dim, dtype)."""
+  if generation not in candidates:
+    raise ValueError(f"generation must be one of {tuple(candidates)}, got {generation!r}")
+  budget = _VMEM_BUDGET * VMEM_CAPACITY[generation]
+  for rows, cols in candidates[generation]:
+    need = max(vmem_bytes(rows, cols, dim, dtype, with_grad=g, n_stats=3) for g in with_grad)
+    if need <= budget:
+      return BlockSizes(rows, cols, generation=generation)
+  raise ValueError(
+    f"no tiles fit a {generation} TensorCore's VMEM at dim={dim} "
+    f"({jnp.dtype(dtype).name}); pass BlockSizes explicitly"
+  )
 
 
 def tpu_generation(device_or_target=None) -> str | None:
@@ -221,11 +227,7 @@ def forward_block_sizes(
   (``_FORWARD_TILES``) whose forward alone fits the VMEM budget of ``generation``."""
   if generation is None:
     return default_block_sizes(None, interpret=interpret)
-  budget = _VMEM_BUDGET * VMEM_CAPACITY[generation]
-  for rows, cols in _FORWARD_TILES[generation]:
-    if vmem_bytes(rows, cols, dim, dtype, with_grad=False) <= budget:
-      return BlockSizes(rows, cols, generation=generation)
-  return BlockSizes.for_generation(generation, dim, dtype)  # raises: nothing fits
+  return _first_fit(_FORWARD_TILES, generation, dim, dtype, with_grad=(False,))
 
 
 # ------------------------------------------------------------------------------------------

@@ -658,9 +658,9 @@ def test_mosaic_compiles_all_generations():
   ):
     sharding = _tpu_sharding(topo)
     for dim in (768, 1152):
-      # The tiles (and value-and-grad plan) the API picks by default at this shape.
       # The forward with no block_sizes: its own tiles for the target (forward_block_sizes).
       _compile(tpu.loss_sum, 16384, dim, jnp.bfloat16, sharding)
+      # The value-and-grad plan and tiles the API picks by default at this shape.
       gbs = tpu.grad_block_sizes(gen, 16384, 16384, dim, jnp.bfloat16)
       compiled = _compile(
         lambda *a: tpu.loss_sum_and_grads(*a, block_sizes=gbs), 16384, dim, jnp.bfloat16, sharding
