@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any
 
 import jax.numpy as jnp
@@ -83,11 +82,12 @@ class BlockSizes:
   """Largest tile of the per-hop (b x b) block: ``block_rows`` image rows x ``block_cols``
   text rows, each a multiple of 8 (float32) or 16 (bfloat16), the sublanes of a vreg.
 
-  The tile used is the largest multiple of the sublane count, between half and all of the
-  given size, that divides the local batch b; failing that, b is padded up to a multiple
-  of the tile and the padding masked out. A trip keeps two buffers of an image tile and of
-  a text tile, with gradients two f32 gradient tiles (all D wide), and a few (rows x cols)
-  f32 temporaries in VMEM.
+  The larger of the two tiles used is the largest multiple of the sublane count, between
+  half and all of the given size, that divides the local batch b (failing that, b is padded
+  up to a multiple of the tile and the padding masked out); the smaller is the largest
+  multiple of the sublanes up to its given size that divides that (padded) b. A trip keeps
+  two buffers of an image tile and of a text tile, with gradients two f32 gradient tiles
+  (all D wide), and a few (rows x cols) f32 temporaries in VMEM.
 
   fuse_dy: value-and-grad as one trip that computes each block once (6 b^2 D FLOPs per
   block) with this device's float32 (b, D) dX resident in VMEM while the text chunks travel
@@ -101,17 +101,48 @@ class BlockSizes:
   fuse_dy: bool | None = None
 
   @classmethod
-  def get_default(cls, dim: int, dtype) -> "BlockSizes":
+  def get_default(
+    cls,
+    dim: int,
+    dtype,
+    *,
+    batch: int | None = None,
+    with_grads: bool = True,
+    fuse_dy: bool | None = None,
+  ) -> "BlockSizes":
+    """The tiles a call without ``block_sizes`` runs at feature dim ``dim``, input
+    ``dtype`` and local batch ``batch`` (None: one tile's worth), with or without
+    gradients; ``fuse_dy`` forces a value-and-grad plan, as the field does, and is kept in
+    the result. Traced inside shard_map over a compile-only TPU mesh, get_tpu_info()
+    describes the target chip, not the host (tests/test_kernel_tpu_ring.py checks v4, v5e
+    and v6e)."""
+    generation, vmem = _chip()
+    itemsize = jnp.dtype(dtype).itemsize
     # 512 x 512 tiles at D = 1152 need ~18 MiB with gradients: fine on v5e/v5p/v6e (64-128
-    # MiB VMEM per core), not on v4 (16 MiB). Traced inside shard_map over a compile-only
-    # TPU mesh, get_tpu_info() describes the target chip, not the host (the tests check
-    # v4, v5e and v6e). Where no chip is known (CPU, interpret mode) use the size that fits
-    # all of them.
-    size = 512 if (_vmem_capacity() or 0) >= 64 * 2**20 else 256
-    if _vmem_bytes(size, size, dim, jnp.dtype(dtype).itemsize, True) > 24 * 2**20:
+    # MiB VMEM per core), not on v4 (16 MiB). Where no chip is known (CPU, interpret mode)
+    # the size that fits all of them.
+    size = 512 if (vmem or 0) >= 64 * 2**20 else 256
+    if _vmem_bytes(size, size, dim, itemsize, True) > 24 * 2**20:
       size = 256
-    return cls(size, size)
+    square = cls(size, size, fuse_dy)
+    wide = _WIDE_TILES.get(generation)
+    if wide is None or itemsize != 2 or (with_grads and fuse_dy is False):
+      return square
+    wide = cls(*wide, fuse_dy)
+    if not with_grads or fuse_dy:
+      return wide
+    # With gradients only where the one-trip plan (6 b^2 D) still fits with them: giving
+    # it up for two trips (8 b^2 D) would cost far more than the wide tiles save.
+    tm, tn, b = _fit_tiles(batch or size, wide, mc.sublanes(dtype))
+    return wide if _fuses(wide, b, tm, tn, dim, itemsize) else square
 
+
+# Tiles wider than the square default, per generation, for bf16 inputs. v6e's MXUs leave the
+# per-element vector work to decide, and a wider text tile halves the passes per image row
+# (static profile, b = 4096, bf16, per hop against 512 x 512: loss only -14.5% at D = 768 and
+# -9.7% at D = 1152, the one-trip value-and-grad -6.0% and -4.5%; docs/PERFORMANCE.md
+# section 5). On v5e the same tiles gain 0.6-4.7% and double the compile time: not taken.
+_WIDE_TILES = {"v6e": (512, 1024)}
 
 # The share of a chip's VMEM the one-trip plan may take (its resident dX and tile buffers);
 # the rest is the compiler's. The smallest VMEM of the chips with defaults, where none is known.
@@ -119,11 +150,15 @@ _VMEM_BUDGET = 0.75
 _SMALLEST_VMEM = min(mc.VMEM_CAPACITY.values())
 
 
-def _vmem_capacity() -> int | None:
+def _chip() -> tuple[str | None, int | None]:
+  """(generation, VMEM bytes) of the TPU being traced for: ("v6e", 128 MiB); (None, None)
+  off TPU or on a jax that cannot say."""
   try:
-    return int(pltpu.get_tpu_info().vmem_capacity_bytes)
+    info = pltpu.get_tpu_info()
   except Exception:  # Not a TPU, or an API this jax lacks: fall back to the safe size.
-    return None
+    return None, None
+  version = getattr(info, "chip_version", None)
+  return getattr(version, "value", None), int(info.vmem_capacity_bytes)
 
 
 def _vmem_bytes(tm, tn, dim, itemsize, with_grads):
@@ -144,7 +179,7 @@ def fused_vmem_bytes(b, tm, tn, dim, itemsize):
 def _fuses(block_sizes, b, tm, tn, dim, itemsize) -> bool:
   if block_sizes.fuse_dy is not None:
     return block_sizes.fuse_dy
-  budget = _VMEM_BUDGET * (_vmem_capacity() or _SMALLEST_VMEM)
+  budget = _VMEM_BUDGET * (_chip()[1] or _SMALLEST_VMEM)
   return fused_vmem_bytes(b, tm, tn, dim, itemsize) <= budget
 
 
@@ -158,17 +193,32 @@ def _fit_tile(b, tile, sub):
   return tile
 
 
-def _check_inputs(x, y, x_ids, y_ids, log_t, bias, block_sizes):
+def _fit_tiles(b_valid, block_sizes, sub) -> tuple[int, int, int]:
+  """(tm, tn, b): the image and text tiles for local batch b_valid and the batch padded to
+  a multiple of both. The larger tile is fitted first and the smaller one to divide the
+  batch it pads to, so tiles that do not nest (e.g. 336 and 1008 for 512 x 1024 at
+  b = 1000) never pad b to their least common multiple (32256 there)."""
+  rows, cols = block_sizes.block_rows, block_sizes.block_cols
+  big = _fit_tile(b_valid, max(rows, cols), sub)
+  b = mc.round_up(b_valid, big)
+  small = min(rows, cols)
+  small = next(t for t in range(min(small, b), 0, -sub) if b % t == 0)
+  return (big, small, b) if rows > cols else (small, big, b)
+
+
+def _check_inputs(x, y, x_ids, y_ids, log_t, bias, block_sizes, with_grads):
   """The shared validator's checks, plus the ring's own: one (b, D) shape on every device
   and tiles that are whole vregs. Returns the int32 ids, the float32 scalars and the
-  block sizes (defaults filled in)."""
+  block sizes (defaults filled in for the trip, with or without gradients)."""
   checked = validate.check_block_inputs(x, y, x_ids, y_ids, log_t, bias)
   if x.shape != y.shape:
     raise ValueError(
       f"x and y must have the same shape (b, D) in the ring, got {x.shape} and {y.shape}"
     )
   if block_sizes is None:
-    block_sizes = BlockSizes.get_default(x.shape[1], x.dtype)
+    block_sizes = BlockSizes.get_default(
+      x.shape[1], x.dtype, batch=x.shape[0], with_grads=with_grads
+    )
   if not isinstance(block_sizes, BlockSizes):
     raise TypeError(
       f"block_sizes must be a siglip_fast.kernels.tpu_ring.BlockSizes, got {block_sizes!r}"
@@ -918,7 +968,9 @@ def _ring_call(
     if plan.grad:
       scratch.append(pltpu.VMEM((2, ta, dim), f32))
     vmem = _vmem_bytes(plan.tm, plan.tn, dim, a.dtype.itemsize, plan.grad)
-  vmem_limit = int(min(max(vmem * 3 // 2 + 2 * 2**20, 16 * 2**20), 100 * 2**20))
+  # Headroom over the model, never above the chip (v5p: 64 MiB).
+  cap = min(100 * 2**20, _chip()[1] or 100 * 2**20)
+  vmem_limit = int(min(max(vmem * 3 // 2 + 2 * 2**20, 16 * 2**20), cap))
   if interpret is True:
     interpret = pltpu.InterpretParams()
   outs = pl.pallas_call(
@@ -957,9 +1009,7 @@ def _trip(x, y, x_ids, y_ids, log_t, bias, axis_name, schedule, interpret, block
   n_dev = 1 if axis_name is None else lax.axis_size(axis_name)
   b_valid, dim = x.shape
   sub = mc.sublanes(x.dtype)
-  tm = _fit_tile(b_valid, block_sizes.block_rows, sub)
-  tn = _fit_tile(b_valid, block_sizes.block_cols, sub)
-  b = mc.round_up(b_valid, math.lcm(tm, tn))
+  tm, tn, b = _fit_tiles(b_valid, block_sizes, sub)
   if b != b_valid:  # Zero rows, masked out in the kernel; their ids never matter.
     pad = lambda a: jnp.pad(a, [(0, b - b_valid)] + [(0, 0)] * (a.ndim - 1))
     x, y, x_ids, y_ids = map(pad, (x, y, x_ids, y_ids))
@@ -1029,7 +1079,7 @@ def _checked_trip(
   x, y, x_ids, y_ids, log_t, bias, with_grads, *, axis_name, schedule, interpret, block_sizes
 ):
   (x_ids, y_ids, log_t, bias), block_sizes = _check_inputs(
-    x, y, x_ids, y_ids, log_t, bias, block_sizes
+    x, y, x_ids, y_ids, log_t, bias, block_sizes, with_grads
   )
   return _trip(
     x, y, x_ids, y_ids, log_t, bias, axis_name, schedule, interpret, block_sizes, with_grads

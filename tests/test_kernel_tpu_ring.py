@@ -350,6 +350,54 @@ def test_pair_ids_and_ragged_batch(capfd, schedule, fuse_dy):
   )
 
 
+@pytest.mark.parametrize("fuse_dy", [None, False])
+def test_tiles_that_do_not_nest(capfd, fuse_dy):
+  # b = 40 with 32 x 64 tiles: the text tile is the whole chunk (40 rows) and no image tile
+  # between 16 and 32 rows divides 40. Fitted independently the two padded b to
+  # lcm(32, 40) = 160 rows; the image tile now divides the text tile's batch (8 rows).
+  assert tpu_ring._fit_tiles(40, tpu_ring.BlockSizes(32, 64), 8) == (8, 40, 40)
+  assert tpu_ring._fit_tiles(1000, tpu_ring.BlockSizes(512, 1024), 16) == (336, 1008, 1008)
+  assert tpu_ring._fit_tiles(4096, tpu_ring.BlockSizes(512, 1024), 16) == (512, 1024, 4096)
+  assert tpu_ring._fit_tiles(20, tpu_ring.BlockSizes(16, 16), 8) == (16, 16, 32)
+  _check_ring(
+    capfd,
+    3,
+    "bidirectional",
+    "on_wait",
+    jnp.float32,
+    False,
+    tpu_ring.BlockSizes(32, 64, fuse_dy),
+    b_local=40,
+    dim=24,
+    seed=79,
+  )
+
+
+def test_default_tiles_follow_the_chip_and_the_plan(monkeypatch):
+  mib = 2**20
+
+  def default(chip, dim=1152, dtype=jnp.bfloat16, **kw):
+    monkeypatch.setattr(tpu_ring, "_chip", lambda: chip)
+    bs = tpu_ring.BlockSizes.get_default(dim, dtype, **kw)
+    return bs.block_rows, bs.block_cols, bs.fuse_dy
+
+  v6e, v5e, v4 = ("v6e", 128 * mib), ("v5e", 128 * mib), ("v4", 16 * mib)
+  # v6e, bf16: the wide tiles for the loss alone, and with gradients where the one-trip
+  # plan still fits with them (its resident f32 dX: b = 4096 yes, 16384 no).
+  assert default(v6e, batch=16384, with_grads=False) == (512, 1024, None)
+  assert default(v6e, batch=4096) == (512, 1024, None)
+  need = tpu_ring.fused_vmem_bytes(16384, 512, 1024, 1152, 2)
+  assert need > tpu_ring._VMEM_BUDGET * 128 * mib
+  assert default(v6e, batch=16384) == (512, 512, None)
+  # The two trips keep the square tiles; float32 inputs too (the wide ones are measured
+  # for bf16 only).
+  assert default(v6e, batch=4096, fuse_dy=False) == (512, 512, False)
+  assert default(v6e, dtype=jnp.float32, batch=4096, with_grads=False) == (512, 512, None)
+  assert default(v5e, batch=4096, with_grads=False) == (512, 512, None)
+  assert default(v4, batch=4096) == (256, 256, None)
+  assert default((None, None), batch=4096, with_grads=False) == (256, 256, None)
+
+
 def test_lean_and_full_tiles_follow_the_ids(capfd):
   # ids repeat every 40 rows: positives sit 40 and 80 rows off the diagonal, across tiles and
   # devices. Tile pairs whose id ranges meet take the full body, the others the lean one; a
@@ -572,9 +620,10 @@ def test_bad_inputs(args, exc, match):
     tpu_ring.ring_loss(*args(x, y, ids), 2.3, -10.0, interpret=True)
 
 
-def _compile_for_slice(topology, schedule, b_local, dim=1152, grads=True):
-  """AOT-compiles the public API under shard_map for a compile-only TPU slice: the real
-  Mosaic compiler (semaphore and VMEM budgets included) and XLA's TPU schedule."""
+def _compile_for_slice(monkeypatch, topology, schedule, b_local, dim=1152, grads=True):
+  """AOT-compiles the kernel with its default tiles under shard_map for a compile-only TPU
+  slice: the real Mosaic compiler (semaphore and VMEM budgets included) and XLA's TPU
+  schedule. Returns (devices, the compiled program, the (tm, tn) tiles its trips ran)."""
   from jax.experimental import topologies
 
   try:
@@ -588,11 +637,15 @@ def _compile_for_slice(topology, schedule, b_local, dim=1152, grads=True):
   devices = list(chips.values())
   mesh = Mesh(np.array(devices), ("batch",))
   n = len(devices)
-  seen = {}
+  tiles, ring_call = set(), tpu_ring._ring_call
+
+  def recording_call(plan, *args, **kwargs):
+    tiles.add((plan.tm, plan.tn))
+    return ring_call(plan, *args, **kwargs)
+
+  monkeypatch.setattr(tpu_ring, "_ring_call", recording_call)
 
   def local(x, y, ids, lt, b):
-    # Inside shard_map on a compile-only mesh the defaults see the target chip.
-    seen["default"] = tpu_ring.BlockSizes.get_default(x.shape[1], x.dtype)
     return tpu_ring.ring_loss(x, y, ids, ids, lt, b, axis_name="batch", schedule=schedule)
 
   f = jax.shard_map(
@@ -610,7 +663,7 @@ def _compile_for_slice(topology, schedule, b_local, dim=1152, grads=True):
   )
   fn = jax.value_and_grad(f, argnums=(0, 1, 3, 4)) if grads else f
   compiled = jax.jit(fn).lower(*args).compile()
-  return n, compiled, seen["default"]
+  return n, compiled, tiles
 
 
 def _flops(compiled):
@@ -641,29 +694,38 @@ def _check_compiled(compiled, n, b_local, dim, grads, fused=None):
   assert temp <= 8 * b_local * dim * 4, temp
 
 
+def _slow(*case):
+  return pytest.param(*case, marks=pytest.mark.slow)
+
+
 @pytest.mark.parametrize(
-  "topology,schedule,b_local,grads,fused",
+  "topology,schedule,b_local,grads,fused,tiles",
   [
     # The one-trip plan's largest resident dX (72 MiB) on a 128 MiB chip; the shapes that
     # ran out of DMA semaphores (sflag) with one semaphore per dY tile.
-    ("v5e:2x4", "bidirectional", 16384, True, True),
-    pytest.param("v5e:2x4", "bidirectional", 4096, True, True, marks=pytest.mark.slow),
-    pytest.param("v6e:2x4", "bidirectional", 16384, True, True, marks=pytest.mark.slow),
-    pytest.param("v5e:2x4", "unidirectional", 16384, True, True, marks=pytest.mark.slow),
-    pytest.param("v6e:2x4", "unidirectional", 16384, True, True, marks=pytest.mark.slow),
+    ("v5e:2x4", "bidirectional", 16384, True, True, (512, 512)),
+    _slow("v5e:2x4", "bidirectional", 4096, True, True, (512, 512)),
+    # v6e's wide tiles where the one-trip plan fits with them, square where only they fit.
+    _slow("v6e:2x4", "bidirectional", 4096, True, True, (512, 1024)),
+    _slow("v6e:2x4", "bidirectional", 16384, True, True, (512, 512)),
+    _slow("v5e:2x4", "unidirectional", 16384, True, True, (512, 512)),
+    _slow("v6e:2x4", "unidirectional", 16384, True, True, (512, 512)),
     # dX no longer fits: two trips.
-    pytest.param("v5e:2x4", "unidirectional", 32768, True, False, marks=pytest.mark.slow),
-    pytest.param("v6e:2x4", "bidirectional", 32768, True, False, marks=pytest.mark.slow),
-    pytest.param("v5e:2x4", "bidirectional", 16384, False, None, marks=pytest.mark.slow),
-    pytest.param("v5e:2x2", "bidirectional", 16384, True, True, marks=pytest.mark.slow),
-    pytest.param("v4:2x2x1", "bidirectional", 16384, True, False, marks=pytest.mark.slow),
-    pytest.param("v4:2x2x1", "unidirectional", 4096, False, None, marks=pytest.mark.slow),
+    _slow("v5e:2x4", "unidirectional", 32768, True, False, (512, 512)),
+    _slow("v6e:2x4", "bidirectional", 32768, True, False, (512, 512)),
+    # The loss alone.
+    _slow("v5e:2x4", "bidirectional", 16384, False, None, (512, 512)),
+    _slow("v6e:2x4", "bidirectional", 4096, False, None, (512, 1024)),
+    _slow("v5e:2x2", "bidirectional", 16384, True, True, (512, 512)),
+    _slow("v4:2x2x1", "bidirectional", 16384, True, False, (256, 256)),
+    _slow("v4:2x2x1", "unidirectional", 4096, False, None, (256, 256)),
   ],
 )
-def test_compiles_for_tpu_slice(topology, schedule, b_local, grads, fused):
+def test_compiles_for_tpu_slice(monkeypatch, topology, schedule, b_local, grads, fused, tiles):
   dim = 1152
-  n, compiled, default = _compile_for_slice(topology, schedule, b_local, dim, grads)
+  n, compiled, ran = _compile_for_slice(monkeypatch, topology, schedule, b_local, dim, grads)
   _check_compiled(compiled, n, b_local, dim, grads, fused)
-  # Tile defaults come from the target chip (128 MiB of VMEM on v5e and v6e, 16 MiB on v4),
-  # not the host: pltpu.get_tpu_info() inside shard_map on a compile-only mesh sees the target.
-  assert default == tpu_ring.BlockSizes(*(2 * (256 if topology.startswith("v4") else 512,)))
+  # Tile defaults come from the target chip (128 MiB of VMEM on v5e and v6e, 16 MiB on v4;
+  # v6e's wide tiles), not the host: pltpu.get_tpu_info() inside shard_map on a
+  # compile-only mesh sees the target.
+  assert ran == {tiles}
