@@ -11,7 +11,8 @@ topology>).compile()`` of exactly what a user calls: ``siglip_fast.sigmoid_loss`
 (``siglip_fast.mesh.ring_mesh``) with ``axis_name`` on 4 and 8 chips; bf16, default tiles
 chosen by the API for the target chip. Per row: compiled or the error, the kernels in the
 program, the largest VMEM limit a kernel asked for, temp bytes per chip (and whether it could
-hold a b x b float32), the compile time. Nothing executes; no TPU is needed.
+hold a b x b float32), the bytes XLA's cost analysis counts for the whole step per chip
+(its own ops and the kernels' declared costs), the compile time. Nothing executes; no TPU is needed.
 
 The full default matrix is about a hundred compiles (tens of minutes on 2 cores); narrow it
 with the flags. Results go only where ``--json`` says.
@@ -63,6 +64,7 @@ class Row:
   kernels: tuple = ()
   vmem_limit_bytes: int | None = None
   temp_bytes_per_chip: int | None = None
+  bytes_accessed_per_chip: int | None = None
   bxb_f32_bytes: int = 0
   compile_s: float = 0.0
 
@@ -125,6 +127,9 @@ def run_row(row: Row) -> Row:
     compiled = lowered.compile()
     row.compiled = True
     row.temp_bytes_per_chip = int(compiled.memory_analysis().temp_size_in_bytes)
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    row.bytes_accessed_per_chip = int(cost.get("bytes accessed", 0)) or None
     row.kernels, row.vmem_limit_bytes = _kernel_facts(lowered.as_text())
   except Exception as e:  # pylint: disable=broad-except  # the row records any failure
     row.error = f"{type(e).__name__}: {str(e).splitlines()[0][:400]}"
@@ -146,7 +151,7 @@ def main(argv=None):
   rows = []
   header = (
     f"{'gen':4} {'chips':>5} {'b/chip':>7} {'D':>5} {'schedule':14} {'ok':3} "
-    f"{'VMEM MiB':>8} {'temp MiB':>9} {'s':>6}  kernels / error"
+    f"{'VMEM MiB':>8} {'temp MiB':>9} {'HBM GB':>7} {'s':>6}  kernels / error"
   )
   print(header, flush=True)
   for gen in args.generations:
@@ -157,10 +162,12 @@ def main(argv=None):
             row = run_row(Row(gen, chips, b, dim, schedule))
             rows.append(row)
             mib = lambda v: "-" if v is None else f"{v / 2**20:.1f}"
+            gb = lambda v: "-" if v is None else f"{v / 1e9:.2f}"
             print(
               f"{gen:4} {chips:5} {b:7} {dim:5} {str(schedule):14} "
               f"{'yes' if row.compiled else 'NO':3} {mib(row.vmem_limit_bytes):>8} "
-              f"{mib(row.temp_bytes_per_chip):>9} {row.compile_s:6}  "
+              f"{mib(row.temp_bytes_per_chip):>9} {gb(row.bytes_accessed_per_chip):>7} "
+              f"{row.compile_s:6}  "
               f"{','.join(row.kernels) if row.compiled else row.error}",
               flush=True,
             )

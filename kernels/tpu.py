@@ -331,6 +331,7 @@ def _tile_kernel(
   with_grad,
   with_db,
   with_da_in,
+  with_db_in,
   da_partial,
   col_start,
   precision,
@@ -340,12 +341,14 @@ def _tile_kernel(
   ``col_start`` on.
 
   refs: with_da_in, the (1, rows, D) float32 partial gradient of a that the previous call
-  left (the accumulator starts from it); then the outputs, as requested: stats (1, k, 8, 128)
+  left (the accumulator starts from it); with_db_in, the whole float32 gradient of b so far
+  in HBM (this call's share of it is where core c's resident gradient starts); then the
+  outputs, as requested: stats (1, k, 8, 128)
   holding [loss] + [sum G*S, sum G]; the gradient of a: a (rows, D) block in a's dtype, or
   with da_partial core c's float32 (1, rows, D) partial, without the factor t; with_db, core
   c's share of this call's float32 gradient of b (without t), resident for the call. Then a
   float32 (rows, D) accumulator for a's gradient where its block is a partial or not float32
-  (otherwise the block accumulates in place).
+  (otherwise the block accumulates in place); with_db_in, last, a DMA semaphore.
   """
   if with_db:
     c, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -356,6 +359,8 @@ def _tile_kernel(
   last_j = pl.num_programs(2 if with_db else 1) - 1
   refs = list(refs)
   da_in_ref = refs.pop(0) if with_da_in else None
+  db_in_ref = refs.pop(0) if with_db_in else None
+  db_sem = refs.pop() if with_db_in else None
   stats_ref = refs.pop(0) if (with_loss or with_scalar_grads) else None
   da_ref = refs.pop(0) if with_grad else None
   db_ref = refs.pop(0) if with_db else None
@@ -375,7 +380,14 @@ def _tile_kernel(
 
     @pl.when((i == 0) & (j == 0))
     def _init_db():
-      db_ref[...] = jnp.zeros_like(db_ref)
+      if db_in_ref is None:
+        db_ref[...] = jnp.zeros_like(db_ref)
+        return
+      share = db_ref.shape[0]
+      start = pl.multiple_of((col_start + c * pl.num_programs(2)) * cols, cols)
+      copy = pltpu.make_async_copy(db_in_ref.at[pl.ds(start, share)], db_ref, db_sem)
+      copy.start()
+      copy.wait()
 
   def tile_body(full: bool):
     """Accumulate this tile. ``full``: it may hold positives or padding, so it pays for the
@@ -467,6 +479,8 @@ def _tile_pass(
   cores=1,
   col_tiles=None,
   da_in=None,
+  db_in=None,
+  partial_out=False,
 ):
   """Run the kernel over all (a tile, b tile) pairs of already padded inputs.
 
@@ -474,7 +488,9 @@ def _tile_pass(
   also accumulate G^T @ a, over b's tiles ``col_tiles`` = (first, count) (default: all),
   into a float32 array resident in VMEM, in ``cores`` shares (one per TensorCore; the
   leading, parallel grid axis), each with its own float32 partial gradient of a. ``da_in``:
-  the previous call's partials, (cores, rows of a, D) float32, to continue from.
+  the previous call's partials, (cores, rows of a, D) float32, to continue from; ``db_in``:
+  a float32 gradient of all of b's (padded) rows to continue from (this call reads its
+  columns' rows); ``partial_out``: return a's gradient as partials even from a last call.
 
   Returns (stats, da, db): the (k,) float32 sums (or None); the padded (rows of a, D)
   gradient t * G @ b in a's dtype, or with_db, unless this is the one last call on one
@@ -490,7 +506,9 @@ def _tile_pass(
   if col_count % cores:
     raise ValueError(f"{col_count} column tiles do not split over {cores} TensorCores")
   per_core = col_count // cores
-  da_partial = with_db and not (cores == 1 and col_start + col_count == n_col_tiles)
+  da_partial = with_db and (
+    partial_out or not (cores == 1 and col_start + col_count == n_col_tiles)
+  )
   if with_db:
     grid = (cores, n_row_tiles, per_core)
     row = lambda c, i, j: i
@@ -508,7 +526,7 @@ def _tile_pass(
   # Per tile, [min id, max id]: the kernel runs its lean body where the ranges of a row tile
   # and a column tile cannot share an id (see _tile_kernel).
   a_rng, b_rng = mc.tile_id_ranges(a_ids_col, rows, n_a), mc.tile_id_ranges(b_ids_row, cols, n_b)
-  extra = (da_in,) if da_in is not None else ()
+  extra = tuple(v for v in (da_in, db_in) if v is not None)
   operands, axes = vma.match_varying((scal, a_rng, b_rng, a_ids_col, b_ids_row, a, b) + extra)
   out_struct = lambda shape, dtype: vma.shape_struct(shape, dtype, axes)
 
@@ -523,6 +541,8 @@ def _tile_pass(
   ]
   if da_in is not None:
     in_specs.append(pl.BlockSpec((1, rows, dim), lambda c, i, j: (c, i, 0)))
+  if db_in is not None:
+    in_specs.append(pl.BlockSpec(memory_space=pl.ANY))  # copied in once per core and call
   out_shape, out_specs, scratch = [], [], []
   if n_stats:
     out_shape.append(
@@ -547,6 +567,8 @@ def _tile_pass(
     out_specs.append(
       pl.BlockSpec((per_core * cols, dim), lambda c, i, j: (c, 0), pipeline_mode=pl.Buffered(1))
     )
+  if db_in is not None:
+    scratch.append(pltpu.SemaphoreType.DMA)
 
   isz = a.dtype.itemsize
   nb_call = col_count * cols
@@ -561,6 +583,7 @@ def _tile_pass(
       + n_row_tiles * nb_call * dim * isz
       + 4 * (cores * na_pad + n_row_tiles * nb_call)
       + (cores * na_pad * dim * 4 if da_in is not None else 0)
+      + (nb_call * dim * 4 if db_in is not None else 0)
       + (na_pad * dim * (4 * cores if da_partial else isz) if with_grad else 0)
       + (nb_call * dim * 4 if with_db else 0)
       + 4 * cores * n_row_tiles * n_stats * _SUBLANES * _LANES
@@ -590,6 +613,7 @@ def _tile_pass(
     with_grad=with_grad,
     with_db=with_db,
     with_da_in=da_in is not None,
+    with_db_in=db_in is not None,
     da_partial=da_partial,
     col_start=col_start,
     precision=precision,
@@ -599,7 +623,8 @@ def _tile_pass(
   semantics = ("parallel", "arbitrary", "arbitrary") if with_db else ("parallel", "arbitrary")
   # A partial in and a partial out: the same HBM buffer, updated in place (each row tile's
   # block is read before any step of that row tile and written after its last).
-  aliases = {len(operands) - 1: int(n_stats > 0)} if da_in is not None and da_partial else {}
+  # (da_in is operand 7, the first after the seven above.)
+  aliases = {7: int(n_stats > 0)} if da_in is not None and da_partial else {}
   outs = pl.pallas_call(
     kernel,
     grid=grid,
@@ -772,6 +797,77 @@ def grad_block_sizes(
   return base
 
 
+@dataclasses.dataclass(frozen=True)
+class _GradPlan:
+  """How a value-and-grad of one block runs: the fused kernel (``fuse``: x's row tile
+  ``rows``, y's column tile ``cols``, ``cores`` TensorCores a call, ``counts`` column tiles
+  per call) or, where it does not, the two kernels (``bs``'s tiles)."""
+
+  bs: BlockSizes
+  fuse: bool
+  rows: int = 0
+  cols: int = 0
+  cores: int = 1
+  counts: tuple = ()
+
+  @property
+  def dy_rows(self) -> int:  # y's rows, padded to whole column tiles of every call
+    return self.cols * sum(self.counts)
+
+
+def _grad_plan(x, y, block_sizes, interpret, target) -> _GradPlan:
+  _check_block_sizes(block_sizes)
+  n, m, dim = x.shape[0], y.shape[0], x.shape[1]
+  bs = block_sizes or grad_block_sizes(
+    None if interpret else _generation(target, x), n, m, dim, x.dtype, interpret=interpret
+  )
+  fuse, splits = _fused_plan(bs, n, m, dim, x.dtype)
+  if not fuse:
+    return _GradPlan(bs, False)
+  cols, cores, counts = _super_blocks(bs, m, splits)
+  return _GradPlan(bs, True, _tile(n, bs.block_rows), cols, cores, tuple(counts))
+
+
+def _fused_calls(
+  plan: _GradPlan, x, y, x_ids, y_ids, scal, interpret, accumulate=False, dx_acc=None, dy_acc=None
+):
+  """The fused kernel, a call per super-block of y (or per pair of them where two
+  TensorCores share a call), chained through the float32 partial dX: (stats, dx, dy).
+
+  dx is final (x's dtype, times t) where one call on one TensorCore makes it, else the
+  TensorCores' float32 partials without t, (cores, padded rows of x, D); dy is float32
+  without t, (plan.dy_rows, D). ``accumulate``: dx as partials always, and the calls start
+  from the running dx_acc and dy_acc in those layouts (None: zero), so that a ring driver's
+  gradients stay float32 in the kernel's own layout.
+  """
+  xp, yp = _pad_rows(x, plan.rows), _pad_rows(y, plan.dy_rows)
+  stats, dx, dys = 0.0, dx_acc, []
+  for k, count in enumerate(plan.counts):
+    call_stats, dx, call_dy = _tile_pass(
+      xp,
+      yp,
+      x_ids,
+      y_ids,
+      scal,
+      rows=plan.rows,
+      cols=plan.cols,
+      with_loss=True,
+      with_scalar_grads=True,
+      with_grad=True,
+      with_db=True,
+      cores=plan.cores,
+      col_tiles=(sum(plan.counts[:k]), count),
+      da_in=dx,
+      db_in=dy_acc,
+      partial_out=accumulate,
+      name="siglip_fwd_dx_dy",
+      **_common(plan.bs, interpret),
+    )
+    stats = stats + call_stats
+    dys.append(call_dy)
+  return stats, dx, dys[0] if len(dys) == 1 else jnp.concatenate(dys)
+
+
 def loss_sum_and_grads(
   x,
   y,
@@ -791,56 +887,34 @@ def loss_sum_and_grads(
   No (n, m) array outside VMEM either way.
   """
   x_ids, y_ids, log_t, bias = validate.check_block_inputs(x, y, x_ids, y_ids, log_t, bias)
-  _check_block_sizes(block_sizes)
-  n, m, dim = x.shape[0], y.shape[0], x.shape[1]
-  bs = block_sizes or grad_block_sizes(
-    None if interpret else _generation(target, x), n, m, dim, x.dtype, interpret=interpret
-  )
+  plan = _grad_plan(x, y, block_sizes, interpret, target)
+  n, m = x.shape[0], y.shape[0]
   t, scal = mc.kernel_scalars(log_t, bias)
-  common = _common(bs, interpret)
-  # The loss, its scalar gradients and dX: every call of the fused kernel, the first of two.
-  loss_and_dx = functools.partial(
-    _tile_pass, scal=scal, with_loss=True, with_scalar_grads=True, with_grad=True, **common
-  )
-  fuse, splits = _fused_plan(bs, n, m, dim, x.dtype)
-  if fuse:
-    # A call per super-block, or per pair of them where two TensorCores share a call.
-    cols, cores, counts = _super_blocks(bs, m, splits)
-    rows = _tile(n, bs.block_rows)
-    xp, yp = _pad_rows(x, rows), _pad_rows(y, cols * sum(counts))
-    stats, dx, dys = 0.0, None, []
-    for k, count in enumerate(counts):
-      call_stats, dx, call_dy = loss_and_dx(
-        xp,
-        yp,
-        x_ids,
-        y_ids,
-        rows=rows,
-        cols=cols,
-        with_db=True,
-        cores=cores,
-        col_tiles=(sum(counts[:k]), count),
-        da_in=dx,
-        name="siglip_fwd_dx_dy",
-      )
-      stats = stats + call_stats
-      dys.append(call_dy)
+  if plan.fuse:
+    stats, dx, dy = _fused_calls(plan, x, y, x_ids, y_ids, scal, interpret)
     if dx.ndim == 3:  # the TensorCores' float32 partials, without t
       dx = (t * jnp.sum(dx, axis=0)).astype(x.dtype)
-    dy = (t * jnp.concatenate(dys)[:m]).astype(y.dtype)
+    dy = (t * dy[:m]).astype(y.dtype)
   else:
+    bs = plan.bs
     rows, cols = _tile(n, bs.block_rows), _tile(m, bs.block_cols)
     rows_dy, cols_dy = _tile(m, bs.dy_tiles[0]), _tile(n, bs.dy_tiles[1])
+    common = _common(bs, interpret)
     # x is the owned side of one kernel and the streamed side of the other: each kernel
     # gets its own padding, so neither pads to the lcm of two tiles.
-    stats, dx, _ = loss_and_dx(
+    stats, dx, _ = _tile_pass(
       _pad_rows(x, rows),
       _pad_rows(y, cols),
       x_ids,
       y_ids,
+      scal,
       rows=rows,
       cols=cols,
+      with_loss=True,
+      with_scalar_grads=True,
+      with_grad=True,
       name="siglip_fwd_dx",
+      **common,
     )
     # The same kernel on the transposed block: it owns y tiles and streams x tiles.
     _, dy, _ = _tile_pass(
@@ -862,6 +936,44 @@ def loss_sum_and_grads(
   return stats[0], (dx[:n], dy, t * stats[1], stats[2])
 
 
+def _accumulators(x, y, *, block_sizes, interpret, target):
+  """Zero running gradients for a ring driver (``ring_lib.Accumulate``): the fused
+  kernel's own layout where it runs, else float32 arrays of x's and y's shapes."""
+  plan = _grad_plan(x, y, block_sizes, interpret, target)
+  if not plan.fuse:
+    return jnp.zeros(x.shape, jnp.float32), jnp.zeros(y.shape, jnp.float32)
+  x_rows = mc.round_up(x.shape[0], plan.rows)
+  return (
+    jnp.zeros((plan.cores, x_rows, x.shape[1]), jnp.float32),
+    jnp.zeros((plan.dy_rows, y.shape[1]), jnp.float32),
+  )
+
+
+def _add_block(x, y, x_ids, y_ids, log_t, bias, dx_acc, dy_acc, *, block_sizes, interpret, target):
+  """A block's loss sum and its gradients added into the running ones (None: zero): in the
+  fused kernel (which starts its accumulators from them), or after the two kernels."""
+  kw = dict(block_sizes=block_sizes, interpret=interpret, target=target)
+  plan = _grad_plan(x, y, block_sizes, interpret, target)
+  if not plan.fuse:
+    grads = functools.partial(loss_sum_and_grads, **kw)
+    return ring_lib.add_grads(grads, x, y, x_ids, y_ids, log_t, bias, dx_acc, dy_acc)
+  x_ids, y_ids, log_t, bias = validate.check_block_inputs(x, y, x_ids, y_ids, log_t, bias)
+  t, scal = mc.kernel_scalars(log_t, bias)
+  stats, dx_acc, dy_acc = _fused_calls(
+    plan, x, y, x_ids, y_ids, scal, interpret, True, dx_acc, dy_acc
+  )
+  return stats[0], (dx_acc, dy_acc, t * stats[1], stats[2])
+
+
+def _finish(dx_acc, dy_acc, x, y, log_t, *, block_sizes, interpret, target):
+  """The running gradients as float32 arrays of x's and y's shapes."""
+  plan = _grad_plan(x, y, block_sizes, interpret, target)
+  if not plan.fuse:
+    return dx_acc, dy_acc
+  t = mc.kernel_scalars(log_t, 0.0)[0]
+  return t * jnp.sum(dx_acc, axis=0)[: x.shape[0]], t * dy_acc[: y.shape[0]]
+
+
 def block_loss_sum(
   x, y, x_ids, y_ids, log_t, bias, *, block_sizes: BlockSizes | None = None, interpret: bool = False
 ) -> jax.Array:
@@ -881,6 +993,12 @@ def block_ops(
   ``siglip_fast.target.Target``) picks the default tiles' generation."""
   _check_block_sizes(block_sizes)
   kw = dict(block_sizes=block_sizes, interpret=bool(interpret), target=target)
+  accumulate = ring_lib.Accumulate(
+    *(functools.partial(f, **kw) for f in (_accumulators, _add_block, _finish))
+  )
   return ring_lib.BlockOps(
-    "pallas_tpu", functools.partial(loss_sum, **kw), functools.partial(loss_sum_and_grads, **kw)
+    "pallas_tpu",
+    functools.partial(loss_sum, **kw),
+    functools.partial(loss_sum_and_grads, **kw),
+    accumulate,
   )

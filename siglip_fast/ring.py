@@ -35,11 +35,33 @@ SCHEDULES = ("unidirectional", "bidirectional")
 
 
 @dataclasses.dataclass(frozen=True)
+class Accumulate:
+  """A block's gradients added into a trip's running ones, kept in the implementation's own
+  layout (e.g. a kernel's float32 partials): the driver never rounds them per block nor
+  reads them back between blocks.
+
+  zeros(x, y) -> (dx_acc, dy_acc): running gradients for local chunks of x's and y's shape
+  block(x, y, x_ids, y_ids, log_t, bias, dx_acc, dy_acc)
+      -> (float32 loss sum, (dx_acc, dy_acc, dlog_t, dbias)), the block's gradients added
+      (None for either accumulator: start from zero without reading one)
+  finish(dx_acc, dy_acc, x, y, log_t) -> (dx, dy): float32, x's and y's shapes
+
+  dy_acc travels with its chunk; the driver adds the two copies' dy_acc of a chunk under the
+  bidirectional schedule, so it must be linear in them.
+  """
+
+  zeros: Callable
+  block: Callable
+  finish: Callable
+
+
+@dataclasses.dataclass(frozen=True)
 class BlockOps:
   """How one implementation computes a block; see ``siglip_fast.reference.dense.block_loss_sum`` for the contract.
 
   loss_sum(x, y, x_ids, y_ids, log_t, bias) -> float32 scalar
   loss_sum_and_grads(...) -> (float32 scalar, (dx, dy, dlog_t, dbias))
+  accumulate: an ``Accumulate``, or None for float32 sums of loss_sum_and_grads' gradients
 
   dx and dy have the dtypes of x and y; dlog_t and dbias are float32 scalars.
   """
@@ -47,6 +69,27 @@ class BlockOps:
   name: str
   loss_sum: Callable
   loss_sum_and_grads: Callable
+  accumulate: Accumulate | None = None
+
+  def accumulator(self) -> Accumulate:
+    """``accumulate``, or float32 sums of ``loss_sum_and_grads``' gradients."""
+    if self.accumulate is not None:
+      return self.accumulate
+    f32_zeros = lambda a: jnp.zeros(jnp.shape(a), jnp.float32)
+    return Accumulate(
+      zeros=lambda x, y: (f32_zeros(x), f32_zeros(y)),
+      block=functools.partial(add_grads, self.loss_sum_and_grads),
+      finish=lambda dx_acc, dy_acc, *_: (dx_acc, dy_acc),
+    )
+
+
+def add_grads(loss_sum_and_grads, x, y, x_ids, y_ids, log_t, bias, dx_acc, dy_acc):
+  """``Accumulate.block`` from a ``BlockOps.loss_sum_and_grads``: its gradients added in
+  float32 to running ones of x's and y's shapes (None: zero)."""
+  loss, (dx, dy, dlt, db) = loss_sum_and_grads(x, y, x_ids, y_ids, log_t, bias)
+  f32 = lambda a: a.astype(jnp.float32)
+  add = lambda acc, g: f32(g) if acc is None else acc + f32(g)
+  return loss, (add(dx_acc, dx), add(dy_acc, dy), f32(dlt), f32(db))
 
 
 def _shift(tree, axis_name, n_dev, shift):
@@ -57,14 +100,6 @@ def _shift(tree, axis_name, n_dev, shift):
 
 def _axis_size(axis_name):
   return 1 if axis_name is None else lax.axis_size(axis_name)
-
-
-def _block(ops: BlockOps, with_grads, x, y, x_ids, y_ids, log_t, bias):
-  """A block's loss sum and, if asked for, its (dx, dy, dlog_t, dbias) in float32."""
-  if not with_grads:
-    return ops.loss_sum(x, y, x_ids, y_ids, log_t, bias), None
-  loss, grads = ops.loss_sum_and_grads(x, y, x_ids, y_ids, log_t, bias)
-  return loss, tuple(g.astype(jnp.float32) for g in grads)
 
 
 def _trip(x, y, x_ids, y_ids, log_t, bias, with_grads, *, axis_name, schedule, ops):
@@ -78,25 +113,36 @@ def _trip(x, y, x_ids, y_ids, log_t, bias, with_grads, *, axis_name, schedule, o
     # Marked varying, the replicated scalars get per-device block gradients, summed once
     # at the end; left replicated, autodiff in every block would all-reduce them per step.
     log_t, bias = vma.pvary(log_t, {axis_name}), vma.pvary(bias, {axis_name})
+  if with_grads and n_dev == 1:  # one block: nothing to accumulate
+    loss, grads = ops.loss_sum_and_grads(x, y, x_ids, y_ids, log_t, bias)
+    return loss, tuple(g.astype(jnp.float32) for g in grads)
   f32_zeros = lambda a: jnp.zeros(jnp.shape(a), jnp.float32)
-  # zeros_like keeps y's varying-over-the-axis type, as the loop carries require.
-  no_dy = jnp.zeros_like(y, jnp.float32) if with_grads else None
-  # acc: the loss sum, or (loss sum, dx, dlog_t, dbias) when with_grads.
-  acc = tuple(map(f32_zeros, (0.0, x, log_t, bias))) if with_grads else f32_zeros(0.0)
+  grads = ops.accumulator()
+  # acc: the loss sum, or (loss sum, dx so far, dlog_t, dbias) when with_grads; the first
+  # block starts the running gradients (None: from zero).
+  acc = f32_zeros(0.0)
+  if with_grads:
+    acc = (acc, None, f32_zeros(log_t), f32_zeros(bias))
 
   def step(acc, chunk):
     y_c, ids_c, dy_c = chunk
-    loss, grads = _block(ops, with_grads, x, y_c, x_ids, ids_c, log_t, bias)
-    if grads is None:
-      return acc + loss, chunk
-    dx, dy, dlt, db = grads
-    acc = (acc[0] + loss, acc[1] + dx, acc[2] + dlt, acc[3] + db)
-    return acc, (y_c, ids_c, dy_c + dy)
+    if not with_grads:
+      return acc + ops.loss_sum(x, y_c, x_ids, ids_c, log_t, bias), chunk
+    loss, (dx_acc, dy_c, dlt, db) = grads.block(x, y_c, x_ids, ids_c, log_t, bias, acc[1], dy_c)
+    return (acc[0] + loss, dx_acc, acc[2] + dlt, acc[3] + db), (y_c, ids_c, dy_c)
 
   def hop(chunk, shift):
     return _shift(chunk, axis_name, n_dev, shift)
 
-  acc, own = step(acc, (y, y_ids, no_dy))
+  acc, own = step(acc, (y, y_ids, None))
+  # Every copy of this chunk leaves with a zero dY, the own block's staying home: the copies'
+  # first hops do not wait for the own block and can hide behind it.
+  no_dy = None
+  if with_grads:
+    # Varying over the axis, as the loop carries of the chunks are.
+    no_dy = vma.pvary(grads.zeros(x, y)[1], {axis_name})
+  travelling = (y, y_ids, no_dy)
+  dy_home = own[2]
 
   if schedule == "unidirectional":
     # Chunk j sits on device j + s at step s; after the last step it is one hop from home.
@@ -104,10 +150,9 @@ def _trip(x, y, x_ids, y_ids, log_t, bias, with_grads, *, axis_name, schedule, o
       acc, chunk = carry
       return step(acc, hop(chunk, 1))
 
-    dy_home = own[2]
     if n_dev > 1:
-      acc, chunk = lax.fori_loop(0, n_dev - 1, body, (acc, own))
-      dy_home = hop(chunk[2], 1) if with_grads else None
+      acc, chunk = lax.fori_loop(0, n_dev - 1, body, (acc, travelling))
+      dy_home = dy_home + hop(chunk[2], 1) if with_grads else None
   elif schedule == "bidirectional":
     # Two copies of each chunk travel, one each way, so both directions of every link are
     # busy and each round covers two new chunks: ceil((n_dev - 1) / 2) rounds instead of
@@ -121,25 +166,26 @@ def _trip(x, y, x_ids, y_ids, log_t, bias, with_grads, *, axis_name, schedule, o
       acc, left = step(acc, hop(left, -1))
       return acc, right, left
 
-    right, left = own, (y, y_ids, no_dy)
+    right = left = travelling
     if rounds:
       acc, right, left = lax.fori_loop(0, rounds, body, (acc, right, left))
+    if with_grads and rounds:
+      # Sent home before the even ring's extra block, which it can hide behind.
+      dy_home = dy_home + hop(left[2], rounds)
     right_hops = rounds
     if n_dev % 2 == 0 and n_dev > 1:
       acc, right = step(acc, hop(right, 1))
       right_hops += 1
-    dy_home = right[2]
     if with_grads and right_hops:
-      dy_home = hop(dy_home, -right_hops)
-    if with_grads and rounds:
-      dy_home = dy_home + hop(left[2], rounds)
+      dy_home = dy_home + hop(right[2], -right_hops)
   else:
     raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
 
   if not with_grads:
     return acc
-  loss, dx, dlt, db = acc
-  return loss, (dx, dy_home, dlt, db)
+  loss, dx_acc, dlt, db = acc
+  dx, dy = grads.finish(dx_acc, dy_home, x, y, log_t)
+  return loss, (dx, dy, dlt, db)
 
 
 def _psum(v, axis_name):

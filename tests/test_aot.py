@@ -45,23 +45,25 @@ def test_single_chip_value_and_grad_every_generation(gen):
   assert all(k.startswith("siglip_") for k in row.kernels) and row.kernels
 
 
-def _permutes_in_flight(hlo: str, kernel: str) -> list[int]:
-  """Per call of ``kernel`` in a compiled (scheduled) HLO text, in order: how many
-  collective permutes of its computation are in flight across it (started before the
-  call, done after it)."""
-  counts, started = [], set()
+def _calls_under_permutes(hlo: str, kernel: str) -> list[tuple[str, int]]:
+  """Per collective permute in a compiled (scheduled) HLO text, in order of its start: its
+  result type and how many calls of ``kernel`` its computation runs while it is in flight
+  (started before the call, done after it)."""
+  spans, started = [], {}
   for line in hlo.splitlines():
     if not line.startswith(" "):  # a computation's header or end
-      started = set()
+      started = {}
       continue
     name = line.split("=", 1)[0].strip().lstrip("%")
     if " collective-permute-start(" in line:
-      started.add(name)
+      started[name] = len(spans)
+      spans.append([line.split("=", 1)[1].split()[0].strip("(,"), 0])
     elif " collective-permute-done(" in line:
-      started.discard(line.split("collective-permute-done(%", 1)[1].split(")", 1)[0])
+      started.pop(line.split("collective-permute-done(%", 1)[1].split(")", 1)[0], None)
     elif name.startswith(kernel) and " custom-call(" in line:
-      counts.append(len(started))
-  return counts
+      for k in started.values():
+        spans[k][1] += 1
+  return [tuple(s) for s in spans]
 
 
 def test_megacore_ring_runs_the_block_kernels_with_the_permutes_behind_them():
@@ -76,8 +78,14 @@ def test_megacore_ring_runs_the_block_kernels_with_the_permutes_behind_them():
   ).compile()
   text = compiled.as_text()
   assert "siglip_fwd_dx_dy" in text and "siglip_ring" not in text, row
-  in_flight = _permutes_in_flight(text, "siglip_fwd_dx_dy")
-  assert len(in_flight) == chips and min(in_flight) >= 1, in_flight  # a block per chunk
+  assert text.count("siglip_fwd_dx_dy.") >= chips  # a block per chunk
+  # Every hop of a chunk (bf16) and of the dY travelling with it (f32) runs while a block
+  # computes; only the last two dY hops, home after the last block, have none to hide behind.
+  spans = _calls_under_permutes(text, "siglip_fwd_dx_dy")
+  chunk_hops = [n for shape, n in spans if shape.startswith(f"bf16[{b},{dim}]")]
+  dy_hops = [n for shape, n in spans if shape.startswith(f"f32[{b},{dim}]")]
+  assert len(chunk_hops) == chips - 1 and min(chunk_hops) >= 1, spans
+  assert len(dy_hops) == chips + 1 and sorted(dy_hops)[2] >= 1, spans
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   want = 6 * b * b * dim * chips  # the fused block kernel: each logit once

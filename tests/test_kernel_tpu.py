@@ -274,6 +274,54 @@ def test_block_ops_contract():
     tpu.block_ops(block_sizes=(128, 128))
 
 
+@pytest.mark.parametrize(
+  "dtype,block_sizes,layout",
+  [
+    # one call, one TensorCore: dX's float32 partial (1, rows, D), dY padded to the tile
+    (jnp.float32, tpu.BlockSizes(128, 128, fuse_dy=True), ((1, 384, 64), (384, 64))),
+    # two TensorCores, two calls chained, both axes padded
+    (
+      jnp.float32,
+      tpu.BlockSizes(128, 128, fuse_dy=True, generation="v5p", dy_splits=4),
+      ((2, 384, 64), (512, 64)),
+    ),
+    pytest.param(
+      jnp.bfloat16,
+      tpu.BlockSizes(128, 128, fuse_dy=True),
+      ((1, 384, 64), (384, 64)),
+      marks=pytest.mark.slow,
+    ),
+    # the two kernels: float32 sums of their gradients
+    (jnp.float32, tpu.BlockSizes(128, 128, fuse_dy=False), ((300, 64), (300, 64))),
+  ],
+)
+def test_block_ops_accumulate_into_running_gradients(dtype, block_sizes, layout):
+  # The ring driver keeps a trip's gradients in the fused kernel's own float32 layout: each
+  # block's kernel calls start from them, so nothing is rounded or re-read between blocks.
+  # Here dX runs over two chunks of y (from None: zero), each chunk's dY over its own block
+  # (the first from None, the second from the zeros the driver sends round with a copy).
+  n, m, dim = 300, 300, 64
+  x, y = inputs(41, n, 2 * m, dim, dtype)
+  x_ids = jnp.arange(n, dtype=jnp.int32) * 2  # some positives in each chunk
+  y_ids = jnp.arange(2 * m, dtype=jnp.int32)
+  acc = tpu.block_ops(interpret=True, block_sizes=block_sizes).accumulator()
+  zero_dx, zero_dy = acc.zeros(x, y[:m])
+  assert (zero_dx.shape, zero_dy.shape) == layout
+  assert zero_dx.dtype == zero_dy.dtype == jnp.float32
+  loss, dys, dlt, db, dx_acc = 0.0, [], 0.0, 0.0, None
+  for k, dy_acc in enumerate((None, zero_dy)):
+    chunk = slice(k * m, (k + 1) * m)
+    args = (x, y[chunk], x_ids, y_ids[chunk], jnp.float32(LOG10), jnp.float32(-10.0))
+    block_loss, (dx_acc, dy_acc, block_dlt, block_db) = acc.block(*args, dx_acc, dy_acc)
+    assert (dx_acc.shape, dy_acc.shape) == layout
+    loss, dlt, db = loss + block_loss, dlt + block_dlt, db + block_db
+    dys.append(acc.finish(dx_acc, dy_acc, x, y[chunk], jnp.float32(LOG10))[1])
+  dx, _ = acc.finish(dx_acc, zero_dy, x, y[:m], jnp.float32(LOG10))
+  assert dx.dtype == dys[0].dtype == jnp.float32 and dx.shape == (n, dim)
+  want, scales = oracle(x, y, x_ids, y_ids, LOG10, -10.0)
+  check((loss, (dx, jnp.concatenate(dys), dlt, db)), want, dtype, "accumulated", scales)
+
+
 def _pallas_costs(fn, *args):
   jaxpr = jax.make_jaxpr(fn)(*args)
   return [e.params["cost_estimate"] for e in jaxpr.eqns if e.primitive.name == "pallas_call"]
@@ -617,6 +665,8 @@ def test_larger_ragged_blocks(dtype, block_sizes):
   [
     # the fused kernel in two calls chained through the partial dX, under shard_map
     (2, "bidirectional", tpu.BlockSizes(128, 128, fuse_dy=True, dy_splits=2)),
+    # a megacore chip's layout: the two TensorCores' partial dX travel round the trip
+    (2, "unidirectional", tpu.BlockSizes(128, 128, fuse_dy=True, generation="v5p")),
     pytest.param(4, "bidirectional", None, marks=pytest.mark.slow),
     pytest.param(3, "unidirectional", None, marks=pytest.mark.slow),
   ],
