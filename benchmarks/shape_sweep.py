@@ -12,7 +12,9 @@ topology>).compile()`` of exactly what a user calls: ``siglip_fast.sigmoid_loss`
 chosen by the API for the target chip. Per row: compiled or the error, the kernels in the
 program, the largest VMEM limit a kernel asked for, temp bytes per chip (and whether it could
 hold a b x b float32), the bytes XLA's cost analysis counts for the whole step per chip
-(its own ops and the kernels' declared costs), the compile time. Nothing executes; no TPU is needed.
+(its own ops and the kernels' declared costs; a while loop's body is counted once, so this
+is the whole step only where the ring's loop is unrolled, as for 4 chips bidirectional),
+the compile time. Nothing executes; no TPU is needed.
 
 The full default matrix is about a hundred compiles (tens of minutes on 2 cores); narrow it
 with the flags. Results go only where ``--json`` says.
