@@ -75,12 +75,15 @@ class BlockOps:
     """``accumulate``, or float32 sums of ``loss_sum_and_grads``' gradients."""
     if self.accumulate is not None:
       return self.accumulate
-    f32_zeros = lambda a: jnp.zeros(jnp.shape(a), jnp.float32)
     return Accumulate(
-      zeros=lambda x, y: (f32_zeros(x), f32_zeros(y)),
+      zeros=lambda x, y: (_f32_zeros(x), _f32_zeros(y)),
       block=functools.partial(add_grads, self.loss_sum_and_grads),
       finish=lambda dx_acc, dy_acc, *_: (dx_acc, dy_acc),
     )
+
+
+def _f32_zeros(a):
+  return jnp.zeros(jnp.shape(a), jnp.float32)
 
 
 def add_grads(loss_sum_and_grads, x, y, x_ids, y_ids, log_t, bias, dx_acc, dy_acc):
@@ -113,16 +116,14 @@ def _trip(x, y, x_ids, y_ids, log_t, bias, with_grads, *, axis_name, schedule, o
     # Marked varying, the replicated scalars get per-device block gradients, summed once
     # at the end; left replicated, autodiff in every block would all-reduce them per step.
     log_t, bias = vma.pvary(log_t, {axis_name}), vma.pvary(bias, {axis_name})
-  if with_grads and n_dev == 1:  # one block: nothing to accumulate
-    loss, grads = ops.loss_sum_and_grads(x, y, x_ids, y_ids, log_t, bias)
-    return loss, tuple(g.astype(jnp.float32) for g in grads)
-  f32_zeros = lambda a: jnp.zeros(jnp.shape(a), jnp.float32)
+  if with_grads and n_dev == 1:  # one block: nothing to accumulate, no layout to undo
+    return add_grads(ops.loss_sum_and_grads, x, y, x_ids, y_ids, log_t, bias, None, None)
   grads = ops.accumulator()
   # acc: the loss sum, or (loss sum, dx so far, dlog_t, dbias) when with_grads; the first
   # block starts the running gradients (None: from zero).
-  acc = f32_zeros(0.0)
+  acc = _f32_zeros(0.0)
   if with_grads:
-    acc = (acc, None, f32_zeros(log_t), f32_zeros(bias))
+    acc = (acc, None, _f32_zeros(log_t), _f32_zeros(bias))
 
   def step(acc, chunk):
     y_c, ids_c, dy_c = chunk
