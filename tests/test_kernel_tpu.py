@@ -666,7 +666,12 @@ def test_larger_ragged_blocks(dtype, block_sizes):
     # the fused kernel in two calls chained through the partial dX, under shard_map
     (2, "bidirectional", tpu.BlockSizes(128, 128, fuse_dy=True, dy_splits=2)),
     # a megacore chip's layout: the two TensorCores' partial dX travel round the trip
-    (2, "unidirectional", tpu.BlockSizes(128, 128, fuse_dy=True, generation="v5p")),
+    pytest.param(
+      2,
+      "unidirectional",
+      tpu.BlockSizes(128, 128, fuse_dy=True, generation="v5p"),
+      marks=pytest.mark.slow,
+    ),
     pytest.param(4, "bidirectional", None, marks=pytest.mark.slow),
     pytest.param(3, "unidirectional", None, marks=pytest.mark.slow),
   ],
