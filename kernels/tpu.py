@@ -250,9 +250,10 @@ def vmem_bytes(
   rows, cols: the owned and streamed tile heights; dim: the feature dimension (padded to
   lanes, as VMEM stores it). ``with_grad``: the kernel accumulates a (rows, dim) float32
   gradient; ``resident_rows``: rows of the float32 dY the fused kernel keeps resident (one
-  buffer), plus G's transpose for it; ``chained``: a fused call that reads or writes float32
-  partial dX blocks (counted as both, double-buffered). The temporaries (logits, exp,
-  softplus or sigmoid, G and its cast) are what Mosaic keeps live for the elementwise chain.
+  buffer), plus G's transpose for it; ``chained``: the gradient comes out as float32
+  partials, or continues from a previous call's (copied in by DMA, one buffer). The
+  temporaries (logits, exp, softplus or sigmoid, G and its cast) are what Mosaic keeps live
+  for the elementwise chain.
   A model, conservative against the compiler's own figures (benchmarks/tpu_compile.py
   records both; for v6e's 1024 x 1024 tiles by about 25 MiB).
   """
@@ -271,8 +272,8 @@ def vmem_bytes(
   if resident_rows:
     blocks += resident_rows * d * 4
     temps += rows * cols * 4
-  if chained:
-    blocks += 2 * rows * d * 4 + 2 * rows * d * (4 - isz)
+  if chained:  # the gradient block in float32, its accumulator, the previous partial's copy
+    blocks += 2 * rows * d * (4 - isz) + (rows * d * 4 if isz == 4 else 0) + rows * d * 4
   if isz == 4:
     # precision=HIGHEST splits float32 operands into bf16 parts: more temporaries. Fitted
     # (conservatively) to Mosaic's figures for D = 768 and 1536.
@@ -340,15 +341,17 @@ def _tile_kernel(
   i, b tile j), where core c takes the c-th share of this call's b tiles, from b tile
   ``col_start`` on.
 
-  refs: with_da_in, the (1, rows, D) float32 partial gradient of a that the previous call
-  left (the accumulator starts from it); with_db_in, the whole float32 gradient of b so far
+  refs: with_da_in, the float32 partial gradients of a that the previous call left, in HBM
+  (cores, rows of a, D) (this row tile's is copied in while the row's tiles are computed,
+  and added at its end); with_db_in, the whole float32 gradient of b so far
   in HBM (this call's share of it is where core c's resident gradient starts); then the
   outputs, as requested: stats (1, k, 8, 128)
   holding [loss] + [sum G*S, sum G]; the gradient of a: a (rows, D) block in a's dtype, or
   with da_partial core c's float32 (1, rows, D) partial, without the factor t; with_db, core
   c's share of this call's float32 gradient of b (without t), resident for the call. Then a
   float32 (rows, D) accumulator for a's gradient where its block is a partial or not float32
-  (otherwise the block accumulates in place); with_db_in, last, a DMA semaphore.
+  (otherwise the block accumulates in place); with_da_in, a float32 (rows, D) buffer for
+  its copy; a DMA semaphore for each of da_in, db_in.
   """
   if with_db:
     c, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -361,10 +364,17 @@ def _tile_kernel(
   da_in_ref = refs.pop(0) if with_da_in else None
   db_in_ref = refs.pop(0) if with_db_in else None
   db_sem = refs.pop() if with_db_in else None
+  da_sem = refs.pop() if with_da_in else None
   stats_ref = refs.pop(0) if (with_loss or with_scalar_grads) else None
   da_ref = refs.pop(0) if with_grad else None
   db_ref = refs.pop(0) if with_db else None
+  da_in_buf = refs.pop() if with_da_in else None
   acc_ref = (refs.pop(0) if refs else da_ref) if with_grad else None
+
+  def da_in_copy():
+    start = pl.multiple_of(i * rows, rows)
+    src = da_in_ref.at[c if with_db else 0, pl.ds(start, rows)]
+    return pltpu.make_async_copy(src, da_in_buf, da_sem)
 
   # Interpret mode fills fresh buffers with NaN; a TPU leaves garbage: zero accumulators.
   @pl.when(j == 0)
@@ -372,8 +382,11 @@ def _tile_kernel(
     if stats_ref is not None:
       stats_ref[...] = jnp.zeros_like(stats_ref)
     if da_in_ref is not None:
-      acc_ref[...] = da_in_ref[0]
-    elif acc_ref is not None:
+      # Read by the row's last step only: a DMA into one buffer rather than a pipelined,
+      # double-buffered block, and waited for outside the tile body (a wait inside it costs
+      # the v5p fused kernel 6% more bundles a step: the body splits around the branch).
+      da_in_copy().start()
+    if acc_ref is not None:
       acc_ref[...] = jnp.zeros_like(acc_ref)
 
   if db_ref is not None:
@@ -452,11 +465,15 @@ def _tile_kernel(
 
     @pl.when(j == last_j)
     def _finish():
+      acc = acc_ref[...]
+      if da_in_ref is not None:
+        da_in_copy().wait()
+        acc = acc + da_in_buf[...]
       if da_partial:  # the next call, or the sum over TensorCores, applies t
-        da_ref[0] = acc_ref[...]
+        da_ref[0] = acc
       else:
         # d logits / d a = t * b: apply t once per row tile rather than per tile element.
-        da_ref[...] = (scal_ref[2] * acc_ref[...]).astype(da_ref.dtype)
+        da_ref[...] = (scal_ref[2] * acc).astype(da_ref.dtype)
 
 
 def _tile_pass(
@@ -490,13 +507,14 @@ def _tile_pass(
   leading, parallel grid axis), each with its own float32 partial gradient of a. ``da_in``:
   the previous call's partials, (cores, rows of a, D) float32, to continue from; ``db_in``:
   a float32 gradient of all of b's (padded) rows to continue from (this call reads its
-  columns' rows); ``partial_out``: return a's gradient as partials even from a last call.
+  columns' rows); ``partial_out``: return a's gradient as partials even from a last call
+  (without with_db: one, (1, rows of a, D), which ``da_in`` may then continue from).
 
   Returns (stats, da, db): the (k,) float32 sums (or None); the padded (rows of a, D)
-  gradient t * G @ b in a's dtype, or with_db, unless this is the one last call on one
-  TensorCore (cores == 1 and col_tiles reaching b's end), the (cores, rows of a, D)
-  float32 partials of G @ b, without t (or None); the float32 G^T @ a of the call's
-  columns (or None).
+  gradient t * G @ b in a's dtype, or with partial_out, or with_db unless this is the one
+  last call on one TensorCore (cores == 1 and col_tiles reaching b's end), the (cores, rows
+  of a, D) float32 partials of G @ b, without t (or None); the float32 G^T @ a of the
+  call's columns (or None).
   """
   n_a, n_b = a_ids.shape[0], b_ids.shape[0]
   na_pad, nb_pad = a.shape[0], b.shape[0]
@@ -506,18 +524,18 @@ def _tile_pass(
   if col_count % cores:
     raise ValueError(f"{col_count} column tiles do not split over {cores} TensorCores")
   per_core = col_count // cores
-  da_partial = with_db and (
-    partial_out or not (cores == 1 and col_start + col_count == n_col_tiles)
+  da_partial = with_grad and (
+    partial_out or (with_db and not (cores == 1 and col_start + col_count == n_col_tiles))
   )
   if with_db:
     grid = (cores, n_row_tiles, per_core)
-    row = lambda c, i, j: i
+    core, row = (lambda c, i, j: c), (lambda c, i, j: i)
     col = lambda c, i, j: col_start + c * per_core + j
     stats_block = lambda c, i, j: c * n_row_tiles + i
   else:
     # Two axes: megacore splits the leading parallel one.
     grid = (n_row_tiles, n_col_tiles)
-    row = stats_block = lambda i, j: i
+    core, row, stats_block = (lambda i, j: 0), (lambda i, j: i), (lambda i, j: i)
     col = lambda i, j: j
   n_stats = int(with_loss) + 2 * int(with_scalar_grads)
 
@@ -540,7 +558,7 @@ def _tile_pass(
     pl.BlockSpec((cols, dim), lambda *g: (col(*g), 0)),
   ]
   if da_in is not None:
-    in_specs.append(pl.BlockSpec((1, rows, dim), lambda c, i, j: (c, i, 0)))
+    in_specs.append(pl.BlockSpec(memory_space=pl.ANY))  # copied in once per row tile
   if db_in is not None:
     in_specs.append(pl.BlockSpec(memory_space=pl.ANY))  # copied in once per core and call
   out_shape, out_specs, scratch = [], [], []
@@ -553,7 +571,7 @@ def _tile_pass(
     )
   if da_partial:
     out_shape.append(out_struct((cores, na_pad, dim), jnp.float32))
-    out_specs.append(pl.BlockSpec((1, rows, dim), lambda c, i, j: (c, i, 0)))
+    out_specs.append(pl.BlockSpec((1, rows, dim), lambda *g: (core(*g), row(*g), 0)))
   elif with_grad:
     out_shape.append(out_struct((na_pad, dim), a.dtype))
     out_specs.append(pl.BlockSpec((rows, dim), lambda *g: (row(*g), 0)))
@@ -567,8 +585,9 @@ def _tile_pass(
     out_specs.append(
       pl.BlockSpec((per_core * cols, dim), lambda c, i, j: (c, 0), pipeline_mode=pl.Buffered(1))
     )
-  if db_in is not None:
-    scratch.append(pltpu.SemaphoreType.DMA)
+  if da_in is not None:
+    scratch.append(pltpu.VMEM((rows, dim), jnp.float32))
+  scratch += [pltpu.SemaphoreType.DMA] * ((da_in is not None) + (db_in is not None))
 
   isz = a.dtype.itemsize
   nb_call = col_count * cols
@@ -597,7 +616,7 @@ def _tile_pass(
     with_grad=with_grad,
     n_stats=max(n_stats, 1),
     resident_rows=per_core * cols if with_db else 0,
-    chained=da_partial or da_in is not None,
+    chained=da_partial,
   )
   precision = mc.precision(a.dtype)
   kernel = functools.partial(
@@ -799,20 +818,21 @@ def grad_block_sizes(
 
 @dataclasses.dataclass(frozen=True)
 class _GradPlan:
-  """How a value-and-grad of one block runs: the fused kernel (``fuse``: x's row tile
-  ``rows``, y's column tile ``cols``, ``cores`` TensorCores a call, ``counts`` column tiles
-  per call) or, where it does not, the two kernels (``bs``'s tiles)."""
+  """How a value-and-grad of one block runs: the fused kernel (``fuse``: ``cores``
+  TensorCores a call, ``counts`` column tiles per call) or the two kernels. Tiles: x's row
+  tile ``rows`` and y's column tile ``cols`` (of the fused or the dX kernel), and the dY
+  kernel's y row tile and x column tile ``dy_tiles``. ``x_rows``, ``y_rows``: the padded
+  rows of the gradients' float32 layouts (``_accumulators``)."""
 
   bs: BlockSizes
   fuse: bool
-  rows: int = 0
-  cols: int = 0
+  rows: int
+  cols: int
+  x_rows: int
+  y_rows: int
   cores: int = 1
   counts: tuple = ()
-
-  @property
-  def dy_rows(self) -> int:  # y's rows, padded to whole column tiles of every call
-    return self.cols * sum(self.counts)
+  dy_tiles: tuple = ()
 
 
 def _grad_plan(x, y, block_sizes, interpret, target) -> _GradPlan:
@@ -821,11 +841,15 @@ def _grad_plan(x, y, block_sizes, interpret, target) -> _GradPlan:
   bs = block_sizes or grad_block_sizes(
     None if interpret else _generation(target, x), n, m, dim, x.dtype, interpret=interpret
   )
+  rows = _tile(n, bs.block_rows)
+  x_rows = mc.round_up(n, rows)
   fuse, splits = _fused_plan(bs, n, m, dim, x.dtype)
   if not fuse:
-    return _GradPlan(bs, False)
+    dy_tiles = (_tile(m, bs.dy_tiles[0]), _tile(n, bs.dy_tiles[1]))
+    y_rows = mc.round_up(m, dy_tiles[0])
+    return _GradPlan(bs, False, rows, _tile(m, bs.block_cols), x_rows, y_rows, dy_tiles=dy_tiles)
   cols, cores, counts = _super_blocks(bs, m, splits)
-  return _GradPlan(bs, True, _tile(n, bs.block_rows), cols, cores, tuple(counts))
+  return _GradPlan(bs, True, rows, cols, x_rows, cols * sum(counts), cores, tuple(counts))
 
 
 def _fused_calls(
@@ -835,12 +859,12 @@ def _fused_calls(
   TensorCores share a call), chained through the float32 partial dX: (stats, dx, dy).
 
   dx is final (x's dtype, times t) where one call on one TensorCore makes it, else the
-  TensorCores' float32 partials without t, (cores, padded rows of x, D); dy is float32
-  without t, (plan.dy_rows, D). ``accumulate``: dx as partials always, and the calls start
-  from the running dx_acc and dy_acc in those layouts (None: zero), so that a ring driver's
-  gradients stay float32 in the kernel's own layout.
+  TensorCores' float32 partials without t, (cores, plan.x_rows, D); dy is float32 without
+  t, (plan.y_rows, D). ``accumulate``: dx as partials always, and the calls start from the
+  running dx_acc and dy_acc in those layouts (None: zero), so that a ring driver's gradients
+  stay float32 in the kernel's own layout.
   """
-  xp, yp = _pad_rows(x, plan.rows), _pad_rows(y, plan.dy_rows)
+  xp, yp = _pad_rows(x, plan.rows), _pad_rows(y, plan.y_rows)
   stats, dx, dys = 0.0, dx_acc, []
   for k, count in enumerate(plan.counts):
     call_stats, dx, call_dy = _tile_pass(
@@ -868,6 +892,52 @@ def _fused_calls(
   return stats, dx, dys[0] if len(dys) == 1 else jnp.concatenate(dys)
 
 
+def _two_kernel_calls(
+  plan: _GradPlan, x, y, x_ids, y_ids, scal, interpret, accumulate=False, dx_acc=None, dy_acc=None
+):
+  """The dX kernel and the dY kernel (the same kernel on the transposed block): (stats, dx,
+  dy), padded, in x's and y's dtypes times t; ``accumulate``: float32 without t, dx as
+  (1, plan.x_rows, D) and dy as (plan.y_rows, D), each kernel starting from the running
+  dx_acc or dy_acc in that layout (None: zero)."""
+  common = _common(plan.bs, interpret)
+  rows_dy, cols_dy = plan.dy_tiles
+  # x is the owned side of one kernel and the streamed side of the other: each kernel
+  # gets its own padding, so neither pads to the lcm of two tiles.
+  stats, dx, _ = _tile_pass(
+    _pad_rows(x, plan.rows),
+    _pad_rows(y, plan.cols),
+    x_ids,
+    y_ids,
+    scal,
+    rows=plan.rows,
+    cols=plan.cols,
+    with_loss=True,
+    with_scalar_grads=True,
+    with_grad=True,
+    da_in=dx_acc,
+    partial_out=accumulate,
+    name="siglip_fwd_dx",
+    **common,
+  )
+  _, dy, _ = _tile_pass(
+    _pad_rows(y, rows_dy),
+    _pad_rows(x, cols_dy),
+    y_ids,
+    x_ids,
+    scal,
+    rows=rows_dy,
+    cols=cols_dy,
+    with_loss=False,
+    with_scalar_grads=False,
+    with_grad=True,
+    da_in=None if dy_acc is None else dy_acc[None],
+    partial_out=accumulate,
+    name="siglip_dy",
+    **common,
+  )
+  return stats, dx, dy[0] if accumulate else dy
+
+
 def loss_sum_and_grads(
   x,
   y,
@@ -890,86 +960,40 @@ def loss_sum_and_grads(
   plan = _grad_plan(x, y, block_sizes, interpret, target)
   n, m = x.shape[0], y.shape[0]
   t, scal = mc.kernel_scalars(log_t, bias)
-  if plan.fuse:
-    stats, dx, dy = _fused_calls(plan, x, y, x_ids, y_ids, scal, interpret)
-    if dx.ndim == 3:  # the TensorCores' float32 partials, without t
-      dx = (t * jnp.sum(dx, axis=0)).astype(x.dtype)
-    dy = (t * dy[:m]).astype(y.dtype)
-  else:
-    bs = plan.bs
-    rows, cols = _tile(n, bs.block_rows), _tile(m, bs.block_cols)
-    rows_dy, cols_dy = _tile(m, bs.dy_tiles[0]), _tile(n, bs.dy_tiles[1])
-    common = _common(bs, interpret)
-    # x is the owned side of one kernel and the streamed side of the other: each kernel
-    # gets its own padding, so neither pads to the lcm of two tiles.
-    stats, dx, _ = _tile_pass(
-      _pad_rows(x, rows),
-      _pad_rows(y, cols),
-      x_ids,
-      y_ids,
-      scal,
-      rows=rows,
-      cols=cols,
-      with_loss=True,
-      with_scalar_grads=True,
-      with_grad=True,
-      name="siglip_fwd_dx",
-      **common,
-    )
-    # The same kernel on the transposed block: it owns y tiles and streams x tiles.
-    _, dy, _ = _tile_pass(
-      _pad_rows(y, rows_dy),
-      _pad_rows(x, cols_dy),
-      y_ids,
-      x_ids,
-      scal,
-      rows=rows_dy,
-      cols=cols_dy,
-      with_loss=False,
-      with_scalar_grads=False,
-      with_grad=True,
-      name="siglip_dy",
-      **common,
-    )
-    dy = dy[:m]
+  calls = _fused_calls if plan.fuse else _two_kernel_calls
+  stats, dx, dy = calls(plan, x, y, x_ids, y_ids, scal, interpret)
+  if dx.ndim == 3:  # the TensorCores' float32 partials, without t
+    dx = (t * jnp.sum(dx, axis=0)).astype(x.dtype)
+  if plan.fuse:  # float32, without t
+    dy = (t * dy).astype(y.dtype)
   # d/dlog_t of t * s is t * s, so dlog_t = t * sum G * S; d/dbias = sum G.
-  return stats[0], (dx[:n], dy, t * stats[1], stats[2])
+  return stats[0], (dx[:n], dy[:m], t * stats[1], stats[2])
 
 
 def _accumulators(x, y, *, block_sizes, interpret, target):
-  """Zero running gradients for a ring driver (``ring_lib.Accumulate``): the fused
-  kernel's own layout where it runs, else float32 arrays of x's and y's shapes."""
+  """Zero running gradients for a ring driver (``ring_lib.Accumulate``), in the kernels'
+  own layout: dX as float32 partials (TensorCores, padded rows of x, D), dY as float32
+  (padded rows of y, D), both without t."""
   plan = _grad_plan(x, y, block_sizes, interpret, target)
-  if not plan.fuse:
-    return jnp.zeros(x.shape, jnp.float32), jnp.zeros(y.shape, jnp.float32)
-  x_rows = mc.round_up(x.shape[0], plan.rows)
   return (
-    jnp.zeros((plan.cores, x_rows, x.shape[1]), jnp.float32),
-    jnp.zeros((plan.dy_rows, y.shape[1]), jnp.float32),
+    jnp.zeros((plan.cores, plan.x_rows, x.shape[1]), jnp.float32),
+    jnp.zeros((plan.y_rows, y.shape[1]), jnp.float32),
   )
 
 
 def _add_block(x, y, x_ids, y_ids, log_t, bias, dx_acc, dy_acc, *, block_sizes, interpret, target):
-  """A block's loss sum and its gradients added into the running ones (None: zero): in the
-  fused kernel (which starts its accumulators from them), or after the two kernels."""
-  kw = dict(block_sizes=block_sizes, interpret=interpret, target=target)
-  plan = _grad_plan(x, y, block_sizes, interpret, target)
-  if not plan.fuse:
-    grads = functools.partial(loss_sum_and_grads, **kw)
-    return ring_lib.add_grads(grads, x, y, x_ids, y_ids, log_t, bias, dx_acc, dy_acc)
+  """A block's loss sum and its gradients added into the running ones (None: zero) by the
+  kernels, which start their accumulators from them."""
   x_ids, y_ids, log_t, bias = validate.check_block_inputs(x, y, x_ids, y_ids, log_t, bias)
+  plan = _grad_plan(x, y, block_sizes, interpret, target)
   t, scal = mc.kernel_scalars(log_t, bias)
-  stats, dx_acc, dy_acc = _fused_calls(
-    plan, x, y, x_ids, y_ids, scal, interpret, True, dx_acc, dy_acc
-  )
+  calls = _fused_calls if plan.fuse else _two_kernel_calls
+  stats, dx_acc, dy_acc = calls(plan, x, y, x_ids, y_ids, scal, interpret, True, dx_acc, dy_acc)
   return stats[0], (dx_acc, dy_acc, t * stats[1], stats[2])
 
 
 def _finish(dx_acc, dy_acc, x, y, log_t, *, block_sizes, interpret, target):
   """The running gradients as float32 arrays of x's and y's shapes."""
-  plan = _grad_plan(x, y, block_sizes, interpret, target)
-  if not plan.fuse:
-    return dx_acc, dy_acc
   t = mc.kernel_scalars(log_t, 0.0)[0]
   return t * jnp.sum(dx_acc, axis=0)[: x.shape[0]], t * dy_acc[: y.shape[0]]
 

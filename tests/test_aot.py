@@ -32,7 +32,7 @@ def _row(gen, chips, b, dim, schedule=None):
 def test_single_chip_value_and_grad_at_16k_picks_the_fused_kernel_for_the_target():
   # implementation=None on a CPU host, lowered for a v6e: the Pallas TPU kernel, with the
   # v6e's tiles (6 B^2 D fused kernel, its float32 dY resident in VMEM a super-block at a
-  # time: three calls of 1024 x 1024 tiles here; kernels lists each name once).
+  # time: two calls of 1024 x 1024 tiles here; kernels lists each name once).
   row = _row("v6e", 1, 16384, 1152)
   assert row.kernels == ("siglip_fwd_dx_dy",), row.kernels
   assert 16 * MiB < row.vmem_limit_bytes <= 128 * MiB
