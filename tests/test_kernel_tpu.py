@@ -683,7 +683,8 @@ def test_larger_ragged_blocks(dtype, block_sizes):
 def test_ring_over_simulated_devices_uses_the_kernel(n_dev, schedule, block_sizes):
   # The block kernel as the reference ring's local step under shard_map (check_vma=True):
   # outputs declare how they vary, and the replicated log_t / bias get their gradient summed
-  # over devices. (The public API runs the whole-ring kernel instead; tests/test_api.py.)
+  # over devices. (The public API runs the whole-ring kernel instead; tests/test_api.py. The
+  # loss-only trip is the same driver code with any blocks: tests/test_ring.py.)
   from jax.sharding import Mesh, PartitionSpec as P
   from siglip_fast.reference import ring as ring_lib
 
@@ -703,8 +704,6 @@ def test_ring_over_simulated_devices_uses_the_kernel(n_dev, schedule, block_size
   ids = np.arange(batch)
   _, scales = oracle(x, y, ids, ids, LOG10, -10.0, norm=batch)
   check((val, grads), (mean, want), jnp.float32, f"ring of {n_dev}", scales)
-  fwd = f(x, y, lt, b)
-  assert rel_err(fwd, mean) < 1e-5
 
 
 @pytest.mark.slow
