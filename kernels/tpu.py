@@ -938,6 +938,17 @@ def _two_kernel_calls(
   return stats, dx, dy[0] if accumulate else dy
 
 
+def _grad_calls(x, y, x_ids, y_ids, log_t, bias, block_sizes, interpret, target, *accumulate_args):
+  """Validate a block's inputs, plan its value-and-grad and run the plan's kernel calls:
+  (plan, t, (stats, dx, dy)) as ``_fused_calls`` / ``_two_kernel_calls`` return them, to
+  which ``accumulate_args`` (accumulate, dx_acc, dy_acc) are passed on."""
+  x_ids, y_ids, log_t, bias = validate.check_block_inputs(x, y, x_ids, y_ids, log_t, bias)
+  plan = _grad_plan(x, y, block_sizes, interpret, target)
+  t, scal = mc.kernel_scalars(log_t, bias)
+  calls = _fused_calls if plan.fuse else _two_kernel_calls
+  return plan, t, calls(plan, x, y, x_ids, y_ids, scal, interpret, *accumulate_args)
+
+
 def loss_sum_and_grads(
   x,
   y,
@@ -956,12 +967,10 @@ def loss_sum_and_grads(
   where the chip's VMEM allows it, else two kernels (8 n m D); see ``BlockSizes.fuse_dy``.
   No (n, m) array outside VMEM either way.
   """
-  x_ids, y_ids, log_t, bias = validate.check_block_inputs(x, y, x_ids, y_ids, log_t, bias)
-  plan = _grad_plan(x, y, block_sizes, interpret, target)
+  plan, t, (stats, dx, dy) = _grad_calls(
+    x, y, x_ids, y_ids, log_t, bias, block_sizes, interpret, target
+  )
   n, m = x.shape[0], y.shape[0]
-  t, scal = mc.kernel_scalars(log_t, bias)
-  calls = _fused_calls if plan.fuse else _two_kernel_calls
-  stats, dx, dy = calls(plan, x, y, x_ids, y_ids, scal, interpret)
   if dx.ndim == 3:  # the TensorCores' float32 partials, without t
     dx = (t * jnp.sum(dx, axis=0)).astype(x.dtype)
   if plan.fuse:  # float32, without t
@@ -984,11 +993,9 @@ def _accumulators(x, y, *, block_sizes, interpret, target):
 def _add_block(x, y, x_ids, y_ids, log_t, bias, dx_acc, dy_acc, *, block_sizes, interpret, target):
   """A block's loss sum and its gradients added into the running ones (None: zero) by the
   kernels, which start their accumulators from them."""
-  x_ids, y_ids, log_t, bias = validate.check_block_inputs(x, y, x_ids, y_ids, log_t, bias)
-  plan = _grad_plan(x, y, block_sizes, interpret, target)
-  t, scal = mc.kernel_scalars(log_t, bias)
-  calls = _fused_calls if plan.fuse else _two_kernel_calls
-  stats, dx_acc, dy_acc = calls(plan, x, y, x_ids, y_ids, scal, interpret, True, dx_acc, dy_acc)
+  _, t, (stats, dx_acc, dy_acc) = _grad_calls(
+    x, y, x_ids, y_ids, log_t, bias, block_sizes, interpret, target, True, dx_acc, dy_acc
+  )
   return stats[0], (dx_acc, dy_acc, t * stats[1], stats[2])
 
 
