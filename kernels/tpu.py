@@ -822,7 +822,7 @@ class _GradPlan:
   TensorCores a call, ``counts`` column tiles per call) or the two kernels. Tiles: x's row
   tile ``rows`` and y's column tile ``cols`` (of the fused or the dX kernel), and the dY
   kernel's y row tile and x column tile ``dy_tiles``. ``x_rows``, ``y_rows``: the padded
-  rows of the gradients' float32 layouts (``_accumulators``)."""
+  rows of the gradients' float32 layouts (``_add_block``'s running gradients)."""
 
   bs: BlockSizes
   fuse: bool
@@ -979,17 +979,6 @@ def loss_sum_and_grads(
   return stats[0], (dx[:n], dy[:m], t * stats[1], stats[2])
 
 
-def _accumulators(x, y, *, block_sizes, interpret, target):
-  """Zero running gradients for a ring driver (``ring_lib.Accumulate``), in the kernels'
-  own layout: dX as float32 partials (TensorCores, padded rows of x, D), dY as float32
-  (padded rows of y, D), both without t."""
-  plan = _grad_plan(x, y, block_sizes, interpret, target)
-  return (
-    jnp.zeros((plan.cores, plan.x_rows, x.shape[1]), jnp.float32),
-    jnp.zeros((plan.y_rows, y.shape[1]), jnp.float32),
-  )
-
-
 def _add_block(x, y, x_ids, y_ids, log_t, bias, dx_acc, dy_acc, *, block_sizes, interpret, target):
   """A block's loss sum and its gradients added into the running ones (None: zero) by the
   kernels, which start their accumulators from them."""
@@ -1024,12 +1013,11 @@ def block_ops(
   ``siglip_fast.target.Target``) picks the default tiles' generation."""
   _check_block_sizes(block_sizes)
   kw = dict(block_sizes=block_sizes, interpret=bool(interpret), target=target)
-  accumulate = ring_lib.Accumulate(
-    *(functools.partial(f, **kw) for f in (_accumulators, _add_block, _finish))
-  )
+  accumulate = ring_lib.Accumulate(*(functools.partial(f, **kw) for f in (_add_block, _finish)))
   return ring_lib.BlockOps(
     "pallas_tpu",
     functools.partial(loss_sum, **kw),
     functools.partial(loss_sum_and_grads, **kw),
     accumulate,
+    unroll=True,
   )

@@ -40,17 +40,16 @@ class Accumulate:
   layout (e.g. a kernel's float32 partials): the driver never rounds them per block nor
   reads them back between blocks.
 
-  zeros(x, y) -> (dx_acc, dy_acc): running gradients for local chunks of x's and y's shape
   block(x, y, x_ids, y_ids, log_t, bias, dx_acc, dy_acc)
       -> (float32 loss sum, (dx_acc, dy_acc, dlog_t, dbias)), the block's gradients added
-      (None for either accumulator: start from zero without reading one)
+      (None for either accumulator: start from zero without reading one; the driver
+      starts every trip's dX and every chunk's dY that way)
   finish(dx_acc, dy_acc, x, y, log_t) -> (dx, dy): float32, x's and y's shapes
 
   dy_acc travels with its chunk; the driver adds the two copies' dy_acc of a chunk under the
   bidirectional schedule, so it must be linear in them.
   """
 
-  zeros: Callable
   block: Callable
   finish: Callable
 
@@ -62,6 +61,12 @@ class BlockOps:
   loss_sum(x, y, x_ids, y_ids, log_t, bias) -> float32 scalar
   loss_sum_and_grads(...) -> (float32 scalar, (dx, dy, dlog_t, dbias))
   accumulate: an ``Accumulate``, or None for float32 sums of loss_sum_and_grads' gradients
+  unroll: the driver unrolls the ring's rounds (the TPU block kernels). In a while loop
+      XLA's TPU scheduler kept each round's permutes inside the round, and the hop whose
+      chunk left with the round's dY had no block call to hide behind; unrolled, every hop
+      overlaps a call. Off for XLA's own blocks, whose (b, b) temporaries XLA:CPU keeps
+      more of the more rounds are unrolled, and for the GPU kernels until a multi-GPU
+      schedule has been looked at.
 
   dx and dy have the dtypes of x and y; dlog_t and dbias are float32 scalars.
   """
@@ -70,13 +75,13 @@ class BlockOps:
   loss_sum: Callable
   loss_sum_and_grads: Callable
   accumulate: Accumulate | None = None
+  unroll: bool = False
 
   def accumulator(self) -> Accumulate:
     """``accumulate``, or float32 sums of ``loss_sum_and_grads``' gradients."""
     if self.accumulate is not None:
       return self.accumulate
     return Accumulate(
-      zeros=lambda x, y: (_f32_zeros(x), _f32_zeros(y)),
       block=functools.partial(add_grads, self.loss_sum_and_grads),
       finish=lambda dx_acc, dy_acc, *_: (dx_acc, dy_acc),
     )
@@ -135,15 +140,15 @@ def _trip(x, y, x_ids, y_ids, log_t, bias, with_grads, *, axis_name, schedule, o
   def hop(chunk, shift):
     return _shift(chunk, axis_name, n_dev, shift)
 
+  def first_hop(shift):
+    # A copy's first hop carries the chunk and its ids only: its dY starts at the next
+    # device (None: the block starts it from zero). The own block's dY stays home, so the
+    # first hops wait for no block and hide behind the own one.
+    return hop((y, y_ids), shift) + (None,)
+
   acc, own = step(acc, (y, y_ids, None))
-  # Every copy of this chunk leaves with a zero dY, the own block's staying home: the copies'
-  # first hops do not wait for the own block and can hide behind it.
-  no_dy = None
-  if with_grads:
-    # Varying over the axis, as the loop carries of the chunks are.
-    no_dy = vma.pvary(grads.zeros(x, y)[1], {axis_name})
-  travelling = (y, y_ids, no_dy)
   dy_home = own[2]
+  unroll = ops.unroll
 
   if schedule == "unidirectional":
     # Chunk j sits on device j + s at step s; after the last step it is one hop from home.
@@ -152,7 +157,8 @@ def _trip(x, y, x_ids, y_ids, log_t, bias, with_grads, *, axis_name, schedule, o
       return step(acc, hop(chunk, 1))
 
     if n_dev > 1:
-      acc, chunk = lax.fori_loop(0, n_dev - 1, body, (acc, travelling))
+      acc, chunk = step(acc, first_hop(1))
+      acc, chunk = lax.fori_loop(0, n_dev - 2, body, (acc, chunk), unroll=unroll)
       dy_home = dy_home + hop(chunk[2], 1) if with_grads else None
   elif schedule == "bidirectional":
     # Two copies of each chunk travel, one each way, so both directions of every link are
@@ -167,15 +173,17 @@ def _trip(x, y, x_ids, y_ids, log_t, bias, with_grads, *, axis_name, schedule, o
       acc, left = step(acc, hop(left, -1))
       return acc, right, left
 
-    right = left = travelling
+    right = left = None
     if rounds:
-      acc, right, left = lax.fori_loop(0, rounds, body, (acc, right, left))
+      acc, right = step(acc, first_hop(1))
+      acc, left = step(acc, first_hop(-1))
+      acc, right, left = lax.fori_loop(1, rounds, body, (acc, right, left), unroll=unroll)
     if with_grads and rounds:
       # Sent home before the even ring's extra block, which it can hide behind.
       dy_home = dy_home + hop(left[2], rounds)
     right_hops = rounds
-    if n_dev % 2 == 0 and n_dev > 1:
-      acc, right = step(acc, hop(right, 1))
+    if n_dev % 2 == 0:
+      acc, right = step(acc, hop(right, 1) if rounds else first_hop(1))
       right_hops += 1
     if with_grads and right_hops:
       dy_home = dy_home + hop(right[2], -right_hops)

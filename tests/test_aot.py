@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks import shape_sweep
+from benchmarks import driver_schedule, shape_sweep
 from siglip_fast import mesh as mesh_lib
 from siglip_fast.kernels import tpu
 
@@ -45,33 +45,18 @@ def test_single_chip_value_and_grad_every_generation(gen):
   assert all(k.startswith("siglip_") for k in row.kernels) and row.kernels
 
 
-def _calls_under_permutes(hlo: str, kernel: str) -> list[tuple[str, int]]:
-  """Per collective permute in a compiled (scheduled) HLO text, in order of its start: its
-  result type and how many calls of ``kernel`` its computation runs while it is in flight
-  (started before the call, done after it)."""
-  spans, started = [], {}
-  for line in hlo.splitlines():
-    if not line.startswith(" "):  # a computation's header or end
-      started = {}
-      continue
-    name = line.split("=", 1)[0].strip().lstrip("%")
-    if " collective-permute-start(" in line:
-      started[name] = len(spans)
-      spans.append([line.split("=", 1)[1].split()[0].strip("(,"), 0])
-    elif " collective-permute-done(" in line:
-      started.pop(line.split("collective-permute-done(%", 1)[1].split(")", 1)[0], None)
-    elif name.startswith(kernel) and " custom-call(" in line:
-      for k in started.values():
-        spans[k][1] += 1
-  return [tuple(s) for s in spans]
+def _slow(chips):
+  return pytest.param(chips, marks=pytest.mark.slow)
 
 
-def test_megacore_ring_runs_the_block_kernels_with_the_permutes_behind_them():
+@pytest.mark.parametrize("chips", [_slow(4), 8, _slow(16)])
+def test_megacore_ring_runs_the_block_kernels_with_the_permutes_behind_them(chips):
   # On v5p (two TensorCores per chip) at b = 4096 the public API's ring runs the block
   # kernels under the shared ring driver: each call splits its block over both TensorCores
   # (the whole-ring kernel would compute on one). XLA must overlap the driver's permutes
-  # with the calls: every block call has a permute in flight across it.
-  b, dim, chips = 4096, 1152, 4
+  # with the calls: every block call has a permute in flight across it. 8 chips have
+  # rounds after the first (in a while loop, XLA left a hop of each round exposed).
+  b, dim = 4096, 1152
   row = shape_sweep.Row("v5p", chips, b, dim, "bidirectional")
   compiled = shape_sweep.lower_value_and_grad(
     shape_sweep._devices("v5p", chips), b, dim, "bidirectional"
@@ -80,18 +65,21 @@ def test_megacore_ring_runs_the_block_kernels_with_the_permutes_behind_them():
   assert "siglip_fwd_dx_dy" in text and "siglip_ring" not in text, row
   assert text.count("siglip_fwd_dx_dy.") >= chips  # a block per chunk
   # Every hop of a chunk (bf16) and of the dY travelling with it (f32) runs while a block
-  # computes; only the last two dY hops, home after the last block, have none to hide behind.
-  spans = _calls_under_permutes(text, "siglip_fwd_dx_dy")
+  # computes; only the two dY hops home after the last round may have none to hide behind.
+  # A copy's first hop carries no dY (it starts at the next device): one dY hop per hop
+  # after the first, and one home per copy.
+  spans = driver_schedule.permute_spans(text, "siglip_fwd_dx_dy")
   chunk_hops = [n for shape, n in spans if shape.startswith(f"bf16[{b},{dim}]")]
   dy_hops = [n for shape, n in spans if shape.startswith(f"f32[{b},{dim}]")]
   assert len(chunk_hops) == chips - 1 and min(chunk_hops) >= 1, spans
-  assert len(dy_hops) == chips + 1 and sorted(dy_hops)[2] >= 1, spans
+  assert len(dy_hops) == chips - 1 and sorted(dy_hops)[2] >= 1, spans
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   want = 6 * b * b * dim * chips  # the fused block kernel: each logit once
   assert abs(cost["flops"] - want) < 0.01 * want, cost["flops"]
   # O(b D), about three times the whole-ring kernel's: the chunks travelling both ways with
-  # their float32 dY, double-buffered by the permutes, and the cores' float32 partial dX.
+  # their float32 dY, double-buffered by the permutes, and the cores' float32 partial dX;
+  # the same bound at every ring size (the rounds are unrolled: XLA must not hold more).
   temp = compiled.memory_analysis().temp_size_in_bytes
   assert temp <= 16 * 4 * b * dim, temp
 
@@ -129,3 +117,39 @@ def test_shape_sweep_rows_compile_or_refuse_clearly():
   rows = [shape_sweep.run_row(shape_sweep.Row("v5e", 1, 4096, d, None)) for d in (768, 1536)]
   for row in rows:
     assert row.compiled or "BlockSizes" in (row.error or ""), row
+
+
+_SCHEDULE = """HloModule m
+
+%body (p: s32[]) -> s32[] {
+  %siglip_fwd_dx_dy.2 = f32[] custom-call(%p), custom_call_target="tpu_custom_call"
+}
+
+ENTRY %main (a: bf16[1000], b: f32[1000]) -> f32[] {
+  %collective-permute-start = (bf16[1000]{0}, bf16[1000]{0}) collective-permute-start(%a), source_target_pairs={{0,1},{1,2},{2,3},{3,0}}
+  %siglip_fwd_dx_dy.1 = f32[] custom-call(%a), custom_call_target="tpu_custom_call"
+  %collective-permute-done = bf16[1000]{0} collective-permute-done(%collective-permute-start)
+  %collective-permute-start.1 = (f32[1000]{0}, f32[1000]{0}) collective-permute-start(%b), source_target_pairs={{0,3},{1,0},{2,1},{3,2}}
+  %collective-permute-start.2 = (f32[1000]{0}, f32[1000]{0}) collective-permute-start(%b), source_target_pairs={{0,3},{1,0},{2,1},{3,2}}
+  %collective-permute-done.1 = f32[1000]{0} collective-permute-done(%collective-permute-start.1)
+  %while = s32[] while(%i), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  %collective-permute-done.2 = f32[1000]{0} collective-permute-done(%collective-permute-start.2)
+}
+"""
+
+
+def test_driver_schedule_replays_the_permutes_against_the_calls():
+  # The model behind benchmarks/driver_schedule.py on a hand-written schedule: 1000 us a
+  # call, 1 MB/s links. The bf16 hop (2000 B) spans one call and waits 1000 us more; the two
+  # f32 hops go the other way, one behind the other (4000 B each), and the loop's three
+  # calls cover 3000 us of the second. The spans count the calls of the permute's own
+  # computation only (the loop's body is another).
+  assert driver_schedule.permute_spans(_SCHEDULE) == [
+    ("bf16[1000]{0}", 1),
+    ("f32[1000]{0}", 0),
+    ("f32[1000]{0}", 0),
+  ]
+  got = driver_schedule.replay(_SCHEDULE, call_us=1000.0, link_bw=1e6, n_dev=4)
+  assert got == dict(
+    step_us=10000.0, compute_us=4000.0, exposed_us=6000.0, wire_bytes=10000, calls=4
+  )

@@ -302,27 +302,29 @@ def test_block_ops_contract():
 def test_block_ops_accumulate_into_running_gradients(dtype, block_sizes, layout):
   # The ring driver keeps a trip's gradients in the fused kernel's own float32 layout: each
   # block's kernel calls start from them, so nothing is rounded or re-read between blocks.
-  # Here dX runs over two chunks of y (from None: zero), each chunk's dY over its own block
-  # (the first from None, the second from the zeros the driver sends round with a copy).
+  # Here dX runs over two chunks of y (from None: zero); the first chunk's dY starts from
+  # None, the second continues from the first's running dY (as a chunk's dY continues
+  # from hop to hop), so it ends as the sum of both chunks' dY.
   n, m, dim = 300, 300, 64
   x, y = inputs(41, n, 2 * m, dim, dtype)
   x_ids = jnp.arange(n, dtype=jnp.int32) * 2  # some positives in each chunk
   y_ids = jnp.arange(2 * m, dtype=jnp.int32)
   acc = tpu.block_ops(interpret=True, block_sizes=block_sizes).accumulator()
-  zero_dx, zero_dy = acc.zeros(x, y[:m])
-  assert (zero_dx.shape, zero_dy.shape) == layout
-  assert zero_dx.dtype == zero_dy.dtype == jnp.float32
-  loss, dys, dlt, db, dx_acc = 0.0, [], 0.0, 0.0, None
-  for k, dy_acc in enumerate((None, zero_dy)):
+  loss, dys, dlt, db, dx_acc, dy_acc = 0.0, [], 0.0, 0.0, None, None
+  for k in range(2):
     chunk = slice(k * m, (k + 1) * m)
     args = (x, y[chunk], x_ids, y_ids[chunk], jnp.float32(LOG10), jnp.float32(-10.0))
     block_loss, (dx_acc, dy_acc, block_dlt, block_db) = acc.block(*args, dx_acc, dy_acc)
     assert (dx_acc.shape, dy_acc.shape) == layout
+    assert dx_acc.dtype == dy_acc.dtype == jnp.float32
     loss, dlt, db = loss + block_loss, dlt + block_dlt, db + block_db
     dys.append(acc.finish(dx_acc, dy_acc, x, y[chunk], jnp.float32(LOG10))[1])
-  dx, _ = acc.finish(dx_acc, zero_dy, x, y[:m], jnp.float32(LOG10))
+  dx = acc.finish(dx_acc, dy_acc, x, y[:m], jnp.float32(LOG10))[0]
   assert dx.dtype == dys[0].dtype == jnp.float32 and dx.shape == (n, dim)
   want, scales = oracle(x, y, x_ids, y_ids, LOG10, -10.0)
+  loss_w, (dx_w, dy_w, dlt_w, db_w) = want
+  # The second running dY holds both chunks'.
+  want = (loss_w, (dx_w, np.concatenate([dy_w[:m], dy_w[:m] + dy_w[m:]]), dlt_w, db_w))
   check((loss, (dx, jnp.concatenate(dys), dlt, db)), want, dtype, "accumulated", scales)
 
 

@@ -128,4 +128,7 @@ def test_ring_temp_memory_does_not_grow_with_device_count(schedule):
     # A handful of b x b float32 tiles (logits, sigmoid, their grads) and travelling chunks;
     # nothing proportional to the global batch (4 * b_local * n_dev * ...).
     assert temp < 8 * block_bytes + 16 * chunk_bytes, (n_dev, temp)
-  assert temps[8] <= temps[2] * 1.25 + chunk_bytes, temps
+  # Growth from 4 to 8 devices (more rounds of the same hops). Two devices run no round at
+  # all (the own block and one hop), a program of another shape, so they are no baseline:
+  # XLA:CPU gives its straight-line blocks separate buffers where a loop reuses them.
+  assert temps[8] <= temps[4] * 1.25 + chunk_bytes, temps

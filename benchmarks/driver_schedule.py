@@ -1,0 +1,218 @@
+"""What the ring driver's compiled schedule leaves exposed, from XLA's own instruction order.
+
+    python -m benchmarks.driver_schedule --profile PROFILE.json [--generations v5p]
+        [--chips 4 8 16] [--batch 4096] [--dims 768 1152] [--json PATH]
+
+On megacore chips (v4, v5p) the public API runs the ring as the shared driver
+(``siglip_fast/ring.py``) around the block kernels, and XLA schedules its permutes. This
+compiles the public API's value-and-grad for a compile-only slice (``shape_sweep``), reads
+the scheduled HLO, and for every collective permute notes how many block-kernel calls run
+while it is in flight. It then replays the schedule on a model: each kernel call takes the
+block's static compute time from a ``benchmarks.tpu_profile`` JSON (``ring_blocks`` rows,
+``hop_us``, split evenly over a block's calls), each permute's bytes cross one ICI link at
+the datasheet rate (``benchmarks.chips``) with the permutes of one direction queued behind
+each other, and a permute's ``done`` waits for its bytes. Everything else (XLA's own ops,
+latencies, HBM) takes no time. MODELLED from a static schedule: a lower bound that says
+where the wire is exposed, not a measurement.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+
+from benchmarks import chips as chips_lib  # noqa: E402
+from benchmarks import shape_sweep  # noqa: E402
+
+KERNEL_PREFIX = "siglip_"
+_ITEMSIZE = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4}
+
+
+def _nbytes(hlo_type: str) -> int:
+  """Bytes of the first array in an HLO type such as ``(bf16[4096,1152]{...}, ...)``."""
+  m = re.match(r"\(?(\w+)\[([\d,]*)\]", hlo_type)
+  n = 1
+  for v in filter(None, m.group(2).split(",")):
+    n *= int(v)
+  return _ITEMSIZE[m.group(1)] * n
+
+
+def computations(hlo: str) -> dict[str, list[str]]:
+  """{computation name: its instruction lines, in schedule order}; the entry's name starts
+  with ``ENTRY:``."""
+  comps: dict[str, list[str]] = {}
+  current = None
+  for line in hlo.splitlines():
+    if not line.startswith(" "):
+      m = re.match(r"(ENTRY )?%?([\w.\-]+)", line)
+      current = None
+      if m and line.rstrip().endswith("{"):
+        current = comps.setdefault(("ENTRY:" if m.group(1) else "") + m.group(2), [])
+      continue
+    if current is not None:
+      current.append(line)
+  return comps
+
+
+def _name(line: str) -> str:
+  return line.split("=", 1)[0].strip().lstrip("%")
+
+
+def _is_call(line: str, kernel: str) -> bool:
+  return " custom-call(" in line and _name(line).startswith(kernel)
+
+
+def permute_spans(hlo: str, kernel: str = KERNEL_PREFIX) -> list[tuple[str, int]]:
+  """Per collective permute of each computation, in order of its start: its result type
+  and how many calls of ``kernel`` run while it is in flight (started before the call,
+  done after it) in the same computation: a while loop's body is another computation, its
+  permutes are listed once and its calls do not count for a permute outside it."""
+  spans = []
+  for lines in computations(hlo).values():
+    started = {}
+    for line in lines:
+      if " collective-permute-start(" in line:
+        started[_name(line)] = len(spans)
+        spans.append([line.split("=", 1)[1].split()[0].strip("(,"), 0])
+      elif " collective-permute-done(" in line:
+        started.pop(line.split("collective-permute-done(%", 1)[1].split(")", 1)[0], None)
+      elif _is_call(line, kernel):
+        for k in started.values():
+          spans[k][1] += 1
+  return [tuple(s) for s in spans]
+
+
+def replay(hlo: str, call_us: float, link_bw: float, n_dev: int, trips: int | None = None):
+  """The modelled step (see the module docstring): dict of step_us, compute_us, exposed_us
+  (time spent waiting for a permute), wire_bytes and calls. A while loop runs its
+  ``known_trip_count`` times, or ``trips`` where the HLO does not say."""
+  comps = computations(hlo)
+  st = dict(now=0.0, exposed=0.0, calls=0, wire=0)
+  link_free: dict[int, float] = {}
+  arrives: dict[str, float] = {}
+
+  def run(lines):
+    for line in lines:
+      if " collective-permute-start(" in line:
+        nbytes = _nbytes(line.split("=", 1)[1].split()[0])
+        pair = re.search(r"source_target_pairs=\{\{(\d+),(\d+)\}", line)
+        shift = (int(pair.group(2)) - int(pair.group(1))) % n_dev
+        way = 1 if shift <= n_dev // 2 else -1
+        start = max(st["now"], link_free.get(way, 0.0))
+        link_free[way] = arrives[_name(line)] = start + nbytes / link_bw * 1e6
+        st["wire"] += nbytes
+      elif " collective-permute-done(" in line:
+        src = line.split("collective-permute-done(%", 1)[1].split(")", 1)[0]
+        t = arrives.pop(src)
+        if t > st["now"]:
+          st["exposed"] += t - st["now"]
+          st["now"] = t
+      elif _is_call(line, KERNEL_PREFIX):
+        st["now"] += call_us
+        st["calls"] += 1
+      elif re.search(r" while\(", line):
+        n = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+        n = int(n.group(1)) if n else trips
+        if n is None:
+          raise ValueError("a while loop without a known trip count: pass trips")
+        for _ in range(n):
+          run(comps[re.search(r"body=%?([\w.\-]+)", line).group(1)])
+
+  run(next(v for k, v in comps.items() if k.startswith("ENTRY:")))
+  return dict(
+    step_us=round(st["now"], 1),
+    compute_us=round(st["calls"] * call_us, 1),
+    exposed_us=round(st["exposed"], 1),
+    wire_bytes=st["wire"],
+    calls=st["calls"],
+  )
+
+
+def block_us(profile_rows, gen: str, dim: int) -> float:
+  """A block's static compute per hop (us) from ``tpu_profile`` ``ring_blocks`` rows."""
+  for r in profile_rows:
+    if r.get("kernel") == "ring_blocks" and r["generation"] == gen and r["dim"] == dim:
+      return r["hop_us"]
+  raise KeyError(f"no ring_blocks row for {gen} D = {dim} in the profile")
+
+
+def run_case(gen, chips, b, dim, hop_us, trips=None) -> dict:
+  """Compile the public API's value-and-grad (bidirectional, bf16) on ``chips`` chips of
+  ``gen`` at ``b`` rows per chip and replay its schedule with ``hop_us`` per block."""
+  compiled = shape_sweep.lower_value_and_grad(
+    shape_sweep._devices(gen, chips), b, dim, "bidirectional"
+  ).compile()
+  hlo = compiled.as_text()
+  spans = permute_spans(hlo)
+  # A block's calls (super-blocks, the two kernels) share its time; a loop's body runs
+  # ``trips`` times, so count the calls the replay makes rather than the HLO's.
+  calls = replay(hlo, 1.0, chips_lib.CHIPS[gen].link_bw, chips, trips)["calls"]
+  model = replay(hlo, hop_us * chips / calls, chips_lib.CHIPS[gen].link_bw, chips, trips)
+  return dict(
+    generation=gen,
+    chips=chips,
+    b=b,
+    dim=dim,
+    block_us=hop_us,
+    permutes=[list(s) for s in spans],
+    permutes_without_a_call=sum(n == 0 for _, n in spans),
+    temp_mib=round(compiled.memory_analysis().temp_size_in_bytes / 2**20, 1),
+    **model,
+  )
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--profile", required=True, help="a tpu_profile JSON with ring_blocks rows")
+  p.add_argument("--generations", nargs="+", default=["v5p"], choices=["v4", "v5p"])
+  p.add_argument("--chips", nargs="+", type=int, default=[4, 8, 16])
+  p.add_argument("--batch", type=int, default=4096, help="rows per chip")
+  p.add_argument("--dims", nargs="+", type=int, default=[1152])
+  p.add_argument(
+    "--trips", type=int, default=None, help="rounds a while loop runs (programs with one)"
+  )
+  p.add_argument("--json", help="write the rows here")
+  args = p.parse_args(argv)
+  with open(args.profile) as f:
+    prof = json.load(f)
+  prof = prof["rows"] if isinstance(prof, dict) else prof
+  rows = []
+  print(
+    f"{'gen':4} {'chips':>5} {'D':>5} {'step us':>8} {'compute':>8} {'exposed':>8} "
+    f"{'wire MB':>8} {'no call':>7} {'temp MiB':>8}"
+  )
+  for gen in args.generations:
+    for chips in [c for c in args.chips if c in shape_sweep.SLICES[gen]]:
+      for dim in args.dims:
+        r = run_case(gen, chips, args.batch, dim, block_us(prof, gen, dim), args.trips)
+        rows.append(r)
+        print(
+          f"{gen:4} {chips:5} {dim:5} {r['step_us']:8.1f} {r['compute_us']:8.1f} "
+          f"{r['exposed_us']:8.1f} {r['wire_bytes'] / 1e6:8.1f} "
+          f"{r['permutes_without_a_call']:7} {r['temp_mib']:8.1f}",
+          flush=True,
+        )
+  if args.json:
+    import jax  # noqa: PLC0415 - only for the record
+
+    out = dict(
+      date=datetime.date.today().isoformat(),
+      jax=jax.__version__,
+      note="MODELLED from compile-only schedules and static block times; nothing was run",
+      profile=os.path.basename(args.profile),
+      rows=rows,
+    )
+    with open(args.json, "w") as f:
+      json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
