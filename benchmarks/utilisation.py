@@ -365,9 +365,10 @@ def model_row(row: dict, chip: chips_lib.Chip | None, devices_per_chip: int, sch
       # directions carry half of every chunk's tiles.
       chunk = (chunk + 4 * b * row["dim"]) // (2 if both_ways else 1)
       hops = n
-    elif row["pass"] == "vag":  # the reference ring: dY travels with the chunk, then home
+    elif row["pass"] == "vag":
+      # The shared driver: a chunk's float32 dY travels with it from its second hop on,
+      # then home: as many dY transfers as chunk hops.
       chunk += 4 * b * row["dim"]
-      hops += 1
     per_hop = chunk / chip.link_bw
     if both_ways:  # both neighbours at once share the egress
       per_hop = max(per_hop, 2 * chunk / chip.egress_bw)

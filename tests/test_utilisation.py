@@ -123,8 +123,8 @@ def test_compile_only_ring_wire_model(compile_only_report):
     chunk, hops = b * r["dim"] * 4 + 4 * b, math.ceil((n - 1) / 2)
     if r["ring_plan"] == "one trip":  # half of every chunk and its f32 dY each way, n hops
       chunk, hops = (chunk + 4 * b * r["dim"]) // 2, n
-    elif r["pass"] == "vag":  # the reference ring: the chunk's f32 dY travels and goes home
-      chunk, hops = chunk + 4 * b * r["dim"], hops + 1
+    elif r["pass"] == "vag":  # the driver: the f32 dY travels from the 2nd hop, then home
+      chunk += 4 * b * r["dim"]
     assert r["wire_bytes_per_hop"] == chunk
     assert r["wire_hops"] == hops
     per_hop = max(chunk / chip.link_bw, 2 * chunk / chip.egress_bw)
@@ -213,9 +213,10 @@ def test_model_row_reproduces_the_design_example():
   vag_chunk = fwd_chunk + 4 * b * dim
   assert row["wire_bytes_per_hop"] == vag_chunk
   assert row["wire_s_per_hop"] == pytest.approx(vag_chunk / chip.link_bw)
-  assert row["wire_hops"] == n  # n - 1 hops, then dY goes home
+  # n - 1 chunk hops; the dY crosses n - 2 of them and then goes home: n - 1 dY transfers.
+  assert row["wire_hops"] == n - 1
   assert row["bound"] == (
-    "wire (ICI)" if n * vag_chunk / chip.link_bw > row["compute_s"] else "MXU"
+    "wire (ICI)" if (n - 1) * vag_chunk / chip.link_bw > row["compute_s"] else "MXU"
   )
   assert row["modelled_s"] == pytest.approx(max(row["compute_s"], row["wire_s"]))
 
@@ -398,8 +399,9 @@ def test_static_profiles_load_with_the_last_file_winning(tmp_path):
 def test_model_row_follows_the_ring_kernel_plan():
   # The ring kernel's value-and-grad (kernels/tpu_ring.py): one trip sends half of each
   # chunk and its float32 dY each way, n hops (the last one home); two trips send bf16
-  # chunks only, text then image, half round each way; the reference ring sends the whole
-  # chunk and its dY half round, then home.
+  # chunks only, text then image, half round each way; the shared driver sends the whole
+  # chunk half round each way, with its dY from the second hop on, then the dY home: per
+  # link as many bytes as the one trip.
   chip, b, dim, n = chips.CHIPS["v5e"], 4096, 1152, 4
   base = _ring_vag_row(b, dim, n)
   chunk, dy = 2 * b * dim + 4 * b, 4 * b * dim
@@ -412,8 +414,8 @@ def test_model_row_follows_the_ring_kernel_plan():
     n,
   )
   assert (rows["two trips"]["wire_bytes_per_hop"], rows["two trips"]["wire_hops"]) == (chunk, 4)
-  assert (rows[None]["wire_bytes_per_hop"], rows[None]["wire_hops"]) == (chunk + dy, 3)
-  assert rows["one trip"]["wire_s"] == pytest.approx(rows[None]["wire_s"] * 2 / 3)
+  assert (rows[None]["wire_bytes_per_hop"], rows[None]["wire_hops"]) == (chunk + dy, 2)
+  assert rows["one trip"]["wire_s"] == pytest.approx(rows[None]["wire_s"])
   # The plan is read from the compiled program's kernel names.
   hlo = '%siglip_ring_fwd_bwd_dx.1 = f32[] custom-call(...), custom_call_target="tpu_custom_call"'
   assert utilisation._ring_kernel_plan(hlo) == "two trips"
