@@ -301,12 +301,77 @@ def _fused_streams(n_dev, schedule, n_tiles):
 
 def _remote_copy(kind, offset, src, dst, send_sem, recv_sem, device_id):
   """A remote DMA to ``device_id`` (a {axis: index} dict), ``offset`` (a Python int)
-  places away in the ring. ``kind`` names the traffic ("chunk", "chunk_ids"); the tests
-  hook this to check where copies are placed and that they only go to a neighbour."""
+  places away in the ring; ``src`` may be an ``_Either``. ``kind`` names the traffic
+  ("chunk", "chunk_ids"); the tests hook this to check where copies are placed and that
+  they only go to a neighbour."""
   del kind, offset
-  return pltpu.make_async_remote_copy(
-    src, dst, send_sem, recv_sem, device_id=device_id, device_id_type=pl.DeviceIdType.MESH
+  return _either_copy(
+    lambda s: pltpu.make_async_remote_copy(
+      s, dst, send_sem, recv_sem, device_id=device_id, device_id_type=pl.DeviceIdType.MESH
+    ),
+    src,
   )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Either:
+  """The ref ``first`` where ``cond`` holds at run time, else ``then`` (the same shape).
+  A hop reads and sends its chunk from the own input at hop 0 and from a landing slot
+  after: with the source picked at run time, one traced hop (its tile bodies are most of
+  the kernel's compile time) serves every hop."""
+
+  cond: Any
+  first: Any
+  then: Any
+
+  @property
+  def at(self):
+    return _EitherAt(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class _EitherAt:
+  ref: _Either
+
+  def __getitem__(self, idx):
+    return _Either(self.ref.cond, self.ref.first.at[idx], self.ref.then.at[idx])
+
+
+def _either(cond, first, then):
+  """``first`` or ``then``, as a Python choice where ``cond`` is known while tracing."""
+  if isinstance(cond, bool):
+    return first if cond else then
+  return _Either(cond, first, then)
+
+
+@dataclasses.dataclass(frozen=True)
+class _OneOf:
+  """The copies from an ``_Either``'s two refs: the same shape, semaphores and
+  destination, so starting the one its condition picks and waiting on either is the same."""
+
+  cond: Any
+  first: Any
+  then: Any
+
+  def start(self):
+    pl.when(self.cond)(self.first.start)
+    pl.when(jnp.logical_not(self.cond))(self.then.start)
+
+  def wait(self):
+    self.then.wait()
+
+  def wait_send(self):
+    self.then.wait_send()
+
+  def wait_recv(self):
+    self.then.wait_recv()
+
+
+def _either_copy(make, src):
+  """``make(src)``, or for an ``_Either`` the ``_OneOf`` of ``make`` on its two refs."""
+  if isinstance(src, _Either):
+    return _OneOf(src.cond, make(src.first), make(src.then))
+  return make(src)
 
 
 def _take_credit(sem):
@@ -385,6 +450,15 @@ class _Refs:
     return cls(**named)
 
 
+def _and(a, b):
+  """a and b, where either may be a Python bool known while tracing."""
+  if isinstance(b, bool):
+    return a if b else False
+  if isinstance(a, bool):
+    return b if a else False
+  return jnp.logical_and(a, b)
+
+
 def _when(cond, body):
   """``pl.when`` that also takes a Python bool (a hop number known while tracing)."""
   if isinstance(cond, bool):
@@ -448,7 +522,12 @@ def _fetches(r: _Refs, ops, k, slot, kind):
   """The local copies of tile k of each (source, VMEM double buffer) in ``ops`` into
   ``slot``, on tile semaphores kind, kind + 1, ..."""
   return [
-    pltpu.make_async_copy(src(k), buf.at[slot], r.tile_sems.at[kind + a, slot])
+    _either_copy(
+      lambda s, buf=buf, a=a: pltpu.make_async_copy(
+        s, buf.at[slot], r.tile_sems.at[kind + a, slot]
+      ),
+      src(k),
+    )
     for a, (src, buf) in enumerate(ops)
   ]
 
@@ -585,8 +664,9 @@ def _fused_sweep(plan: _Plan, r: _Refs, part, b_blk, b_ids_blk, src, db_io):
   of that tile (sent by the upstream neighbour during its previous hop; none on the chunk's
   first block) is added and the tile leaves at once for the downstream neighbour (or home),
   so the dY traffic overlaps the rest of the block. ``db_io`` (from ``_Ring``): arrival,
-  None or (a remote copy of one arriving tile, to wait on, and q -> the local copy of tile q
-  into VMEM); departure(q, k), which sends dY slot k as tile q; wait_departed(k).
+  None or (a remote copy of one arriving tile, to wait on, q -> the local copy of tile q
+  into VMEM, and whether anything arrives: a Python or a run-time bool); departure(q, k),
+  which sends dY slot k as tile q; wait_departed(k).
   """
   q0, nq = part
   tm, tn, n_a = plan.tm, plan.tn, plan.b // plan.tm
@@ -650,27 +730,29 @@ def _fused_sweep(plan: _Plan, r: _Refs, part, b_blk, b_ids_blk, src, db_io):
 
       r.db_acc[sq] = jnp.zeros((tn, plan.dim), jnp.float32)
       if arrival is not None:
-        pl.when(q >= 1)(lambda: arrival[1](q).start())
+        _when(_and(q >= 1, arrival[2]), lambda: arrival[1](q).start())
 
     full = _may_meet(plan, r, src, o, q0 + q)
     pl.when(full)(lambda: tile_step(o, q, so, sq, True))
     pl.when(jnp.logical_not(full))(lambda: tile_step(o, q, so, sq, False))
 
+    def arrive(q, sq):
+      @pl.when(q == 0)
+      def _():
+        # A DMA semaphore counts bytes, not copies: with several tiles in flight to one
+        # semaphore, a tile's worth of bytes does not say which tile has landed. So wait
+        # for all of them, once, here: the last left upstream at the end of its previous
+        # block, about when this block began, and has had this first column to land.
+        lax.fori_loop(0, nq, lambda _, c: (arrival[0].wait_recv(), c)[1], 0)
+        arrival[1](q).start()
+
+      arrival[1](q).wait()
+      r.db_acc[sq] += r.db_in[...]
+
     @pl.when(last_o)
     def _():
       if arrival is not None:
-
-        @pl.when(q == 0)
-        def _():
-          # A DMA semaphore counts bytes, not copies: with several tiles in flight to one
-          # semaphore, a tile's worth of bytes does not say which tile has landed. So wait
-          # for all of them, once, here: the last left upstream at the end of its previous
-          # block, about when this block began, and has had this first column to land.
-          lax.fori_loop(0, nq, lambda _, c: (arrival[0].wait_recv(), c)[1], 0)
-          arrival[1](q).start()
-
-        arrival[1](q).wait()
-        r.db_acc[sq] += r.db_in[...]
+        _when(arrival[2], lambda: arrive(q, sq))
       departure(q, sq)
       r.pending[sq] = 1
 
@@ -721,20 +803,37 @@ class _Ring:
       self.r.credits.at[s], 1, device_id=upstream, device_id_type=pl.DeviceIdType.MESH
     )
 
-  def round_(self, h, streams):
-    """Hop h >= 1 of each stream in ``streams``: the chunk from -d * h devices away.
+  def own(self, s):
+    """Stream s's part of this device's chunk (in the two-trip plan the whole chunk) and
+    its ids: what hop 0 computes and sends."""
+    plan, r = self.plan, self.r
+    if plan.fused:
+      return r.b.at[_part_rows(plan, s)], r.b_ids.at[pl.ds(*plan.parts[s])]
+    return r.b, r.b_ids
 
-    Hop h's chunk sits in slot h % 2 (sent by upstream during its hop h - 1). All the
-    streams' chunks are received, then all their sends to the downstream neighbours'
-    other slot start, so both link directions are busy during all of the round's compute;
-    the sends are waited for at the round's end.
+  def round_(self, h, streams):
+    """Hop h of each stream in ``streams``: the chunk from -d * h devices away, at hop 0
+    this device's own.
+
+    Hop h >= 1's chunk sits in slot h % 2 (sent by upstream during its hop h - 1). All the
+    streams' chunks are received, then all their sends to the downstream neighbours' other
+    slot start, so both link directions are busy during all of the round's compute; the
+    sends are waited for at the round's end. ``h`` may be a run-time value: the one
+    trip's loop runs hop 0 too, reading and sending the own chunk where the later hops use
+    a slot (``_Either``), so the kernel traces its tile bodies for one round, not two.
     """
     r, hops = self.r, self.plan.hops
     slot = h % 2 if isinstance(h, int) else lax.rem(h, 2)
+    # Only the one trip's loop meets hop 0 at run time; the two trips' loop starts at 1.
+    first = h == 0 if isinstance(h, int) or self.plan.fused else False
+    landed = lambda s: (r.slots[s].at[slot], r.id_slots[s].at[slot])
+    chunk = lambda s: tuple(_either(first, o, l) for o, l in zip(self.own(s), landed(s)))
+    # A chunk has landed at every hop but hop 0.
+    later = (not first) if isinstance(first, bool) else h >= 1
     for s in streams:
-      for c in self.copies(s, r.slots[s].at[slot], r.id_slots[s].at[slot], slot):
-        c.wait_recv()
-    sends = lambda s: self.copies(s, r.slots[s].at[slot], r.id_slots[s].at[slot], 1 - slot)
+      for c in self.copies(s, *landed(s), slot):
+        _when(later, c.wait_recv)
+    sends = lambda s: self.copies(s, *chunk(s), 1 - slot)
 
     def start(s):
       # Downstream's slot 1 - slot last held its hop h - 1 chunk (h >= 2); hops 0 and 1
@@ -746,9 +845,12 @@ class _Ring:
     for s in streams:
       _when(h < hops[s], functools.partial(start, s))
     for s in streams:
-      # The chunk from -d * h devices away.
+      # The chunk from -d * h devices away. At hop 0 the two-trip plan computes the own
+      # (whole) chunk once, as stream 0 (``run`` traces that hop apart).
+      if isinstance(h, int) and h == 0 and s and not self.plan.fused:
+        continue
       src = lax.rem(r.me[0] - self.plan.directions[s] * h + 2 * self.plan.n_dev, self.plan.n_dev)
-      self.sweep(s, h, r.slots[s].at[slot], r.id_slots[s].at[slot], src)
+      self.sweep(s, h, *chunk(s), src)
 
     def wait_sends(s):
       for c in sends(s):
@@ -800,6 +902,7 @@ class _Ring:
       arrival = (
         send(0, here(0), r.db_ring_sems.at[s, slot]),
         lambda q: pltpu.make_async_copy(here(q), r.db_in, r.db_sems.at[2]),
+        h >= 1,  # a Python True, or at run time: nothing arrives at hop 0
       )
     return arrival, departure, self.wait_departed
 
@@ -835,27 +938,21 @@ class _Ring:
   def run(self):
     plan, r = self.plan, self.r
     streams = tuple(range(len(plan.hops)))
-    if streams:
+    if not streams:  # one device: its own block, no ring
+      self.sweep(0, 0, *self.own(0), r.me[0])
+    else:
       self.enter()
-    # Hop 0: every stream's chunk (or part) leaves for hop 1 while the own block computes.
-    if plan.fused:
-      own = lambda s: (r.b.at[_part_rows(plan, s)], r.b_ids.at[pl.ds(*plan.parts[s])])
-    else:
-      own = lambda s: (r.b, r.b_ids)
-    first_sends = [c for s in streams for c in self.copies(s, *own(s), 1)]
-    for c in first_sends:
-      c.start()
-    if plan.fused:
-      for s in range(len(plan.parts)):
-        self.sweep(s, 0, *own(s), r.me[0])
-    else:
-      self.sweep(0, 0, r.b, r.b_ids, r.me[0])
-    for c in first_sends:
-      c.wait_send()
-    if streams:
-      both = plan.hops[-1]  # rounds in which every stream has a hop
-      if both >= 1:
-        lax.fori_loop(1, both + 1, lambda h, c: (self.round_(h, streams), c)[1], 0)
+      # Hop 0 (every stream's chunk or part leaves for hop 1 while the own block computes)
+      # and the rounds in which every stream has a hop. The one-trip plan runs hop 0 in the
+      # rounds' loop (each stream computes its part of the own chunk, as of every other);
+      # in the two trips stream 0 alone computes the whole own chunk at hop 0, traced apart
+      # (in the loop it would be a stream that skips its block, which the static profile
+      # could not tell from one that computes it).
+      first = 0 if plan.fused else 1
+      if first:
+        self.round_(0, streams)
+      both = plan.hops[-1]
+      lax.fori_loop(first, both + 1, lambda h, c: (self.round_(h, streams), c)[1], 0)
       if plan.hops[0] > both:  # the right copy's extra hop (even device count)
         self.round_(plan.hops[0], (0,))
     if plan.fused:

@@ -503,11 +503,12 @@ def test_handshake_is_load_bearing(capfd, monkeypatch):
 )
 def test_copies_overlap_compute(monkeypatch, n, schedule, fuse_dy):
   """Where each trip places its copies against the tile compute, in program order (the trace
-  order). Only neighbours are written to. Every round after the first opens by waiting for
-  all its streams' chunks, starts all its sends (under bidirectional both directions, so
-  both are in flight at once) before its first tile and waits for them only after its
-  last tile. In the one-trip plan dY tiles leave during the block, and this device's own
-  dY tiles are waited for only after the last round."""
+  order). Only neighbours are written to. Every round opens by waiting for all its streams'
+  chunks (but the own block's; in the one trip the rounds' loop runs hop 0 too, its waits
+  skipped at run time), starts all its sends (under bidirectional both directions, so both are in flight at
+  once) before its first tile and waits for them only after its last tile. In the one-trip
+  plan dY tiles leave during the block, and this device's own dY tiles are waited for only
+  after the last round."""
   events = []
 
   class Recorded:
@@ -541,8 +542,8 @@ def test_copies_overlap_compute(monkeypatch, n, schedule, fuse_dy):
 
   assert {off for _, kind, off in events if kind} <= {1, -1}
   directions = {1, -1} if schedule == "bidirectional" else {1}
-  # Per trip (two without fuse_dy: x owned, then y owned; one with it): the own block, then
-  # rounds opening with the chunks' receives.
+  # Per trip (two without fuse_dy: x owned, then y owned; one with it): rounds opening with
+  # the chunks' receives.
   trips, dy = [], []
   for e in events:
     if e[0] == "kernel":
@@ -556,33 +557,34 @@ def test_copies_overlap_compute(monkeypatch, n, schedule, fuse_dy):
       trips[-1].append([])
     trips[-1][-1].append(e)
   assert len(trips) == (1 if fuse_dy else 2)
-  # Traced once: the own block, the loop's round, and with an even device count under
-  # bidirectional (two trips) the right copy's extra hop, whose chunk goes no further.
+  # Traced once each: the one trip's loop round (hop 0 included); the two trips' own block
+  # (hop 0, traced apart), the loop's round and, with an even device count under
+  # bidirectional, the right copy's extra hop, whose chunk goes no further.
+  own = not fuse_dy
   extra = not fuse_dy and schedule == "bidirectional" and n % 2 == 0
   for rounds in trips:
-    assert len(rounds) == 2 + extra
+    assert len(rounds) == own + 1 + extra
     for k, ev in enumerate(rounds):
       tiles = [i for i, e in enumerate(ev) if e[0] == "tile"]
       at = lambda op: [i for i, e in enumerate(ev) if e[0] == op and e[1] == "chunk"]
       sent = {ev[i][2] for i in at("start")}
-      if k == 0:
-        assert sent == directions and not at("wait_recv")
+      if own and k == 0:
+        assert not at("wait_recv")
       else:
         assert max(at("wait_recv")) < tiles[0]
-      assert sent == (set() if extra and k == 2 else directions), (k, sent)
+      assert sent == (set() if extra and k == own + 1 else directions), (k, sent)
       assert all(i < tiles[0] for i in at("start"))
       assert all(i > tiles[-1] for i in at("wait_send"))
       assert {ev[i][2] for i in at("wait_send")} == sent
   if not fuse_dy:
     assert dy == [[], []]
     return
-  # dY tiles leave in both directions during the own block and the round; the round waits
-  # for the tiles that arrived; the own dY tiles come home after the last round.
+  # dY tiles leave in both directions during the round; the round waits for the tiles that
+  # arrived; the own dY tiles come home after the last round.
   (dy,) = dy
-  for k in (1, 2):
-    assert {e[2] for e, r in dy if r == k and e[0] == "start"} == directions
-  assert {e[2] for e, r in dy if r == 2 and e[0] == "wait_recv"} == directions
-  home = [e for e, r in dy if r == 2][-len(directions) :]
+  assert {e[2] for e, r in dy if r == 1 and e[0] == "start"} == directions
+  assert {e[2] for e, r in dy if r == 1 and e[0] == "wait_recv"} == directions
+  home = [e for e, r in dy if r == 1][-len(directions) :]
   assert [e[0] for e in home] == ["wait_recv"] * len(directions)
 
 
