@@ -346,31 +346,32 @@ def _either(cond, first, then):
 
 @dataclasses.dataclass(frozen=True)
 class _OneOf:
-  """The copies from an ``_Either``'s two refs: the same shape, semaphores and
-  destination, so starting the one its condition picks and waiting on either is the same."""
+  """The copies ``make`` builds from an ``_Either``'s two refs: the same shape, semaphores
+  and destination, so starting the one its condition picks and waiting on either is the
+  same. Each descriptor is made where it is used (jax logs a descriptor never started or
+  waited on as an error)."""
 
-  cond: Any
-  first: Any
-  then: Any
+  make: Any
+  src: _Either
 
   def start(self):
-    pl.when(self.cond)(self.first.start)
-    pl.when(jnp.logical_not(self.cond))(self.then.start)
+    pl.when(self.src.cond)(lambda: self.make(self.src.first).start())
+    pl.when(jnp.logical_not(self.src.cond))(lambda: self.make(self.src.then).start())
 
   def wait(self):
-    self.then.wait()
+    self.make(self.src.then).wait()
 
   def wait_send(self):
-    self.then.wait_send()
+    self.make(self.src.then).wait_send()
 
   def wait_recv(self):
-    self.then.wait_recv()
+    self.make(self.src.then).wait_recv()
 
 
 def _either_copy(make, src):
   """``make(src)``, or for an ``_Either`` the ``_OneOf`` of ``make`` on its two refs."""
   if isinstance(src, _Either):
-    return _OneOf(src.cond, make(src.first), make(src.then))
+    return _OneOf(make, src)
   return make(src)
 
 
