@@ -30,6 +30,7 @@ import json  # noqa: E402
 import re  # noqa: E402
 
 from benchmarks import chips as chips_lib  # noqa: E402
+from benchmarks import hlo_schedule  # noqa: E402
 from benchmarks import shape_sweep  # noqa: E402
 
 KERNEL_PREFIX = "siglip_"
@@ -45,29 +46,8 @@ def _nbytes(hlo_type: str) -> int:
   return _ITEMSIZE[m.group(1)] * n
 
 
-def computations(hlo: str) -> dict[str, list[str]]:
-  """{computation name: its instruction lines, in schedule order}; the entry's name starts
-  with ``ENTRY:``."""
-  comps: dict[str, list[str]] = {}
-  current = None
-  for line in hlo.splitlines():
-    if not line.startswith(" "):
-      m = re.match(r"(ENTRY )?%?([\w.\-]+)", line)
-      current = None
-      if m and line.rstrip().endswith("{"):
-        current = comps.setdefault(("ENTRY:" if m.group(1) else "") + m.group(2), [])
-      continue
-    if current is not None:
-      current.append(line)
-  return comps
-
-
-def _name(line: str) -> str:
-  return line.split("=", 1)[0].strip().lstrip("%")
-
-
 def _is_call(line: str, kernel: str) -> bool:
-  return " custom-call(" in line and _name(line).startswith(kernel)
+  return hlo_schedule.is_op(line, "custom-call") and hlo_schedule.name(line).startswith(kernel)
 
 
 def permute_spans(hlo: str, kernel: str = KERNEL_PREFIX) -> list[tuple[str, int]]:
@@ -75,26 +55,17 @@ def permute_spans(hlo: str, kernel: str = KERNEL_PREFIX) -> list[tuple[str, int]
   and how many calls of ``kernel`` run while it is in flight (started before the call,
   done after it) in the same computation: a while loop's body is another computation, its
   permutes are listed once and its calls do not count for a permute outside it."""
-  spans = []
-  for lines in computations(hlo).values():
-    started = {}
-    for line in lines:
-      if " collective-permute-start(" in line:
-        started[_name(line)] = len(spans)
-        spans.append([line.split("=", 1)[1].split()[0].strip("(,"), 0])
-      elif " collective-permute-done(" in line:
-        started.pop(line.split("collective-permute-done(%", 1)[1].split(")", 1)[0], None)
-      elif _is_call(line, kernel):
-        for k in started.values():
-          spans[k][1] += 1
-  return [tuple(s) for s in spans]
+  return [
+    (w.result_type, sum(_is_call(line, kernel) for line in w.between))
+    for w in hlo_schedule.permute_windows(hlo)
+  ]
 
 
 def replay(hlo: str, call_us: float, link_bw: float, n_dev: int, trips: int | None = None):
   """The modelled step (see the module docstring): dict of step_us, compute_us, exposed_us
   (time spent waiting for a permute), wire_bytes and calls. A while loop runs its
   ``known_trip_count`` times, or ``trips`` where the HLO does not say."""
-  comps = computations(hlo)
+  comps = hlo_schedule.computations(hlo)
   st = dict(now=0.0, exposed=0.0, calls=0, wire=0)
   link_free: dict[int, float] = {}
   arrives: dict[str, float] = {}
@@ -102,12 +73,12 @@ def replay(hlo: str, call_us: float, link_bw: float, n_dev: int, trips: int | No
   def run(lines):
     for line in lines:
       if " collective-permute-start(" in line:
-        nbytes = _nbytes(line.split("=", 1)[1].split()[0])
+        nbytes = _nbytes(hlo_schedule.result_type(line))
         pair = re.search(r"source_target_pairs=\{\{(\d+),(\d+)\}", line)
         shift = (int(pair.group(2)) - int(pair.group(1))) % n_dev
         way = 1 if shift <= n_dev // 2 else -1
         start = max(st["now"], link_free.get(way, 0.0))
-        link_free[way] = arrives[_name(line)] = start + nbytes / link_bw * 1e6
+        link_free[way] = arrives[hlo_schedule.name(line)] = start + nbytes / link_bw * 1e6
         st["wire"] += nbytes
       elif " collective-permute-done(" in line:
         src = line.split("collective-permute-done(%", 1)[1].split(")", 1)[0]
@@ -126,7 +97,7 @@ def replay(hlo: str, call_us: float, link_bw: float, n_dev: int, trips: int | No
         for _ in range(n):
           run(comps[re.search(r"body=%?([\w.\-]+)", line).group(1)])
 
-  run(next(v for k, v in comps.items() if k.startswith("ENTRY:")))
+  run(next(v for k, v in comps.items() if k.startswith(hlo_schedule.ENTRY)))
   return dict(
     step_us=round(st["now"], 1),
     compute_us=round(st["calls"] * call_us, 1),

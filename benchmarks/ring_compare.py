@@ -31,7 +31,6 @@ import argparse  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
 import pathlib  # noqa: E402
-import re  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
@@ -43,23 +42,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 from siglip_fast.kernels import tpu_ring  # noqa: E402
 from siglip_fast.reference import ring as reference_ring  # noqa: E402
 
+from benchmarks import hlo_schedule  # noqa: E402
 from benchmarks.chips import CHIPS, one_device_per_chip  # noqa: E402
 
 SCHEDULES = ("unidirectional", "bidirectional")
-_OPS = (
-  "collective-permute-start",
-  "collective-permute-done",
-  "custom-call",
-  "fusion",
-  "all-reduce-start",
-  "all-reduce-done",
-  "all-reduce",
-  "convolution",
-  "while",
-)
-_OP_RE = re.compile(r" (" + "|".join(map(re.escape, _OPS)) + r")\(([^)]*)")
-_INSTR_RE = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.*)$")
-_COMP_RE = re.compile(r"^(?:ENTRY )?%(\S+) .*\{$")
 
 
 # ------------------------------------------------------------------------------------------
@@ -129,62 +115,35 @@ def _compile(impl, schedule, pass_, mesh, b, dim):
 # Reading the compiled schedule.
 
 
-def _computations(text):
-  """{name: [(instruction, opcode, operands)]} in schedule order, for the listed opcodes."""
-  comps, cur = {}, None
-  for line in text.splitlines():
-    if cur is None:
-      m = _COMP_RE.match(line)
-      if m:
-        cur = comps.setdefault(m.group(1), [])
-      continue
-    if line.startswith("}"):
-      cur = None
-      continue
-    m = _INSTR_RE.match(line)
-    if not m:
-      continue
-    op = _OP_RE.search(m.group(2))
-    if op:
-      cur.append((m.group(1), op.group(1), op.group(2)))
-  return comps
-
-
 def schedule_summary(text):
   """Where each collective permute starts and finishes relative to the compute."""
-  permutes, kernels = [], []
-  for comp, instrs in _computations(text).items():
-    for i, (name, op, _) in enumerate(instrs):
-      if op == "custom-call":
-        kernels.append(f"{comp}/{name}")
-      if op != "collective-permute-start":
-        continue
-      done = next(
-        (
-          j
-          for j in range(i + 1, len(instrs))
-          if instrs[j][1] == "collective-permute-done" and f"%{name}" in instrs[j][2].split(", ")
-        ),
-        None,
-      )
-      between = instrs[i + 1 : done] if done is not None else []
-      permutes.append(
-        {
-          "computation": comp,
-          "start": name,
-          "done": instrs[done][0] if done is not None else None,
-          "kernels_between": [n for n, o, _ in between if o == "custom-call"],
-          "fusions_between": sum(o == "fusion" for _, o, _ in between),
-        }
-      )
-  overlapped = [p for p in permutes if p["kernels_between"]]
+  comps = hlo_schedule.computations(text)
+  strip = lambda comp: comp.removeprefix(hlo_schedule.ENTRY)
+  kernels = [
+    f"{strip(comp)}/{hlo_schedule.name(line)}"
+    for comp, lines in comps.items()
+    for line in lines
+    if hlo_schedule.is_op(line, "custom-call")
+  ]
+  permutes = [
+    {
+      "computation": strip(w.computation),
+      "start": w.start,
+      "done": w.done,
+      "kernels_between": [
+        hlo_schedule.name(line) for line in w.between if hlo_schedule.is_op(line, "custom-call")
+      ],
+      "fusions_between": sum(hlo_schedule.is_op(line, "fusion") for line in w.between),
+    }
+    for w in hlo_schedule.permute_windows(text)
+  ]
   return {
     "custom_calls": kernels,
     "collective_permutes": len(permutes),
-    "permutes_overlapping_a_kernel": len(overlapped),
+    "permutes_overlapping_a_kernel": sum(bool(p["kernels_between"]) for p in permutes),
     "permutes": permutes,
     "while_loops": sum(
-      o == "while" for instrs in _computations(text).values() for _, o, _ in instrs
+      hlo_schedule.is_op(line, "while") for lines in comps.values() for line in lines
     ),
   }
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks import driver_schedule, shape_sweep
+from benchmarks import driver_schedule, ring_compare, shape_sweep
 from siglip_fast import mesh as mesh_lib
 from siglip_fast.kernels import tpu
 
@@ -153,3 +153,19 @@ def test_driver_schedule_replays_the_permutes_against_the_calls():
   assert got == dict(
     step_us=10000.0, compute_us=4000.0, exposed_us=6000.0, wire_bytes=10000, calls=4
   )
+
+
+def test_ring_compare_reads_the_same_permute_windows():
+  # benchmarks/ring_compare.py summarises the schedule it compiles from the same windows.
+  got = ring_compare.schedule_summary(_SCHEDULE)
+  assert got["collective_permutes"] == 3 and got["permutes_overlapping_a_kernel"] == 1
+  assert got["permutes"][0] == dict(
+    computation="main",
+    start="collective-permute-start",
+    done="collective-permute-done",
+    kernels_between=["siglip_fwd_dx_dy.1"],
+    fusions_between=0,
+  )
+  assert [p["kernels_between"] for p in got["permutes"][1:]] == [[], []]
+  assert got["custom_calls"] == ["body/siglip_fwd_dx_dy.2", "main/siglip_fwd_dx_dy.1"]
+  assert got["while_loops"] == 1
