@@ -81,28 +81,31 @@ VMEM_CAPACITY = mc.VMEM_CAPACITY
 # and 1024 x 2048 3-6% fewer than 1024 x 1024, in the steady step of the static profile
 # (docs/PERFORMANCE.md section 5). Wider tiles put more pairs in the tiles that hold the
 # diagonal (the full tile body), so the gain shows at large B.
+#
+# v5e and v5p from 1024 x 1024: per pair, in the static profile's steady step (bf16, B = 4096
+# and 16384), the forward takes 4-10% fewer cycles than with 512 x 512 (MXU-issue floor
+# 1.11-1.17x -> 1.02-1.04x) and the two value-and-grad kernels 3-8% fewer (v5e D = 768 /
+# 1152: -3% / -8%; v5p: -4% / -7%): a larger tile reloads the MXU's weights less often.
 _CANDIDATE_TILES = {
   "v4": ((512, 256), (256, 256), (256, 128), (128, 128)),
-  "v5e": ((512, 512), (512, 256), (256, 256), (128, 128)),
-  "v5p": ((512, 512), (512, 256), (256, 256), (128, 128)),
+  "v5e": ((1024, 1024), (512, 1024), (512, 512), (512, 256), (256, 256), (128, 128)),
+  "v5p": ((1024, 1024), (512, 1024), (512, 512), (512, 256), (256, 256), (128, 128)),
   "v6e": ((1024, 2048), (1024, 1024), (1024, 512), (512, 512), (512, 256), (256, 256), (128, 128)),
 }
-# The fused value-and-grad's candidates: on v6e from 1024 x 1024, since 1024 x 2048, which
+# The fused value-and-grad's candidates. On v6e from 1024 x 1024, since 1024 x 2048, which
 # pays for the forward's vector work, spills more under three matmuls a tile and needs more
 # super-blocks (static profile, B = 16384: 1024 x 1024 3-6% ahead at D = 768 and 1152; 1.5%
-# behind at B = 4096, D = 768).
-_FUSED_TILES = dict(_CANDIDATE_TILES, v6e=_CANDIDATE_TILES["v6e"][1:])
-# The forward kernel alone (the loss without gradients) holds no gradient blocks, so its
-# candidates start larger: per pair, in the static profile's steady step with the tiles that
-# hold the diagonal on the full body (B = 4096, bf16), v4 512 x 1024 takes 13% (D = 768) and
-# 17% (D = 1152) fewer cycles than 512 x 256, and v5e / v5p 1024 x 1024 4-10% fewer than
-# 512 x 512 (MXU-issue floor 1.11-1.17x -> 1.02-1.04x). v6e's list already starts wide.
-_FORWARD_TILES = dict(
-  _CANDIDATE_TILES,
-  v4=((512, 1024), (512, 512)) + _CANDIDATE_TILES["v4"],
-  v5e=((1024, 1024), (512, 1024)) + _CANDIDATE_TILES["v5e"],
-  v5p=((1024, 1024), (512, 1024)) + _CANDIDATE_TILES["v5p"],
+# behind at B = 4096, D = 768). On v5e from 512 x 512: at D = 1152 the larger tiles need a
+# second super-block at B = 16384 and take 0.3% (B = 16384) to 1.1% (B = 4096) more steady
+# cycles (at D = 768 6.5% fewer; one list serves every D). v5p gains 3-4% from its list.
+_FUSED_TILES = dict(
+  _CANDIDATE_TILES, v5e=_CANDIDATE_TILES["v5e"][2:], v6e=_CANDIDATE_TILES["v6e"][1:]
 )
+# The forward kernel alone (the loss without gradients) holds no gradient blocks, so on v4
+# its candidates start larger: per pair, in the static profile's steady step with the tiles
+# that hold the diagonal on the full body (B = 4096, bf16), 512 x 1024 takes 13% (D = 768)
+# and 17% (D = 1152) fewer cycles than 512 x 256.
+_FORWARD_TILES = dict(_CANDIDATE_TILES, v4=((512, 1024), (512, 512)) + _CANDIDATE_TILES["v4"])
 _VMEM_BUDGET = 0.75
 # TensorCores per jax device (megacore): they split the fused kernel's super-blocks.
 TENSORCORES = {"v4": 2, "v5p": 2}
