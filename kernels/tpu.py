@@ -95,9 +95,10 @@ _CANDIDATE_TILES = {
 # The fused value-and-grad's candidates. On v6e from 1024 x 1024, since 1024 x 2048, which
 # pays for the forward's vector work, spills more under three matmuls a tile and needs more
 # super-blocks (static profile, B = 16384: 1024 x 1024 3-6% ahead at D = 768 and 1152; 1.5%
-# behind at B = 4096, D = 768). On v5e from 512 x 512: at D = 1152 the larger tiles need a
-# second super-block at B = 16384 and take 0.3% (B = 16384) to 1.1% (B = 4096) more steady
-# cycles (at D = 768 6.5% fewer; one list serves every D). v5p gains 3-4% from its list.
+# behind at B = 4096, D = 768). On v5e from 512 x 512: 1024 x 1024 takes more steady cycles
+# at every D profiled but 768 (B = 4096: D = 512 +3.7%, 768 -6.5%, 1024 +3.0%, 1152 +1.1%,
+# 1536 +10.2%; at 16k and D = 1152 it needs a second super-block). v5p gains 3-4% from its
+# list.
 _FUSED_TILES = dict(
   _CANDIDATE_TILES, v5e=_CANDIDATE_TILES["v5e"][2:], v6e=_CANDIDATE_TILES["v6e"][1:]
 )
