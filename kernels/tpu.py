@@ -85,11 +85,14 @@ VMEM_CAPACITY = mc.VMEM_CAPACITY
 # v5e and v5p from 1024 x 1024: per pair, in the static profile's steady step (bf16, B = 4096
 # and 16384), the forward takes 4-10% fewer cycles than with 512 x 512 (MXU-issue floor
 # 1.11-1.17x -> 1.02-1.04x) and the two value-and-grad kernels 3-8% fewer (v5e D = 768 /
-# 1152: -3% / -8%; v5p: -4% / -7%): a larger tile reloads the MXU's weights less often.
+# 1152: -3% / -8%; v5p: -4% / -7%): a larger tile reloads the MXU's weights less often. A
+# third number caps the feature dim a value-and-grad candidate serves: v5p's 64 MiB no
+# longer holds 1024 x 1024 for both kernels at D = 1536, and what fits there lost to
+# 512 x 512 (fused +6.3%, two kernels at 512 x 1024 +0.7%; B = 4096).
 _CANDIDATE_TILES = {
   "v4": ((512, 256), (256, 256), (256, 128), (128, 128)),
   "v5e": ((1024, 1024), (512, 1024), (512, 512), (512, 256), (256, 256), (128, 128)),
-  "v5p": ((1024, 1024), (512, 1024), (512, 512), (512, 256), (256, 256), (128, 128)),
+  "v5p": ((1024, 1024, 1152), (512, 1024, 1152), (512, 512), (512, 256), (256, 256), (128, 128)),
   "v6e": ((1024, 2048), (1024, 1024), (1024, 512), (512, 512), (512, 256), (256, 256), (128, 128)),
 }
 # The fused value-and-grad's candidates. On v6e from 1024 x 1024, since 1024 x 2048, which
@@ -97,16 +100,21 @@ _CANDIDATE_TILES = {
 # super-blocks (static profile, B = 16384: 1024 x 1024 3-6% ahead at D = 768 and 1152; 1.5%
 # behind at B = 4096, D = 768). On v5e from 512 x 512: 1024 x 1024 takes more steady cycles
 # at every D profiled but 768 (B = 4096: D = 512 +3.7%, 768 -6.5%, 1024 +3.0%, 1152 +1.1%,
-# 1536 +10.2%; at 16k and D = 1152 it needs a second super-block). v5p gains 3-4% from its
-# list.
+# 1536 +10.2%; at 16k and D = 1152 it needs a second super-block). v5p gains 2-4% from its
+# list up to D = 1152.
 _FUSED_TILES = dict(
   _CANDIDATE_TILES, v5e=_CANDIDATE_TILES["v5e"][2:], v6e=_CANDIDATE_TILES["v6e"][1:]
 )
 # The forward kernel alone (the loss without gradients) holds no gradient blocks, so on v4
 # its candidates start larger: per pair, in the static profile's steady step with the tiles
 # that hold the diagonal on the full body (B = 4096, bf16), 512 x 1024 takes 13% (D = 768)
-# and 17% (D = 1152) fewer cycles than 512 x 256.
-_FORWARD_TILES = dict(_CANDIDATE_TILES, v4=((512, 1024), (512, 512)) + _CANDIDATE_TILES["v4"])
+# and 17% (D = 1152) fewer cycles than 512 x 256; on v5p its large tiles serve every D.
+_FORWARD_TILES = dict(
+  _CANDIDATE_TILES,
+  v4=((512, 1024), (512, 512)) + _CANDIDATE_TILES["v4"],
+  v5p=((1024, 1024), (512, 1024)) + _CANDIDATE_TILES["v5p"][2:],
+)
+
 _VMEM_BUDGET = 0.75
 # TensorCores per jax device (megacore): they split the fused kernel's super-blocks.
 TENSORCORES = {"v4": 2, "v5p": 2}
@@ -189,13 +197,18 @@ class BlockSizes:
     return _first_fit(_CANDIDATE_TILES, generation, dim, dtype, with_grad=(False, True))
 
 
+def _tiles(candidates, generation: str, dim: int) -> list[tuple[int, int]]:
+  """``candidates[generation]``'s (rows, cols) that serve feature dim ``dim``."""
+  return [c[:2] for c in candidates[generation] if len(c) == 2 or dim <= c[2]]
+
+
 def _first_fit(candidates, generation, dim, dtype, *, with_grad) -> BlockSizes:
   """The first of ``candidates[generation]`` whose kernels (with and / or without a
   gradient, ``with_grad``) fit the VMEM budget of ``generation`` at (dim, dtype)."""
   if generation not in candidates:
     raise ValueError(f"generation must be one of {tuple(candidates)}, got {generation!r}")
   budget = _VMEM_BUDGET * VMEM_CAPACITY[generation]
-  for rows, cols in candidates[generation]:
+  for rows, cols in _tiles(candidates, generation, dim):
     need = max(vmem_bytes(rows, cols, dim, dtype, with_grad=g, n_stats=3) for g in with_grad)
     if need <= budget:
       return BlockSizes(rows, cols, generation=generation)
@@ -810,8 +823,9 @@ def grad_block_sizes(
   base = default_block_sizes(generation, dim=dim, dtype=dtype, interpret=interpret)
   if generation is None:
     return base
-  first_rows, first_cols = _FUSED_TILES[generation][0]
-  for rows, cols in _FUSED_TILES[generation]:
+  fused = _tiles(_FUSED_TILES, generation, dim)
+  first_rows, first_cols = fused[0]
+  for rows, cols in fused:
     if 2 * rows * cols < first_rows * first_cols:
       break
     bs = BlockSizes(rows, cols, generation=generation)
