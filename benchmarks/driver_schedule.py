@@ -72,7 +72,7 @@ def replay(hlo: str, call_us: float, link_bw: float, n_dev: int, trips: int | No
 
   def run(lines):
     for line in lines:
-      if " collective-permute-start(" in line:
+      if hlo_schedule.is_op(line, "collective-permute-start"):
         nbytes = _nbytes(hlo_schedule.result_type(line))
         pair = re.search(r"source_target_pairs=\{\{(\d+),(\d+)\}", line)
         shift = (int(pair.group(2)) - int(pair.group(1))) % n_dev
@@ -80,16 +80,15 @@ def replay(hlo: str, call_us: float, link_bw: float, n_dev: int, trips: int | No
         start = max(st["now"], link_free.get(way, 0.0))
         link_free[way] = arrives[hlo_schedule.name(line)] = start + nbytes / link_bw * 1e6
         st["wire"] += nbytes
-      elif " collective-permute-done(" in line:
-        src = line.split("collective-permute-done(%", 1)[1].split(")", 1)[0]
-        t = arrives.pop(src)
+      elif hlo_schedule.is_op(line, "collective-permute-done"):
+        t = arrives.pop(hlo_schedule.started_by(line))
         if t > st["now"]:
           st["exposed"] += t - st["now"]
           st["now"] = t
       elif _is_call(line, KERNEL_PREFIX):
         st["now"] += call_us
         st["calls"] += 1
-      elif re.search(r" while\(", line):
+      elif hlo_schedule.is_op(line, "while"):
         n = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
         n = int(n.group(1)) if n else trips
         if n is None:

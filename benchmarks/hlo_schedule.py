@@ -36,6 +36,11 @@ def is_op(line: str, opcode: str) -> bool:
   return f" {opcode}(" in line
 
 
+def started_by(line: str) -> str:
+  """The start instruction a ``collective-permute-done`` line waits for."""
+  return line.split("collective-permute-done(", 1)[1].split(")", 1)[0].lstrip("%")
+
+
 def result_type(line: str) -> str:
   """The (first) result type of an HLO line, e.g. ``bf16[4096,1152]{1,0:T(8,128)(2,1)}``."""
   return line.split("=", 1)[1].split()[0].strip("(,")
@@ -67,8 +72,7 @@ def permute_windows(hlo: str) -> list[Window]:
         (
           j
           for j in range(i + 1, len(lines))
-          if is_op(lines[j], "collective-permute-done")
-          and lines[j].split("collective-permute-done(", 1)[1].split(")", 1)[0].lstrip("%") == start
+          if is_op(lines[j], "collective-permute-done") and started_by(lines[j]) == start
         ),
         None,
       )

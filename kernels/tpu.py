@@ -108,11 +108,12 @@ _FUSED_TILES = dict(
 # The forward kernel alone (the loss without gradients) holds no gradient blocks, so on v4
 # its candidates start larger: per pair, in the static profile's steady step with the tiles
 # that hold the diagonal on the full body (B = 4096, bf16), 512 x 1024 takes 13% (D = 768)
-# and 17% (D = 1152) fewer cycles than 512 x 256; on v5p its large tiles serve every D.
+# and 17% (D = 1152) fewer cycles than 512 x 256; on v5p its tiles serve every D (the cap is
+# the gradient kernels').
 _FORWARD_TILES = dict(
   _CANDIDATE_TILES,
   v4=((512, 1024), (512, 512)) + _CANDIDATE_TILES["v4"],
-  v5p=((1024, 1024), (512, 1024)) + _CANDIDATE_TILES["v5p"][2:],
+  v5p=tuple(c[:2] for c in _CANDIDATE_TILES["v5p"]),
 )
 
 _VMEM_BUDGET = 0.75
