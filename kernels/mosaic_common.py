@@ -27,6 +27,17 @@ LN_2 = 0.6931471805599453
 
 # Per-TensorCore VMEM (bytes) of the generations with tuned defaults.
 VMEM_CAPACITY = {"v4": 16 * MiB, "v5e": 128 * MiB, "v5p": 64 * MiB, "v6e": 128 * MiB}
+# The share of a TensorCore's VMEM a tile plan may fill by the kernels' VMEM models; the rest
+# is the compiler's (its internal scratch, layout padding, what the models leave out).
+VMEM_BUDGET = 0.75
+
+
+def vmem_limit(est: int, capacity: int) -> int:
+  """The VMEM limit a kernel compiles with for a modelled ``est`` bytes: a quarter again plus
+  4 MiB of headroom for what the model leaves out, never below v4's and v5e's 16 MiB scoped
+  default, never above ``capacity`` (the TensorCore's VMEM). No more: what a kernel's limit
+  leaves, XLA may use to keep arrays in VMEM between its ops."""
+  return min(round_up(max(est * 5 // 4 + 4 * MiB, 16 * MiB), MiB), capacity)
 
 
 def round_up(v: int, m: int) -> int:

@@ -72,7 +72,7 @@ VMEM_CAPACITY = mc.VMEM_CAPACITY
 
 # Candidate (block_rows, block_cols) per generation, best first; the default is the first whose
 # modelled VMEM (``vmem_bytes``, calibrated against Mosaic by benchmarks/tpu_compile.py) fits
-# in _VMEM_BUDGET of the chip. The owned tile (rows) sets the arithmetic intensity: the
+# in ``mc.VMEM_BUDGET`` of the chip. The owned tile (rows) sets the arithmetic intensity: the
 # forward pass reads a (cols, D) tile per 2 * rows * cols * D FLOPs, i.e. `rows` FLOP per byte
 # of bf16, against a ridge (peak / HBM bandwidth) of about 220 (v4), 240 (v5e), 190 (v5p) and
 # 560 (v6e) FLOP/byte; the value-and-grad kernels do twice the FLOPs per byte. On v6e the
@@ -116,7 +116,6 @@ _FORWARD_TILES = dict(
   v5p=tuple(c[:2] for c in _CANDIDATE_TILES["v5p"]),
 )
 
-_VMEM_BUDGET = 0.75
 # TensorCores per jax device (megacore): they split the fused kernel's super-blocks.
 TENSORCORES = {"v4": 2, "v5p": 2}
 # Peak bf16 FLOP/s over HBM bytes/s (the ridges quoted above): the fused kernel is split into
@@ -208,7 +207,7 @@ def _first_fit(candidates, generation, dim, dtype, *, with_grad) -> BlockSizes:
   gradient, ``with_grad``) fit the VMEM budget of ``generation`` at (dim, dtype)."""
   if generation not in candidates:
     raise ValueError(f"generation must be one of {tuple(candidates)}, got {generation!r}")
-  budget = _VMEM_BUDGET * VMEM_CAPACITY[generation]
+  budget = mc.VMEM_BUDGET * VMEM_CAPACITY[generation]
   for rows, cols in _tiles(candidates, generation, dim):
     need = max(vmem_bytes(rows, cols, dim, dtype, with_grad=g, n_stats=3) for g in with_grad)
     if need <= budget:
@@ -302,19 +301,15 @@ def vmem_bytes(
 def _vmem_limit(est: int, generation: str | None, override: int | None) -> int:
   if override is not None:
     return override
-  # Headroom for Mosaic's internal scratch and layout padding; never below the 16 MiB scoped
-  # default of v4/v5e, never above the chip.
-  limit = mc.round_up(max(int(est * 1.25) + 4 * _MiB, 16 * _MiB), _MiB)
-  if generation is not None:
-    cap = VMEM_CAPACITY[generation]
-    if est > cap:
-      raise ValueError(
-        f"the kernel tiles need about {est / _MiB:.1f} MiB of VMEM but a "
-        f"{generation} TensorCore has {cap / _MiB:.0f} MiB; use smaller "
-        "BlockSizes"
-      )
-    limit = min(limit, cap)
-  return limit
+  if generation is None:
+    return mc.vmem_limit(est, max(VMEM_CAPACITY.values()))
+  cap = VMEM_CAPACITY[generation]
+  if est > cap:
+    raise ValueError(
+      f"the kernel tiles need about {est / _MiB:.1f} MiB of VMEM but a "
+      f"{generation} TensorCore has {cap / _MiB:.0f} MiB; use smaller BlockSizes"
+    )
+  return mc.vmem_limit(est, cap)
 
 
 # ------------------------------------------------------------------------------------------
@@ -793,7 +788,7 @@ def _fused_plan(bs, n, m, dim, dtype) -> tuple[bool, int]:
     return True, 1
   cores = TENSORCORES.get(bs.generation, 1)
   rows = _tile(n, bs.block_rows)
-  budget = _VMEM_BUDGET * VMEM_CAPACITY[bs.generation]
+  budget = mc.VMEM_BUDGET * VMEM_CAPACITY[bs.generation]
   isz = jnp.dtype(dtype).itemsize
   splits = cores
   while True:

@@ -144,9 +144,7 @@ class BlockSizes:
 # section 5). On v5e the same tiles gain 0.6-4.7% and double the compile time: not taken.
 _WIDE_TILES = {"v6e": (512, 1024)}
 
-# The share of a chip's VMEM the one-trip plan may take (its resident dX and tile buffers);
-# the rest is the compiler's. The smallest VMEM of the chips with defaults, where none is known.
-_VMEM_BUDGET = 0.75
+# The one-trip plan's VMEM budget where no chip is known: the smallest chip's.
 _SMALLEST_VMEM = min(mc.VMEM_CAPACITY.values())
 
 
@@ -179,7 +177,7 @@ def fused_vmem_bytes(b, tm, tn, dim, itemsize):
 def _fuses(block_sizes, b, tm, tn, dim, itemsize) -> bool:
   if block_sizes.fuse_dy is not None:
     return block_sizes.fuse_dy
-  budget = _VMEM_BUDGET * (_chip()[1] or _SMALLEST_VMEM)
+  budget = mc.VMEM_BUDGET * (_chip()[1] or _SMALLEST_VMEM)
   return fused_vmem_bytes(b, tm, tn, dim, itemsize) <= budget
 
 
@@ -1066,9 +1064,7 @@ def _ring_call(
     if plan.grad:
       scratch.append(pltpu.VMEM((2, ta, dim), f32))
     vmem = _vmem_bytes(plan.tm, plan.tn, dim, a.dtype.itemsize, plan.grad)
-  # Headroom over the model, never above the chip (v5p: 64 MiB).
-  cap = min(100 * 2**20, _chip()[1] or 100 * 2**20)
-  vmem_limit = int(min(max(vmem * 3 // 2 + 2 * 2**20, 16 * 2**20), cap))
+  vmem_limit = mc.vmem_limit(vmem, _chip()[1] or max(mc.VMEM_CAPACITY.values()))
   if interpret is True:
     interpret = pltpu.InterpretParams()
   outs = pl.pallas_call(

@@ -36,6 +36,7 @@ import pytest  # noqa: E402
 from jax.experimental.pallas import tpu as pltpu  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
+from siglip_fast.kernels import mosaic_common as mc  # noqa: E402
 from siglip_fast.kernels import tpu_ring  # noqa: E402
 from siglip_fast.reference import ring_loss as reference_ring  # noqa: E402
 from siglip_fast.reference import sigmoid_loss_dense  # noqa: E402
@@ -387,7 +388,7 @@ def test_default_tiles_follow_the_chip_and_the_plan(monkeypatch):
   assert default(v6e, batch=16384, with_grads=False) == (512, 1024, None)
   assert default(v6e, batch=4096) == (512, 1024, None)
   need = tpu_ring.fused_vmem_bytes(16384, 512, 1024, 1152, 2)
-  assert need > tpu_ring._VMEM_BUDGET * 128 * mib
+  assert need > mc.VMEM_BUDGET * 128 * mib
   assert default(v6e, batch=16384) == (512, 512, None)
   # The two trips keep the square tiles; float32 inputs too (the wide ones are measured
   # for bf16 only).
@@ -455,7 +456,7 @@ def test_the_plan_follows_the_vmem_budget(monkeypatch):
   assert kernels(None) == one
   assert kernels(tpu_ring.BlockSizes(32, 32, fuse_dy=False)) == two
   need = tpu_ring.fused_vmem_bytes(b_local, 64, 64, dim, 4)
-  monkeypatch.setattr(tpu_ring, "_SMALLEST_VMEM", int(need / tpu_ring._VMEM_BUDGET) - 1)
+  monkeypatch.setattr(tpu_ring, "_SMALLEST_VMEM", int(need / mc.VMEM_BUDGET) - 1)
   assert kernels(None) == two
   assert kernels(tpu_ring.BlockSizes(64, 64, fuse_dy=True)) == one
   # Streams of the one-trip plan: under bidirectional each direction carries half the tiles.
