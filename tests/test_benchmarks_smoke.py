@@ -1,5 +1,5 @@
 """The benchmark, the device check and the one GPU command (benchmarks/run_gpu.sh) run end
-to end on CPU in their smoke and dry-run modes."""
+to end on CPU in their smoke and dry-run modes; the dY wire study's replay holds its claims."""
 
 import json
 import os
@@ -7,6 +7,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -185,3 +186,19 @@ def test_run_gpu_sh_maps_its_own_timeouts_to_75(tmp_path):
   summary = json.loads((tmp_path / "summary.json").read_text())
   assert summary["final_rc"] == 75
   assert [(s["stage"], s["rc"]) for s in summary["stages"]] == [("install", 0), ("gpu_check", 75)]
+
+
+def test_dy_wire_precision_float32_wire_is_one_rounding_at_any_ring_size():
+  from benchmarks import dy_wire_precision as dwp  # pylint: disable=import-outside-toplevel
+
+  rows = [
+    dwp.chunk_dy(n, 64, 128, 30.0, -5.0, "unidirectional", np.random.default_rng(1))
+    for n in (4, 32)
+  ]
+  for r in rows:
+    # The float32 wire: the caller's final bf16 rounding and nothing else (2^-9 relative per
+    # element, about 2^-9 / sqrt(3) in norm for uniform rounding errors).
+    assert r["f32_wire_rel"] < 2.0**-9, r
+    # The bf16 wire adds one rounding per hop on top.
+    assert r["bf16_wire_rel"] > r["f32_wire_rel"], r
+  assert rows[1]["bf16_wire_rel"] > 1.5 * rows[0]["bf16_wire_rel"], rows  # grows with hops
