@@ -829,9 +829,10 @@ class _Ring:
     chunk = lambda s: tuple(_either(first, o, l) for o, l in zip(self.own(s), landed(s)))
     # A chunk has landed at every hop but hop 0.
     later = (not first) if isinstance(first, bool) else h >= 1
-    for s in streams:
-      for c in self.copies(s, *landed(s), slot):
-        _when(later, c.wait_recv)
+    if later is not False:  # no descriptors for a wait that is never traced
+      for s in streams:
+        for c in self.copies(s, *landed(s), slot):
+          _when(later, c.wait_recv)
     sends = lambda s: self.copies(s, *chunk(s), 1 - slot)
 
     def start(s):
