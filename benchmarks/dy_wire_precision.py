@@ -49,7 +49,7 @@ def chunk_dy(n, b, dim, t, bias, schedule, rng) -> dict:
   if schedule == "unidirectional":
     trips = [list(range(1, n))]
   else:
-    right = (n - 1 + 1) // 2
+    right = n // 2  # ceil((n - 1) / 2) hops on the right, the rest on the left
     trips = [list(range(1, 1 + right)), list(range(n - 1, right, -1))]
   oracle = sum(parts)
   out = {}

@@ -32,11 +32,13 @@ VMEM_CAPACITY = {"v4": 16 * MiB, "v5e": 128 * MiB, "v5p": 64 * MiB, "v6e": 128 *
 VMEM_BUDGET = 0.75
 
 
-def vmem_limit(est: int, capacity: int) -> int:
+def vmem_limit(est: int, capacity: int | None = None) -> int:
   """The VMEM limit a kernel compiles with for a modelled ``est`` bytes: a quarter again plus
   4 MiB of headroom for what the model leaves out, never below v4's and v5e's 16 MiB scoped
-  default, never above ``capacity`` (the TensorCore's VMEM). No more: what a kernel's limit
-  leaves, XLA may use to keep arrays in VMEM between its ops."""
+  default, never above ``capacity`` (the TensorCore's VMEM; None, no chip known: the largest
+  chip's). No more: what a kernel's limit leaves, XLA may use to keep arrays in VMEM between
+  its ops."""
+  capacity = capacity or max(VMEM_CAPACITY.values())
   return min(round_up(max(est * 5 // 4 + 4 * MiB, 16 * MiB), MiB), capacity)
 
 

@@ -302,7 +302,7 @@ def _vmem_limit(est: int, generation: str | None, override: int | None) -> int:
   if override is not None:
     return override
   if generation is None:
-    return mc.vmem_limit(est, max(VMEM_CAPACITY.values()))
+    return mc.vmem_limit(est)
   cap = VMEM_CAPACITY[generation]
   if est > cap:
     raise ValueError(

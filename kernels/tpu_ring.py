@@ -1065,7 +1065,7 @@ def _ring_call(
     if plan.grad:
       scratch.append(pltpu.VMEM((2, ta, dim), f32))
     vmem = _vmem_bytes(plan.tm, plan.tn, dim, a.dtype.itemsize, plan.grad)
-  vmem_limit = mc.vmem_limit(vmem, _chip()[1] or max(mc.VMEM_CAPACITY.values()))
+  vmem_limit = mc.vmem_limit(vmem, _chip()[1])
   if interpret is True:
     interpret = pltpu.InterpretParams()
   outs = pl.pallas_call(
