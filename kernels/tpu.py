@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -986,11 +987,18 @@ def loss_sum_and_grads(
   )
   n, m = x.shape[0], y.shape[0]
   if dx.ndim == 3:  # the TensorCores' float32 partials, without t
-    dx = (t * jnp.sum(dx, axis=0)).astype(x.dtype)
+    dx = (t * _sum_cores(dx)).astype(x.dtype)
   if plan.fuse:  # float32, without t
     dy = (t * dy).astype(y.dtype)
   # d/dlog_t of t * s is t * s, so dlog_t = t * sum G * S; d/dbias = sum G.
   return stats[0], (dx[:n], dy[:m], t * stats[1], stats[2])
+
+
+def _sum_cores(partials):
+  """The TensorCores' (cores, rows, D) partials summed as elementwise adds, which XLA fuses
+  into the consumer's loop (a reduce over the leading axis became its own float32 (rows, D)
+  temporary: 72 MiB on v5p at B = 16384, D = 1152)."""
+  return functools.reduce(operator.add, list(partials))
 
 
 def _add_block(x, y, x_ids, y_ids, log_t, bias, dx_acc, dy_acc, *, block_sizes, interpret, target):
@@ -1005,7 +1013,7 @@ def _add_block(x, y, x_ids, y_ids, log_t, bias, dx_acc, dy_acc, *, block_sizes, 
 def _finish(dx_acc, dy_acc, x, y, log_t, *, block_sizes, interpret, target):
   """The running gradients as float32 arrays of x's and y's shapes."""
   t = mc.kernel_scalars(log_t, 0.0)[0]
-  return t * jnp.sum(dx_acc, axis=0)[: x.shape[0]], t * dy_acc[: y.shape[0]]
+  return t * _sum_cores(dx_acc)[: x.shape[0]], t * dy_acc[: y.shape[0]]
 
 
 def block_loss_sum(
