@@ -1175,6 +1175,9 @@ def main(argv=None):
       "versions": _versions(),
       "note": "static schedule figures, not measurements",
       "command": " ".join(["python -m benchmarks.tpu_profile", *(argv or sys.argv[1:])]),
+      # Set where a sitecustomize hook patched the modules (forced tiles, an experiment's
+      # form): such a file belongs under benchmarks/results/archive/.
+      "pythonpath": os.environ.get("PYTHONPATH") or None,
     }
     pathlib.Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
   if args.plot:

@@ -121,8 +121,15 @@ _FORWARD_TILES = dict(
 TENSORCORES = {"v4": 2, "v5p": 2}
 # Peak bf16 FLOP/s over HBM bytes/s (the ridges quoted above): the fused kernel is split into
 # more calls only while each call stays compute bound with the traffic a split adds (per row
-# tile, x's tile read and the float32 partial dX read and written).
+# tile, x's tile read, y's columns streamed again and the float32 partial dX read and
+# written).
 _HBM_RIDGE = {"v4": 220, "v5e": 240, "v5p": 190, "v6e": 560}
+# The share of that peak the fused kernel reaches: 1 / its steady step's distance from the
+# MXU floor, the best measured (static profile, bf16, D = 768 and 1152; docs/PERFORMANCE.md
+# section 5). A call is compute bound when its HBM time stays under its compute time at the
+# rate it runs, not at the peak: v4's fused calls at D = 1152 (219 FLOP per byte against a
+# ridge of 220) take 1.3x longer to compute than to move their bytes.
+_FUSED_RATE = {"v4": 1 / 1.45, "v5e": 1 / 1.07, "v5p": 1 / 1.06, "v6e": 1 / 1.24}
 # Interpret mode (CPU) runs one Python-level step per grid point: fewer, larger tiles.
 _INTERPRET_TILES = (256, 256)
 
@@ -803,9 +810,10 @@ def _fused_plan(bs, n, m, dim, dtype) -> tuple[bool, int]:
       break
     splits += cores
   # Each call stays compute bound with the traffic a super-block adds: per row tile, x's
-  # tile read and the float32 partial dX read and written.
+  # tile read, the resident rows of y read again and the float32 partial dX read and written.
   flop_per_byte = 6 * rows * resident / ((isz + 8) * rows + isz * resident)
-  worth_it = need <= budget and (splits == cores or flop_per_byte >= _HBM_RIDGE[bs.generation])
+  ridge = _HBM_RIDGE[bs.generation] * _FUSED_RATE[bs.generation]
+  worth_it = need <= budget and (splits == cores or flop_per_byte >= ridge)
   return bs.fuse_dy is True or worth_it, splits
 
 
@@ -815,7 +823,7 @@ def grad_block_sizes(
   """Default value-and-grad tiles: the fused kernel (6 n m D) is chosen before the tiles:
   the largest of its candidate tiles (``_FUSED_TILES``, down to half the area of the first)
   that it runs with, in as many super-blocks as VMEM needs; two kernels (8 n m D) with
-  ``for_generation``'s tiles where it runs with none (v4 from D = 1152: its 16 MiB leaves
+  ``for_generation``'s tiles where it runs with none (v4 from D = 1280: its 16 MiB leaves
   super-blocks too short to keep a call compute bound)."""
   base = default_block_sizes(generation, dim=dim, dtype=dtype, interpret=interpret)
   if generation is None:

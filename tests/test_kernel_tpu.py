@@ -490,7 +490,12 @@ def test_fused_dy_in_super_blocks_at_any_batch():
   # v5p at 16k, D = 1152: 512 x 1024 tiles, whose resident dY takes six super-blocks.
   assert plan("v5e", 32768) == (True, 2) and plan("v5p", 16384) == (True, 6)
   every_dim = (768, 1152, 1536)
-  for gen, dims in (("v4", (768,)), ("v5e", every_dim), ("v5p", every_dim), ("v6e", every_dim)):
+  for gen, dims in (
+    ("v4", (768, 1152)),
+    ("v5e", every_dim),
+    ("v5p", every_dim),
+    ("v6e", every_dim),
+  ):
     for dim in dims:
       fuse, splits = plan(gen, 65536, dim)
       assert fuse and splits % tpu.TENSORCORES.get(gen, 1) == 0, (gen, dim, splits)
@@ -500,9 +505,11 @@ def test_fused_dy_in_super_blocks_at_any_batch():
   assert (bs.block_rows, bs.block_cols) == (1024, 1024)
   assert tpu._super_blocks(bs, 16384, 3) == (1024, 1, [6, 5, 5])
   assert tpu._super_blocks(tpu.BlockSizes(generation="v5p"), 16384, 4) == (512, 2, [16, 16])
-  # v4 at D >= 1152: the tiles that leave dY room in 16 MiB make super-blocks too short to
-  # keep a call compute bound: two kernels.
-  assert plan("v4", 4096)[0] is False and plan("v4", 4096, 1536)[0] is False
+  # v4 up to D = 1152: 256 x 256 tiles and a super-block per 512 rows of dY a TensorCore
+  # holds (219 FLOP per HBM byte: compute bound at the rate the kernel runs, not at the
+  # peak). From D = 1280 the dY that fits its 16 MiB makes calls too short: two kernels.
+  assert plan("v4", 4096) == (True, 8) and plan("v4", 16384) == (True, 32)
+  assert plan("v4", 4096, 1280)[0] is False and plan("v4", 4096, 1536)[0] is False
   # Unknown chip (interpret mode): two kernels unless asked.
   assert tpu._fused_plan(tpu.BlockSizes(), 4096, 4096, 1152, jnp.bfloat16) == (False, 1)
   # Forcing one super-block where it cannot fit is refused at trace time, not left to the
@@ -728,11 +735,10 @@ def test_mosaic_compiles_all_generations():
       )
       cost = compiled.cost_analysis()
       cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-      # The fused kernel's 6 B^2 D (up to the padding of whole tiles) everywhere but v4 at
-      # D = 1152, where its VMEM leaves the two kernels' 8.
-      fused = tpu._fused_plan(gbs, 16384, 16384, dim, jnp.bfloat16)[0]
-      assert fused or (gen, dim) == ("v4", 1152)
-      want = (6 if fused else 8) * 16384**2 * dim
+      # The fused kernel's 6 B^2 D (up to the padding of whole tiles) on every chip, v4's
+      # 16 MiB too (in 32 super-blocks at D = 1152).
+      assert tpu._fused_plan(gbs, 16384, 16384, dim, jnp.bfloat16)[0], (gen, dim)
+      want = 6 * 16384**2 * dim
       assert cost["flops"] == pytest.approx(want, rel=0.05), (gen, dim)
 
 

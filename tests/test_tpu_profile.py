@@ -9,6 +9,7 @@ import shutil
 import pytest
 
 from benchmarks import tpu_profile as tp
+from benchmarks import utilisation
 
 FIXTURE = pathlib.Path(__file__).resolve().parent / "fixtures" / "tpu_profile"
 
@@ -428,3 +429,16 @@ def test_replot_draws_saved_profiles_without_compiling(tmp_path, monkeypatch):
   assert [r["steady_mxu_busy"] for r in rows if r["kernel"] == "fwd"] == [0.97]
   with pytest.raises(SystemExit):
     tp.main(["--replot", str(files[0])])  # nothing to draw to
+
+
+def test_committed_top_level_profiles_are_of_the_code_as_it_was():
+  # The reports read every benchmarks/results/tpu_profile_*.json (the newest file of a case
+  # wins); a profile made with the modules patched (forced tiles, an experiment) must not
+  # stand in for the defaults there: those live under benchmarks/results/archive/.
+  paths = utilisation.default_static_profiles()
+  assert paths
+  for path in paths:
+    data = json.loads(path.read_text())
+    about = json.dumps({k: v for k, v in data.items() if k != "rows"})
+    assert '"pythonpath": "' not in about, path
+    assert "forced" not in about and "HOOK" not in about, path
