@@ -436,6 +436,8 @@ def test_committed_top_level_profiles_are_of_the_code_as_it_was():
   # wins); a profile made with the modules patched (forced tiles, an experiment) must not
   # stand in for the defaults there: those live under benchmarks/results/archive/.
   paths = utilisation.default_static_profiles()
+  if not utilisation.DEFAULT_RESULTS.is_dir():  # a Bazel sandbox holds no results
+    pytest.skip("no benchmarks/results/ in this tree")
   assert paths
   for path in paths:
     data = json.loads(path.read_text())
