@@ -128,7 +128,8 @@ _HBM_RIDGE = {"v4": 220, "v5e": 240, "v5p": 190, "v6e": 560}
 # MXU floor, the best measured (static profile, bf16, D = 768 and 1152; docs/PERFORMANCE.md
 # section 5). A call is compute bound when its HBM time stays under its compute time at the
 # rate it runs, not at the peak: v4's fused calls at D = 1152 (219 FLOP per byte against a
-# ridge of 220) take 1.3x longer to compute than to move their bytes.
+# ridge of 220) take 1.3x longer to compute than to move their bytes (alone; in the megacore
+# ring driver, with the driver's own traffic, about as long).
 _FUSED_RATE = {"v4": 1 / 1.45, "v5e": 1 / 1.07, "v5p": 1 / 1.06, "v6e": 1 / 1.24}
 # Interpret mode (CPU) runs one Python-level step per grid point: fewer, larger tiles.
 _INTERPRET_TILES = (256, 256)
