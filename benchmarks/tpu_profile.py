@@ -46,10 +46,10 @@ plan sends): ``hop_hidden_ratio`` = compute time per hop / wire time per hop, > 
 permute can hide behind compute. ``ring_hop`` is the API's default value-and-grad plan (one
 trip, 6 b^2 D per block, where dX fits VMEM), ``ring_hop_2trip`` the two trips (8 b^2 D).
 ``ring_blocks`` (on request) is the ring the API runs on megacore chips (v4, v5p): the block
-kernels' value-and-grad, a call (or several) per block, in the shared ring driver; a row per
-call, each carrying the hop that all the calls make together, against a wire that carries
-the chunk, its ids and its f32 dY both ways (XLA's accumulation between the calls is not in
-these figures).
+kernels' value-and-grad, a call (or several) per block or half block, in the shared ring
+driver; a row per call, each carrying the hop that all the calls make together, against a
+wire that carries half of each chunk, its ids and its f32 dY each way (XLA's accumulation
+between the calls is not in these figures).
 
 These are STATIC figures, not measurements: they assume every bundle issues in one cycle.
 They leave out stalls on DMA waits (HBM and ICI), on semaphores, pipeline fill and drain,
@@ -632,6 +632,19 @@ def kernel_calls(hlo_text: str) -> dict[str, int]:
   return calls
 
 
+def kernel_calls_by_flops(hlo_text: str) -> dict[str, int]:
+  """{"kernel name|FLOPs": calls}: ``kernel_calls`` split by each call's cost estimate, so
+  that calls of one kernel on blocks of two sizes (the ring driver's own block and its
+  half chunks) are told apart."""
+  calls: dict[str, int] = {}
+  for op, flops in kernel_flops(hlo_text).items():
+    m = _CALL_RE.match(f"%{op} = custom-call(")
+    if m:
+      key = f"{m.group(1)}|{flops}"
+      calls[key] = calls.get(key, 0) + 1
+  return calls
+
+
 def kernel_flops(hlo_text: str) -> dict[str, int]:
   """{op name: FLOPs} of the Pallas calls in a compiled HLO text, from each kernel's own
   ``pl.CostEstimate`` (the tpu_custom_call's backend config)."""
@@ -695,6 +708,7 @@ def _compile_case(gen, kernel, batch, dim, dump, mosaic):
     os.replace(os.path.join(mosaic, name), case / "mosaic" / name)
   (case / "flops.json").write_text(json.dumps(flops))
   (case / "calls.json").write_text(json.dumps(kernel_calls(compiled.as_text())))
+  (case / "calls_by_flops.json").write_text(json.dumps(kernel_calls_by_flops(compiled.as_text())))
   return case, mesh.devices.size
 
 
@@ -788,16 +802,24 @@ def profile_case(gen, kernel, batch, dim, case_dir, n_dev) -> list[dict]:
       row.update(_ring_hop(gen, op, batch, dim, n_dev, row["steady_static_cycles"], clock))
     rows.append(row)
   if kernel == "ring_blocks":
-    # The block calls (one or more per block, a block per chunk a device sees) are the
-    # trip's compute together. A kernel dumped once may run in several calls: each of its
-    # rows stands for calls / rows of them. Every row gets the hop they make together.
-    calls_path = pathlib.Path(case_dir) / "calls.json"
-    calls = json.loads(calls_path.read_text()) if calls_path.exists() else {}
+    # The block calls (one or more per block or half block, a block per chunk a device
+    # sees) are the trip's compute together. A kernel dumped once may run in several calls:
+    # each of its rows stands for calls / rows of the calls with its name and FLOPs. Every
+    # row gets the hop they make together.
+    read = lambda name: json.loads((pathlib.Path(case_dir) / name).read_text())
+    exists = lambda name: (pathlib.Path(case_dir) / name).exists()
+    calls = read("calls.json") if exists("calls.json") else {}
+    by_flops = read("calls_by_flops.json") if exists("calls_by_flops.json") else {}
     total = 0
     for r in rows:
       base = r["op"].split("#")[0].rsplit(".", 1)[0]
-      same = sum(1 for q in rows if q["op"].split("#")[0].rsplit(".", 1)[0] == base)
-      r["calls_per_row"] = calls.get(base, same) / same
+      key = lambda q: (q["op"].split("#")[0].rsplit(".", 1)[0], q.get("cost_flops"))
+      same = sum(1 for q in rows if key(q) == key(r))
+      n = by_flops.get(f"{base}|{r.get('cost_flops')}")
+      if n is None:  # no cost estimate to tell sizes apart: the kernel's calls evenly
+        same = sum(1 for q in rows if key(q)[0] == base)
+        n = calls.get(base, same)
+      r["calls_per_row"] = n / same
       if total is not None and r.get("steady_static_cycles") is not None:
         total += r["steady_static_cycles"] * r["calls_per_row"]
       else:
@@ -838,15 +860,14 @@ def _ring_hop(gen, op, batch, dim, n_dev, cycles, clock, driver=False) -> dict:
   """Compute per hop (``cycles`` cover the n_dev blocks of a trip) against one hop's wire
   time on one link. A trip of the two-trip plan (``..._dx``, ``..._dy``) or the loss-only
   ring moves a bf16 chunk and its int32 ids per hop. The one-trip plan
-  (``siglip_ring_fwd_bwd``) moves the chunk, its ids and its f32 dY, under bidirectional
-  (three or more chips) half of each per link direction. The shared ring ``driver`` (block
-  kernels) moves the chunk, its ids and its f32 dY each way."""
+  (``siglip_ring_fwd_bwd``) and the shared ring ``driver`` (block kernels) move the chunk,
+  its ids and its f32 dY, under bidirectional (three or more chips) half of each per link
+  direction. (Profiles of the driver before 2026-12-04's half chunks counted the whole
+  chunk and dY a hop: its copies went both ways.)"""
   chip = chips_lib.CHIPS[gen]
   b = batch // n_dev
   wire = b * dim * 2 + b * 4
-  if driver:
-    wire += b * dim * 4
-  elif op.split(".")[0] == "siglip_ring_fwd_bwd":
+  if driver or op.split(".")[0] == "siglip_ring_fwd_bwd":
     wire = (wire + b * dim * 4) // (2 if n_dev >= 3 else 1)
   out = {
     "ring_devices": n_dev,

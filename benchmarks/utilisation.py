@@ -366,9 +366,11 @@ def model_row(row: dict, chip: chips_lib.Chip | None, devices_per_chip: int, sch
       chunk = (chunk + 4 * b * row["dim"]) // (2 if both_ways else 1)
       hops = n
     elif row["pass"] == "vag":
-      # The shared driver: a chunk's float32 dY travels with it from its second hop on,
-      # then home: as many dY transfers as chunk hops.
-      chunk += 4 * b * row["dim"]
+      # The shared driver: each part of a chunk (half each way under the bidirectional
+      # schedule) goes all the way round, its float32 dY with it from its second hop on,
+      # then home: n - 1 transfers of its rows and n - 1 of its dY.
+      chunk = (chunk + 4 * b * row["dim"]) // (2 if both_ways else 1)
+      hops = n - 1
     per_hop = chunk / chip.link_bw
     if both_ways:  # both neighbours at once share the egress
       per_hop = max(per_hop, 2 * chunk / chip.egress_bw)

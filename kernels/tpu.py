@@ -1019,10 +1019,14 @@ def _add_block(x, y, x_ids, y_ids, log_t, bias, dx_acc, dy_acc, *, block_sizes, 
   return stats[0], (dx_acc, dy_acc, t * stats[1], stats[2])
 
 
-def _finish(dx_acc, dy_acc, x, y, log_t, *, block_sizes, interpret, target):
-  """The running gradients as float32 arrays of x's and y's shapes."""
-  t = mc.kernel_scalars(log_t, 0.0)[0]
-  return t * _sum_cores(dx_acc)[: x.shape[0]], t * dy_acc[: y.shape[0]]
+def _finish_dx(dx_acc, x, log_t):
+  """The running dX (the TensorCores' float32 partials, without t) as x's float32 dx."""
+  return mc.kernel_scalars(log_t, 0.0)[0] * _sum_cores(dx_acc)[: x.shape[0]]
+
+
+def _finish_dy(dy_acc, y, log_t):
+  """A running dY (float32, padded, without t) as y's float32 dy."""
+  return mc.kernel_scalars(log_t, 0.0)[0] * dy_acc[: y.shape[0]]
 
 
 def block_loss_sum(
@@ -1044,7 +1048,7 @@ def block_ops(
   ``siglip_fast.target.Target``) picks the default tiles' generation."""
   _check_block_sizes(block_sizes)
   kw = dict(block_sizes=block_sizes, interpret=bool(interpret), target=target)
-  accumulate = ring_lib.Accumulate(*(functools.partial(f, **kw) for f in (_add_block, _finish)))
+  accumulate = ring_lib.Accumulate(functools.partial(_add_block, **kw), _finish_dx, _finish_dy)
   return ring_lib.BlockOps(
     "pallas_tpu",
     functools.partial(loss_sum, **kw),

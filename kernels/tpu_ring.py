@@ -1194,14 +1194,14 @@ def runs_by_default(target, batch: int) -> bool:
 
   Everywhere but on megacore chips (v4, v5p) at large b. This kernel has no grid for Mosaic
   to split, so there one TensorCore computes while the other idles; a block kernel call
-  splits its block over both, and XLA overlaps the driver's permutes with the calls. But
-  the driver sends each chunk with its float32 dY both ways, twice the one-trip plan's
-  bytes per link: it wins only where its wire time per hop (6 b D bytes over a link) is
-  under the ring kernel's compute on one TensorCore (6 b^2 D FLOPs at half the chip's
-  peak), by a margin of 4/3: b >= (2/3) peak / link, about 3060 on v5p and 4070 on v4.
-  Static profile, v5p, b = 4096, D = 1152, bf16 (docs/PERFORMANCE.md section 5): this kernel
-  443 us of compute per hop, the block kernel 215 us per block on both TensorCores, the
-  driver's wire 283 us."""
+  splits its block over both, and XLA overlaps the driver's permutes with the calls. The
+  threshold, b >= (2/3) peak / link (about 3060 on v5p, 4070 on v4), is where, with a
+  margin of 4/3, the driver's wire per hop (6 b D bytes over a link) fell under this
+  kernel's compute on one TensorCore (6 b^2 D FLOPs at half the chip's peak) when the
+  driver sent whole chunks and their float32 dY both ways. Its value-and-grad now sends half
+  of each chunk each way (``siglip_fast.ring``), the one-trip plan's bytes per block, so the
+  threshold is conservative; kept until replayed and measured at smaller b
+  (docs/PERFORMANCE.md section 5)."""
   chip = _MEGACORE.get(tpu.tpu_generation(target))
   if chip is None:
     return True

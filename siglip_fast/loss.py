@@ -202,8 +202,10 @@ def sigmoid_loss(
     implementation: "xla", "pallas_tpu", "pallas_gpu" or None (the default for the platform
       the call is compiled for).
     interpret: run a Pallas kernel in interpret mode (e.g. on CPU).
-    schedule: "bidirectional" (chunks travel both ways round the ring, about half the steps)
-      or "unidirectional" (D - 1 permutes). Only matters with ``axis_name``.
+    schedule: "bidirectional" (both directions of every link: for the loss, a copy of each
+      chunk each way, about half the steps; under grad, half of each chunk each way all the
+      way round) or "unidirectional" (n - 1 permutes, n devices). Only matters with
+      ``axis_name``.
     block_sizes: the running kernel's ``BlockSizes`` (``siglip_fast.kernels.tpu`` or ``gpu``
       without ``axis_name``). With it, "pallas_tpu" takes ``siglip_fast.kernels.tpu_ring``'s
       (the whole ring in one kernel) or ``siglip_fast.kernels.tpu``'s (the block kernels

@@ -3,8 +3,8 @@
 The ring (paper section 3.3, docs/DESIGN.md section 2): called inside ``shard_map`` over a
 named mesh axis, each device keeps its image chunk while text chunks (with their pair ids)
 travel around the ring by ``lax.ppermute``, and each device adds the loss of the (b x b)
-block it can see at every step. Nothing of size B x B, nor anything that grows with the
-device count, is ever held. The block computation is pluggable (``BlockOps``): the XLA
+block it can see at every step. Nothing of size B x B is ever held, nor anything that grows
+with the device count but the pair ids the gradient trip gathers (an int32 a row). The block computation is pluggable (``BlockOps``): the XLA
 reference (``siglip_fast.reference.ring``, the oracle of the distributed kernels) or a
 Pallas kernel's blocks. Whole-ring kernels (``siglip_fast.kernels.tpu_ring``) replace the
 driver but share the shell.
@@ -44,14 +44,15 @@ class Accumulate:
       -> (float32 loss sum, (dx_acc, dy_acc, dlog_t, dbias)), the block's gradients added
       (None for either accumulator: start from zero without reading one; the driver
       starts every trip's dX and every chunk's dY that way)
-  finish(dx_acc, dy_acc, x, y, log_t) -> (dx, dy): float32, x's and y's shapes
+  finish_dx(dx_acc, x, log_t) -> float32 dx of x's shape
+  finish_dy(dy_acc, y, log_t) -> float32 dy of y's shape (y: the rows the blocks saw)
 
-  dy_acc travels with its chunk; the driver adds the two copies' dy_acc of a chunk under the
-  bidirectional schedule, so it must be linear in them.
+  dy_acc travels with its rows and is finished apart from the dY of the rows' own block.
   """
 
   block: Callable
-  finish: Callable
+  finish_dx: Callable
+  finish_dy: Callable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,12 +84,9 @@ class BlockOps:
       return self.accumulate
     return Accumulate(
       block=functools.partial(add_grads, self.loss_sum_and_grads),
-      finish=lambda dx_acc, dy_acc, *_: (dx_acc, dy_acc),
+      finish_dx=lambda dx_acc, *_: dx_acc,
+      finish_dy=lambda dy_acc, *_: dy_acc,
     )
-
-
-def _f32_zeros(a):
-  return jnp.zeros(jnp.shape(a), jnp.float32)
 
 
 def add_grads(loss_sum_and_grads, x, y, x_ids, y_ids, log_t, bias, dx_acc, dy_acc):
@@ -111,90 +109,116 @@ def _axis_size(axis_name):
 
 
 def _trip(x, y, x_ids, y_ids, log_t, bias, with_grads, *, axis_name, schedule, ops):
-  """One trip around the ring: this device's loss sum, and its float32 grads if asked for.
-
-  The text gradient of a chunk travels with the chunk (None on a loss-only trip) and is
-  sent home once the chunk has been seen by every device.
-  """
-  n_dev = _axis_size(axis_name)
+  """One trip around the ring: this device's loss sum, and its float32 grads if asked for."""
+  if schedule not in SCHEDULES:
+    raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
   if axis_name is not None:
     # Marked varying, the replicated scalars get per-device block gradients, summed once
     # at the end; left replicated, autodiff in every block would all-reduce them per step.
     log_t, bias = vma.pvary(log_t, {axis_name}), vma.pvary(bias, {axis_name})
-  if with_grads and n_dev == 1:  # one block: nothing to accumulate, no layout to undo
-    return add_grads(ops.loss_sum_and_grads, x, y, x_ids, y_ids, log_t, bias, None, None)
-  grads = ops.accumulator()
-  # acc: the loss sum, or (loss sum, dx so far, dlog_t, dbias) when with_grads; the first
-  # block starts the running gradients (None: from zero).
-  acc = _f32_zeros(0.0)
-  if with_grads:
-    acc = (acc, None, _f32_zeros(log_t), _f32_zeros(bias))
-
-  def step(acc, chunk):
-    y_c, ids_c, dy_c = chunk
-    if not with_grads:
-      return acc + ops.loss_sum(x, y_c, x_ids, ids_c, log_t, bias), chunk
-    loss, (dx_acc, dy_c, dlt, db) = grads.block(x, y_c, x_ids, ids_c, log_t, bias, acc[1], dy_c)
-    return (acc[0] + loss, dx_acc, acc[2] + dlt, acc[3] + db), (y_c, ids_c, dy_c)
-
-  def hop(chunk, shift):
-    return _shift(chunk, axis_name, n_dev, shift)
-
-  def first_hop(shift):
-    # A copy's first hop carries the chunk and its ids only: its dY starts at the next
-    # device (None: the block starts it from zero). The own block's dY stays home, so the
-    # first hops wait for no block and hide behind the own one.
-    return hop((y, y_ids), shift) + (None,)
-
-  acc, own = step(acc, (y, y_ids, None))
-  dy_home = own[2]
-  unroll = ops.unroll
-
-  if schedule == "unidirectional":
-    # Chunk j sits on device j + s at step s; after the last step it is one hop from home.
-    def body(_, carry):
-      acc, chunk = carry
-      return step(acc, hop(chunk, 1))
-
-    if n_dev > 1:
-      acc, chunk = step(acc, first_hop(1))
-      acc, chunk = lax.fori_loop(0, n_dev - 2, body, (acc, chunk), unroll=unroll)
-      dy_home = dy_home + hop(chunk[2], 1) if with_grads else None
-  elif schedule == "bidirectional":
-    # Two copies of each chunk travel, one each way, so both directions of every link are
-    # busy and each round covers two new chunks: ceil((n_dev - 1) / 2) rounds instead of
-    # n_dev - 1. With an even device count the last round meets the chunk n_dev / 2 away,
-    # which only the rightward copy computes.
-    rounds = (n_dev - 1) // 2
-
-    def body(_, carry):
-      acc, right, left = carry
-      acc, right = step(acc, hop(right, 1))
-      acc, left = step(acc, hop(left, -1))
-      return acc, right, left
-
-    right = left = None
-    if rounds:
-      acc, right = step(acc, first_hop(1))
-      acc, left = step(acc, first_hop(-1))
-      acc, right, left = lax.fori_loop(1, rounds, body, (acc, right, left), unroll=unroll)
-    if with_grads and rounds:
-      # Sent home before the even ring's extra block, which it can hide behind.
-      dy_home = dy_home + hop(left[2], rounds)
-    right_hops = rounds
-    if n_dev % 2 == 0:
-      acc, right = step(acc, hop(right, 1) if rounds else first_hop(1))
-      right_hops += 1
-    if with_grads and right_hops:
-      dy_home = dy_home + hop(right[2], -right_hops)
-  else:
-    raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-
   if not with_grads:
-    return acc
+    return _loss_trip(x, y, x_ids, y_ids, log_t, bias, axis_name, schedule, ops)
+  if _axis_size(axis_name) == 1:  # one block: nothing to accumulate, no layout to undo
+    return add_grads(ops.loss_sum_and_grads, x, y, x_ids, y_ids, log_t, bias, None, None)
+  return _grad_trip(x, y, x_ids, y_ids, log_t, bias, axis_name, schedule, ops)
+
+
+def _loss_trip(x, y, x_ids, y_ids, log_t, bias, axis_name, schedule, ops):
+  """The loss sum: whole chunks travel; under the bidirectional schedule a copy of each
+  goes each way, so every round sees two new chunks (ceil((n - 1) / 2) rounds). With an
+  even device count the last round meets the chunk n / 2 away, which only the rightward
+  copy computes."""
+  n_dev = _axis_size(axis_name)
+  block = lambda y_c, ids_c: ops.loss_sum(x, y_c, x_ids, ids_c, log_t, bias)
+  hop = lambda chunk, shift: _shift(chunk, axis_name, n_dev, shift)
+  loss = block(y, y_ids)
+  if n_dev == 1:
+    return loss
+  if schedule == "unidirectional":
+
+    def body(_, carry):
+      loss, chunk = carry
+      chunk = hop(chunk, 1)
+      return loss + block(*chunk), chunk
+
+    return lax.fori_loop(0, n_dev - 1, body, (loss, (y, y_ids)), unroll=ops.unroll)[0]
+
+  def body(_, carry):
+    loss, right, left = carry
+    right, left = hop(right, 1), hop(left, -1)
+    return loss + block(*right) + block(*left), right, left
+
+  rounds = (n_dev - 1) // 2
+  loss, right, _ = lax.fori_loop(0, rounds, body, (loss, (y, y_ids), (y, y_ids)), unroll=ops.unroll)
+  if n_dev % 2 == 0:
+    loss = loss + block(*hop(right, 1))
+  return loss
+
+
+def _parts(n_rows, schedule):
+  """The row ranges of a chunk that travel, each with its direction: the whole chunk
+  rightwards, or under the bidirectional schedule its first half rightwards and the rest
+  leftwards (a one-row chunk travels whole)."""
+  if schedule == "unidirectional" or n_rows < 2:
+    return ((0, n_rows, 1),)
+  half = (n_rows + 1) // 2
+  return ((0, half, 1), (half, n_rows, -1))
+
+
+def _grad_trip(x, y, x_ids, y_ids, log_t, bias, axis_name, schedule, ops):
+  """The loss sum and float32 gradients in one trip (n >= 2 devices).
+
+  Each part of the own text chunk (``_parts``) goes all the way round in its direction:
+  n - 1 hops, each device adding its block of that part, then one more hop, home, with the
+  part's dY, which has travelled with it from the first device after home. Every hop is to
+  a ring neighbour. (Copies of whole chunks, each going half way round as the loss-only trip
+  sends them, would bring their dY home from n / 2 devices away at the end: a permute that
+  crosses n / 2 links, with every device's in flight at once.) Under the bidirectional
+  schedule both directions of every link carry half a chunk and its dY per round, for n - 1
+  rounds of one block's compute each.
+
+  The own block is computed first and its dY stays home; the parts' first hops carry no dY
+  (it starts at the next device, from None: zero), so they wait for no block and hide
+  behind the own one. The parts' pair ids do not travel: they are all-gathered up front.
+  """
+  n_dev = _axis_size(axis_name)
+  grads = ops.accumulator()
+  hop = lambda tree, shift: _shift(tree, axis_name, n_dev, shift)
+  loss, (dx_acc, dy_own, dlt, db) = grads.block(x, y, x_ids, y_ids, log_t, bias, None, None)
+  acc = (loss, dx_acc, dlt, db)
+
+  ways = _parts(y.shape[0], schedule)
+  # Every device's pair ids, gathered once (4 bytes a row of the global batch): sent with
+  # each hop, they were permutes of their own that XLA's TPU scheduler left with no block
+  # call across them (v4, D = 1152).
+  all_ids = lax.all_gather(y_ids, axis_name)
+  me = lax.axis_index(axis_name)
+
+  def round_(acc, parts, h):
+    """Round h: each part (rows, dY so far) came from h devices upstream in its direction."""
+    out = []
+    for (y_c, dy_c), (lo, hi, d) in zip(parts, ways):
+      ids_c = lax.dynamic_index_in_dim(all_ids, (me - d * h) % n_dev, keepdims=False)[lo:hi]
+      loss, (dx_acc, dy_c, dlt, db) = grads.block(x, y_c, x_ids, ids_c, log_t, bias, acc[1], dy_c)
+      acc = (acc[0] + loss, dx_acc, acc[2] + dlt, acc[3] + db)
+      out.append((y_c, dy_c))
+    return acc, tuple(out)
+
+  acc, parts = round_(acc, tuple((hop(y[lo:hi], d), None) for lo, hi, d in ways), 1)
+
+  def body(h, carry):
+    acc, parts = carry
+    moved = tuple((hop(y_c, d), hop(dy_c, d)) for (y_c, dy_c), (_, _, d) in zip(parts, ways))
+    return round_(acc, moved, h)
+
+  acc, parts = lax.fori_loop(2, n_dev, body, (acc, parts), unroll=ops.unroll)
+  homes = [hop(dy_c, d) for (_, dy_c), (_, _, d) in zip(parts, ways)]
   loss, dx_acc, dlt, db = acc
-  dx, dy = grads.finish(dx_acc, dy_home, x, y, log_t)
-  return loss, (dx, dy, dlt, db)
+  dy = grads.finish_dy(dy_own, y, log_t)
+  dy = dy + jnp.concatenate(
+    [grads.finish_dy(h, y[lo:hi], log_t) for h, (lo, hi, _) in zip(homes, ways)]
+  )
+  return loss, (grads.finish_dx(dx_acc, x, log_t), dy, dlt, db)
 
 
 def _psum(v, axis_name):
@@ -244,7 +268,7 @@ def local_sum(trip: Callable, x, y, x_ids, y_ids, log_t, bias):
 
 
 def block_trip(*, axis_name, schedule, ops: BlockOps) -> Callable:
-  """The reference ring over ``ops``' blocks, as a trip for ``global_mean``."""
+  """The ring over ``ops``' blocks, as a trip for ``global_mean``."""
   if schedule not in SCHEDULES:
     raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
   return functools.partial(_trip, axis_name=axis_name, schedule=schedule, ops=ops)

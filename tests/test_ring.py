@@ -1,6 +1,7 @@
 """The ring over simulated CPU devices against the dense loss, both schedules."""
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +62,38 @@ def test_ring_pair_ids_across_devices(schedule):
   lt, b = jnp.float32(math.log(10.0)), jnp.float32(-10.0)
   loss, grads = _ring_value_and_grads(n_dev, schedule, x, y, lt, b, ids)
   ref_loss, ref_grads = numpy_loss_and_grads(x, y, lt, b, ids)
+  assert rel_err(loss, ref_loss) < 1e-5
+  for g, r in zip(grads, ref_grads):
+    assert rel_err(g, r) < 1e-5
+
+
+@pytest.mark.parametrize("b_local", [1, 5])
+def test_value_and_grad_permutes_only_to_ring_neighbours(b_local):
+  # With gradients each chunk's dY must come home. Under the bidirectional schedule half of
+  # each chunk goes each way all the way round, so every permute (rows, ids, dY, the dY
+  # home) is to a ring neighbour; a whole-chunk copy sent half way round would bring its dY
+  # home across n / 2 links, every device's at once. A one-row chunk travels whole.
+  n_dev = 6
+  batch = b_local * n_dev
+  x, y = random_inputs(7, batch, 8)
+  ids = jnp.arange(batch, dtype=jnp.int32)
+  lt, b = jnp.float32(math.log(10.0)), jnp.float32(-10.0)
+  mesh = _mesh(n_dev)
+
+  def local(x, y, ids, lt, b):
+    return ring_loss(x, y, ids, ids, lt, b, axis_name="x", schedule="bidirectional")
+
+  f = jax.shard_map(local, mesh=mesh, in_specs=(P("x"), P("x"), P("x"), P(), P()), out_specs=P())
+  vg = jax.jit(jax.value_and_grad(lambda x, y, lt, b: f(x, y, ids, lt, b), argnums=(0, 1, 2, 3)))
+  hlo = vg.lower(x, y, lt, b).compile().as_text()
+  shifts = {
+    (int(dst) - int(src)) % n_dev
+    for pairs in re.findall(r"source_target_pairs=\{(.*?)\}\}", hlo)
+    for src, dst in re.findall(r"(\d+),(\d+)", pairs)
+  }
+  assert shifts == ({1} if b_local == 1 else {1, n_dev - 1}), shifts
+  loss, grads = vg(x, y, lt, b)
+  ref_loss, ref_grads = numpy_loss_and_grads(x, y, lt, b)
   assert rel_err(loss, ref_loss) < 1e-5
   for g, r in zip(grads, ref_grads):
     assert rel_err(g, r) < 1e-5

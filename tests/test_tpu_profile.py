@@ -231,6 +231,15 @@ def test_a_kernel_dumped_once_counts_each_of_its_calls():
     "}\n"
   )
   assert tp.kernel_calls(hlo) == {"siglip_fwd_dx_dy": 2, "siglip_dy": 1}
+  # The ring driver's own block and its half chunks: one kernel, two sizes of call.
+  cost = lambda f: f', backend_config={{"cost_estimate":{{"flops":"{f}","x":"1"}}}}'
+  lines = hlo.splitlines()
+  lines[1] += cost(200)
+  lines[2] += cost(100)
+  assert tp.kernel_calls_by_flops("\n".join(lines)) == {
+    "siglip_fwd_dx_dy|200": 1,
+    "siglip_fwd_dx_dy|100": 1,
+  }
   row = {
     "generation": "v5p",
     "dim": 1152,
@@ -251,10 +260,10 @@ def test_ring_wire_per_hop_follows_the_plan():
   hop = lambda op, **kw: tp._ring_hop("v5p", op, 4 * b, dim, 4, 4000, 1e9, **kw)
   two_trips = hop("siglip_ring_fwd_bwd_dx.1")  # a bf16 chunk and its ids
   one_trip = hop("siglip_ring_fwd_bwd.1")  # plus its f32 dY, half each way
-  driver = hop("siglip_fwd_dx_dy.7", driver=True)  # block calls: chunk, ids, f32 dY each way
+  driver = hop("siglip_fwd_dx_dy.7", driver=True)  # block calls: as the one trip
   assert two_trips["hop_wire_bytes"] == b * dim * 2 + b * 4
   assert one_trip["hop_wire_bytes"] == (b * dim * 6 + b * 4) // 2
-  assert driver["hop_wire_bytes"] == b * dim * 6 + b * 4
+  assert driver["hop_wire_bytes"] == one_trip["hop_wire_bytes"]
   assert two_trips["hop_cycles"] == one_trip["hop_cycles"] == driver["hop_cycles"] == 1000
 
 

@@ -84,7 +84,12 @@ def test_compile_only_flops_match_the_analytic_count(compile_only_report):
   for r in _rows(report):
     analytic = _analytic(r)
     assert r["model_flops"] == pytest.approx(analytic)
-    assert analytic <= r["flops"] < FLOP_FACTOR * analytic, r
+    if r.get("has_loop"):
+      # The XLA blocks' value-and-grad ring keeps its rounds in a loop (4 devices: 2 of 3),
+      # whose body cost analysis counts once: the row says so and models from the analytic.
+      assert "loop body once" in r["note"] and 0 < r["flops"] < analytic, r
+    else:
+      assert analytic <= r["flops"] < FLOP_FACTOR * analytic, r
     assert r["bytes"] > 0 and r["transcendentals"] > 0
 
 
@@ -94,7 +99,10 @@ def test_compile_only_roofline_follows_the_chip_table(compile_only_report):
   for r in _rows(report):
     assert r["target"] == "v5e (compile-only)"
     assert r["intensity"] == pytest.approx(r["flops"] / r["bytes"])
-    compute, hbm = r["flops"] / chip.bf16_flops, r["bytes"] / chip.hbm_bw
+    # A loop's body counted once (the XLA blocks' value-and-grad ring): modelled from the
+    # useful FLOPs instead.
+    flops = max(r["flops"], r["model_flops"]) if r.get("has_loop") else r["flops"]
+    compute, hbm = flops / chip.bf16_flops, r["bytes"] / chip.hbm_bw
     assert r["compute_s"] == pytest.approx(compute)
     assert r["hbm_s"] == pytest.approx(hbm)
     expected = max(compute, hbm, r.get("wire_s", 0.0))
@@ -123,8 +131,9 @@ def test_compile_only_ring_wire_model(compile_only_report):
     chunk, hops = b * r["dim"] * 4 + 4 * b, math.ceil((n - 1) / 2)
     if r["ring_plan"] == "one trip":  # half of every chunk and its f32 dY each way, n hops
       chunk, hops = (chunk + 4 * b * r["dim"]) // 2, n
-    elif r["pass"] == "vag":  # the driver: the f32 dY travels from the 2nd hop, then home
-      chunk += 4 * b * r["dim"]
+    elif r["pass"] == "vag":  # the driver: half of each chunk each way all the way round,
+      # its f32 dY from the 2nd hop, then home: n - 1 transfers of each
+      chunk, hops = (chunk + 4 * b * r["dim"]) // 2, n - 1
     assert r["wire_bytes_per_hop"] == chunk
     assert r["wire_hops"] == hops
     per_hop = max(chunk / chip.link_bw, 2 * chunk / chip.egress_bw)
@@ -399,9 +408,9 @@ def test_static_profiles_load_with_the_last_file_winning(tmp_path):
 def test_model_row_follows_the_ring_kernel_plan():
   # The ring kernel's value-and-grad (kernels/tpu_ring.py): one trip sends half of each
   # chunk and its float32 dY each way, n hops (the last one home); two trips send bf16
-  # chunks only, text then image, half round each way; the shared driver sends the whole
-  # chunk half round each way, with its dY from the second hop on, then the dY home: per
-  # link as many bytes as the one trip.
+  # chunks only, text then image, half round each way; the shared driver sends half of
+  # each chunk each way too, all the way round, with its dY from the second hop on, then
+  # the dY home: n - 1 transfers of each.
   chip, b, dim, n = chips.CHIPS["v5e"], 4096, 1152, 4
   base = _ring_vag_row(b, dim, n)
   chunk, dy = 2 * b * dim + 4 * b, 4 * b * dim
@@ -414,8 +423,7 @@ def test_model_row_follows_the_ring_kernel_plan():
     n,
   )
   assert (rows["two trips"]["wire_bytes_per_hop"], rows["two trips"]["wire_hops"]) == (chunk, 4)
-  assert (rows[None]["wire_bytes_per_hop"], rows[None]["wire_hops"]) == (chunk + dy, 2)
-  assert rows["one trip"]["wire_s"] == pytest.approx(rows[None]["wire_s"])
+  assert (rows[None]["wire_bytes_per_hop"], rows[None]["wire_hops"]) == ((chunk + dy) // 2, 3)
   # The plan is read from the compiled program's kernel names.
   hlo = '%siglip_ring_fwd_bwd_dx.1 = f32[] custom-call(...), custom_call_target="tpu_custom_call"'
   assert utilisation._ring_kernel_plan(hlo) == "two trips"
