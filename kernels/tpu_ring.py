@@ -1199,9 +1199,10 @@ def runs_by_default(target, batch: int) -> bool:
   margin of 4/3, the driver's wire per hop (6 b D bytes over a link) fell under this
   kernel's compute on one TensorCore (6 b^2 D FLOPs at half the chip's peak) when the
   driver sent whole chunks and their float32 dY both ways. Its value-and-grad now sends half
-  of each chunk each way (``siglip_fast.ring``), the one-trip plan's bytes per block, so the
-  threshold is conservative; kept until replayed and measured at smaller b
-  (docs/PERFORMANCE.md section 5)."""
+  of each chunk each way (``siglip_fast.ring``): the one-trip plan's wire bytes per block,
+  but more HBM traffic per block (each half block's call reads and writes the float32
+  partial dX). The crossover has moved; the threshold stays until replayed and measured at
+  smaller b (docs/PERFORMANCE.md section 5)."""
   chip = _MEGACORE.get(tpu.tpu_generation(target))
   if chip is None:
     return True
