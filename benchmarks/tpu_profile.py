@@ -761,25 +761,35 @@ def profile_case(gen, kernel, batch, dim, case_dir, n_dev) -> list[dict]:
           f"{base} runs its grid {grid} in one step, which the schedule holds as no loop: "
           "profile a batch of more than one tile"
         )
-      if ks.loop is None:
+      one_step_a_core = ks.loop is None and cores > 1 and math.prod(grid) == cores
+      if ks.loop is None and not one_step_a_core:
         raise DumpFormatError(bpath, f"a loop for the grid {grid} of {base}")
-      steps = math.prod(grid)
-      # Fewer trips than grid steps: megacore, the parallel dimension is split over the
-      # chip's TensorCores and this loop runs one core's share.
-      if ks.loop.trips is not None and ks.loop.trips < steps and cores > 1:
-        steps //= cores
+      if one_step_a_core:
+        # Megacore, one grid step a TensorCore (the ring driver's half blocks at b = 1024):
+        # Mosaic emits no loop; the kernel's bundles are that step with its fill and drain.
+        steps, step_cycles, steady_cycles = 1, ks.bundles, ks.bundles
         op_flops = op_flops / cores if op_flops else op_flops
+        row["one_step_a_core"] = True
+      else:
+        steps, step_cycles, steady_cycles = math.prod(grid), ks.body_cycles, len(ks.steady)
+        # Fewer steps run than the grid's (the loop's trips less fill and drain): megacore,
+        # the parallel dimension is split over the chip's TensorCores and this loop runs
+        # one core's share. (Comparing the trips themselves missed a grid of 4 steps, 2 a
+        # core: 4 trips.)
+        if cores > 1 and ks.loop.trips is not None and ks.loop.trips - 2 == steps // cores < steps:
+          steps //= cores
+          op_flops = op_flops / cores if op_flops else op_flops
       row.update(
         grid=list(grid),
         grid_steps=steps,
-        static_cycles=steps * ks.body_cycles,
-        steady_static_cycles=steps * len(ks.steady),
+        static_cycles=steps * step_cycles,
+        steady_static_cycles=steps * steady_cycles,
       )
       row["steady_static_us"] = round(row["steady_static_cycles"] / clock * 1e6, 2)
       if op_flops:
         row["mxu_ideal_cycles"] = round(op_flops / steps / mxu_flops_per_cycle(gen), 1)
-        row["mxu_ideal_ratio"] = round(row["mxu_ideal_cycles"] / ks.body_cycles, 4)
-        row["steady_mxu_ideal_ratio"] = round(row["mxu_ideal_cycles"] / len(ks.steady), 4)
+        row["mxu_ideal_ratio"] = round(row["mxu_ideal_cycles"] / step_cycles, 4)
+        row["steady_mxu_ideal_ratio"] = round(row["mxu_ideal_cycles"] / steady_cycles, 4)
     else:  # no grid (the ring): the loop tree at its exit tests' trip counts
       row.update(
         grid=[],

@@ -1181,9 +1181,9 @@ def _checked_trip(
   )
 
 
-# Megacore chips (two TensorCores per jax device): peak bf16 FLOP/s per chip and one-way ICI
-# bytes/s per link, from the datasheets (benchmarks/chips.py cites them).
-_MEGACORE = {"v4": (275e12, 4.5e10), "v5p": (459e12, 1e11)}
+# Megacore chips (two TensorCores per jax device): the smallest local batch at which the
+# public API runs the block kernels under the shared driver (runs_by_default).
+_MEGACORE = {"v4": 2048, "v5p": 2048}
 
 
 def runs_by_default(target, batch: int) -> bool:
@@ -1192,22 +1192,18 @@ def runs_by_default(target, batch: int) -> bool:
   batch ``batch``, rather than the block kernels of ``siglip_fast.kernels.tpu`` under the
   shared ring driver.
 
-  Everywhere but on megacore chips (v4, v5p) at large b. This kernel has no grid for Mosaic
-  to split, so there one TensorCore computes while the other idles; a block kernel call
-  splits its block over both, and XLA overlaps the driver's permutes with the calls. The
-  threshold, b >= (2/3) peak / link (about 3060 on v5p, 4070 on v4), is where, with a
-  margin of 4/3, the driver's wire per hop (6 b D bytes over a link) fell under this
-  kernel's compute on one TensorCore (6 b^2 D FLOPs at half the chip's peak) when the
-  driver sent whole chunks and their float32 dY both ways. Its value-and-grad now sends half
-  of each chunk each way (``siglip_fast.ring``): the one-trip plan's wire bytes per block,
-  but more HBM traffic per block (each half block's call reads and writes the float32
-  partial dX). The crossover has moved; the threshold stays until replayed and measured at
-  smaller b (docs/PERFORMANCE.md section 5)."""
-  chip = _MEGACORE.get(tpu.tpu_generation(target))
-  if chip is None:
-    return True
-  peak, link = chip
-  return batch < 2 * peak / (3 * link)
+  Everywhere but on megacore chips (v4, v5p) from b = 2048. This kernel has no grid for
+  Mosaic to split, so there one TensorCore computes while the other idles; a block kernel
+  call splits its block over both, and XLA overlaps the driver's permutes with the calls.
+  Below some b the driver's wire and its calls' fixed costs outweigh the second core.
+  ``benchmarks/crossover.py`` compiled the public API's value-and-grad both ways on 8 chips
+  (bf16, D = 768 and 1152) and modelled each step from the static profile, the ICI links
+  and HBM: the ring kernel is 1.13-1.53x faster at b = 1024 and 1.06-1.51x at 1536, the
+  driver 0.72-0.87x the ring kernel's step at 2048 and 0.57-0.74x at 4096, on both chips
+  (docs/PERFORMANCE.md section 5). Between 1536 and 2048 nothing was modelled; the ring
+  kernel keeps it."""
+  threshold = _MEGACORE.get(tpu.tpu_generation(target))
+  return threshold is None or batch < threshold
 
 
 def ring_trip(

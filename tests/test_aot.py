@@ -9,9 +9,11 @@ implementation and its tiles follow the target devices, not this host's CPU back
 
 from __future__ import annotations
 
+import types
+
 import pytest
 
-from benchmarks import driver_schedule, ring_compare, shape_sweep
+from benchmarks import crossover, driver_schedule, ring_compare, shape_sweep
 from siglip_fast import mesh as mesh_lib
 from siglip_fast.kernels import tpu
 
@@ -102,14 +104,14 @@ def test_the_ring_kernel_is_the_default_but_on_megacore_chips_at_large_b():
   from siglip_fast import target as target_lib  # pylint: disable=import-outside-toplevel
   from siglip_fast.kernels import tpu_ring  # pylint: disable=import-outside-toplevel
 
-  # Megacore chips take the block kernels where the driver's heavier wire (the chunk and
-  # its float32 dY both ways) hides behind a block on both TensorCores: b >= ~3060 on v5p,
-  # ~4070 on v4.
+  # Megacore chips take the block kernels under the driver from b = 2048, where
+  # benchmarks/crossover.py models the driver ahead (the ring kernel ahead at 1536).
   runs = lambda kind, b: tpu_ring.runs_by_default(target_lib.Target("tpu", kind), b)
   for b in (1024, 4096, 32768):
     assert runs("TPU v5 lite", b) and runs("TPU v6 lite", b)
-  assert runs("TPU v5p", 2048) and not runs("TPU v5p", 4096) and not runs("TPU v5p", 32768)
-  assert runs("TPU v4", 4032) and not runs("TPU v4", 4096)
+  for kind in ("TPU v5p", "TPU v4"):
+    assert runs(kind, 1536) and runs(kind, 2040)
+    assert not runs(kind, 2048) and not runs(kind, 4096) and not runs(kind, 32768)
   assert tpu_ring.runs_by_default(target_lib.Target("cpu", "cpu"), 32768)  # interpret mode
   assert set(tpu_ring._MEGACORE) == set(tpu.TENSORCORES)
 
@@ -190,6 +192,51 @@ def test_driver_schedule_charges_a_permute_for_every_link_it_crosses():
   assert (flat["step_us"], flat["exposed_us"]) == (4000.0, 1000.0)
   with pytest.raises(ValueError, match="cost estimate"):
     driver_schedule.replay(_SCHEDULE, call_us=call_us, link_bw=1e6, n_dev=4)
+
+
+_HBM_BOUND_CALL = """HloModule m
+
+ENTRY %main (a: f32[1000]) -> f32[] {
+  %collective-permute-start = (f32[1000]{0}, f32[1000]{0}) collective-permute-start(%a), source_target_pairs={{0,1},{1,2},{2,3},{3,0}}
+  %siglip_fwd_dx_dy.1 = f32[] custom-call(%a), custom_call_target="tpu_custom_call", backend_config={"cost_estimate":{"flops":"3000","transcendentals":"0","bytes_accessed":"5000"}}
+  %collective-permute-done = f32[1000]{0} collective-permute-done(%collective-permute-start)
+}
+"""
+
+
+def test_crossover_charges_each_call_its_hbm_bytes_and_the_ring_kernel_its_worst_unit():
+  # benchmarks/crossover.py: the driver's call of 3000 FLOPs takes 1000 us static but
+  # declares 5000 bytes; at 1 MB/s of HBM it takes 5000 us and the 4000 us permute hides
+  # behind it. At 10 MB/s the static time binds and the permute is exposed for 3000 us.
+  chip = lambda hbm: types.SimpleNamespace(hbm_bw=hbm, link_bw=1e6)
+  got = crossover.driver_step(_HBM_BOUND_CALL, {3000: 1000.0}, 4, chip(1e6))
+  assert (got["step_us"], got["exposed_us"], got["hbm_bound_calls"]) == (5000.0, 0.0, 1)
+  got = crossover.driver_step(_HBM_BOUND_CALL, {3000: 1000.0}, 4, chip(1e7))
+  assert (got["step_us"], got["exposed_us"], got["hbm_bound_calls"]) == (4000.0, 3000.0, 0)
+  with pytest.raises(KeyError, match="FLOPs"):
+    crossover.driver_step(_HBM_BOUND_CALL, {6000: 1000.0}, 4, chip(1e6))
+  calls = crossover.kernel_calls(_HBM_BOUND_CALL)
+  assert [n for n, _ in calls] == ["siglip_fwd_dx_dy"] and crossover.call_bytes(calls[0][1]) == 5000
+  # The ring kernel: chips x the slowest of compute, wire and HBM per hop, per trip; its
+  # compiled call declares no bytes (0 here; the program's cost analysis counts them).
+  ring = [("siglip_ring_fwd_bwd", "%siglip_ring_fwd_bwd.1 = f32[] custom-call(%a)")]
+  rows = {"siglip_ring_fwd_bwd": dict(hop_us=10.0, hop_wire_us=30.0)}
+  got = crossover.ring_kernel_step(ring, rows, 8, 1e6)
+  assert got["step_us"] == 240.0 and got["trips"][0]["bound"] == "wire"
+  with pytest.raises(KeyError, match="ring_hop rows"):
+    crossover.ring_kernel_step(ring, {}, 8, 1e6)
+
+
+def test_crossover_forces_either_path_and_restores_the_default():
+  from siglip_fast import target as target_lib  # pylint: disable=import-outside-toplevel
+  from siglip_fast.kernels import tpu_ring  # pylint: disable=import-outside-toplevel
+
+  v5p = target_lib.Target("tpu", "TPU v5p")
+  with crossover.forced("driver"):
+    assert not tpu_ring.runs_by_default(v5p, 1024)
+  with crossover.forced("ring_kernel"):
+    assert tpu_ring.runs_by_default(v5p, 32768)
+  assert tpu_ring.runs_by_default(v5p, 1024) and not tpu_ring.runs_by_default(v5p, 32768)
 
 
 def test_ring_compare_reads_the_same_permute_windows():
