@@ -60,7 +60,7 @@ def call_bytes(text: str) -> int:
   return int(m.group(1)) if m else 0
 
 
-def kernel_calls(hlo: str) -> list[tuple[str, str]]:
+def call_texts(hlo: str) -> list[tuple[str, str]]:
   """(kernel name, its text) of every siglip kernel call in a compiled program, in order.
   A call's text runs to the next call's start: the ring kernel's metadata spans lines, and
   its cost estimate comes after a line break."""
@@ -72,14 +72,14 @@ def kernel_calls(hlo: str) -> list[tuple[str, str]]:
 
 
 def ring_kernel_step(calls, hop_rows, chips: int, hbm_bw: float) -> dict:
-  """The ring kernel's modelled step (module docstring). ``calls``: ``kernel_calls`` of the
+  """The ring kernel's modelled step (module docstring). ``calls``: ``call_texts`` of the
   compiled program; ``hop_rows``: {kernel name: its ``ring_hop`` profile row}."""
   step, trips = 0.0, []
-  for name, line in calls:
+  for name, text in calls:
     if name not in hop_rows:
       raise KeyError(f"{name}: the profile has ring_hop rows for {sorted(hop_rows)}")
     r = hop_rows[name]
-    hbm_us = call_bytes(line) / chips / hbm_bw * 1e6
+    hbm_us = call_bytes(text) / chips / hbm_bw * 1e6
     hop = max(r["hop_us"], r["hop_wire_us"], hbm_us)
     bound = ("compute", "wire", "hbm")[[r["hop_us"], r["hop_wire_us"], hbm_us].index(hop)]
     trips.append(
@@ -160,7 +160,7 @@ def run_case(gen: str, chips: int, b: int, dim: int, rows) -> dict:
         shape_sweep._devices(gen, chips), b, dim, "bidirectional"
       ).compile()
     hlo = compiled.as_text()
-    calls = kernel_calls(hlo)
+    calls = call_texts(hlo)
     if path == "ring_kernel":
       hop_rows = {
         r["op"].split(".")[0]: r

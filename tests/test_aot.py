@@ -215,7 +215,7 @@ def test_crossover_charges_each_call_its_hbm_bytes_and_the_ring_kernel_its_worst
   assert (got["step_us"], got["exposed_us"], got["hbm_bound_calls"]) == (4000.0, 3000.0, 0)
   with pytest.raises(KeyError, match="FLOPs"):
     crossover.driver_step(_HBM_BOUND_CALL, {6000: 1000.0}, 4, chip(1e6))
-  calls = crossover.kernel_calls(_HBM_BOUND_CALL)
+  calls = crossover.call_texts(_HBM_BOUND_CALL)
   assert [n for n, _ in calls] == ["siglip_fwd_dx_dy"] and crossover.call_bytes(calls[0][1]) == 5000
   # The ring kernel: chips x the slowest of compute, wire and HBM per hop, per trip; its
   # compiled call declares no bytes (0 here; the program's cost analysis counts them).
