@@ -540,6 +540,20 @@ def _grid_of(candidates, trips, cores):
   return None, ()
 
 
+def core_steps(grid, trips, cores) -> tuple[int, bool]:
+  """(grid steps one TensorCore runs, whether that is a share of a megacore split) for a
+  grid whose step loop runs ``trips`` (None: Mosaic emitted no loop, as for one step a
+  core). A grid loop runs its steps plus 2 (fill and drain); on megacore the parallel
+  dimension is split over the cores and the loop runs one core's share. (Comparing the
+  trips themselves with the steps missed a grid of 4 steps, 2 a core: 4 trips.)"""
+  steps = math.prod(grid)
+  if trips is None and cores > 1 and steps == cores:
+    return 1, True
+  if cores > 1 and trips is not None and trips - 2 == steps // cores < steps:
+    return steps // cores, True
+  return steps, False
+
+
 # ------------------------------------------------------------------------------------------
 # Compiling the kernels (in a child process per generation: libtpu reads its dump flags once)
 
@@ -764,21 +778,15 @@ def profile_case(gen, kernel, batch, dim, case_dir, n_dev) -> list[dict]:
       one_step_a_core = ks.loop is None and cores > 1 and math.prod(grid) == cores
       if ks.loop is None and not one_step_a_core:
         raise DumpFormatError(bpath, f"a loop for the grid {grid} of {base}")
-      if one_step_a_core:
-        # Megacore, one grid step a TensorCore (the ring driver's half blocks at b = 1024):
-        # Mosaic emits no loop; the kernel's bundles are that step with its fill and drain.
-        steps, step_cycles, steady_cycles = 1, ks.bundles, ks.bundles
+      steps, split = core_steps(grid, ks.loop.trips if ks.loop else None, cores)
+      if split:
         op_flops = op_flops / cores if op_flops else op_flops
+      if one_step_a_core:
+        # Mosaic emits no loop; the kernel's bundles are that step with its fill and drain.
+        step_cycles = steady_cycles = ks.bundles
         row["one_step_a_core"] = True
       else:
-        steps, step_cycles, steady_cycles = math.prod(grid), ks.body_cycles, len(ks.steady)
-        # Fewer steps run than the grid's (the loop's trips less fill and drain): megacore,
-        # the parallel dimension is split over the chip's TensorCores and this loop runs
-        # one core's share. (Comparing the trips themselves missed a grid of 4 steps, 2 a
-        # core: 4 trips.)
-        if cores > 1 and ks.loop.trips is not None and ks.loop.trips - 2 == steps // cores < steps:
-          steps //= cores
-          op_flops = op_flops / cores if op_flops else op_flops
+        step_cycles, steady_cycles = ks.body_cycles, len(ks.steady)
       row.update(
         grid=list(grid),
         grid_steps=steps,
