@@ -99,14 +99,12 @@ def driver_step(hlo: str, times: dict[int, float], chips: int, chip) -> dict:
   """The driver's modelled step: ``driver_schedule.replay`` with each call at max(static
   time, declared bytes at the HBM rate). ``times``: ``driver_schedule.call_times``."""
   hbm_bound = []
+  static_us = driver_schedule.static_call_us(times)
 
   def call_us(line):
-    flops = int(driver_schedule.call_flops(line))
-    if flops not in times:
-      raise KeyError(f"a call of {flops} FLOPs: the profile has calls of {sorted(times)}")
-    hbm_us = call_bytes(line) / chip.hbm_bw * 1e6
-    hbm_bound.append(hbm_us > times[flops])
-    return max(times[flops], hbm_us)
+    static, hbm_us = static_us(line), call_bytes(line) / chip.hbm_bw * 1e6
+    hbm_bound.append(hbm_us > static)
+    return max(static, hbm_us)
 
   r = driver_schedule.replay(hlo, call_us, chip.link_bw, chips)
   return dict(

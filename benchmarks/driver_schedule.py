@@ -145,6 +145,18 @@ def call_times(profile_rows, gen: str, dim: int) -> dict[int, float]:
   return {f: sum(v) / len(v) for f, v in times.items()}
 
 
+def static_call_us(times: dict[int, float]):
+  """A call's HLO line -> its static time (us) from ``times`` (``call_times``), by FLOPs."""
+
+  def call_us(line):
+    flops = int(call_flops(line))
+    if flops not in times:
+      raise KeyError(f"a call of {flops} FLOPs: the profile has calls of {sorted(times)}")
+    return times[flops]
+
+  return call_us
+
+
 def run_case(gen, chips, b, dim, times, trips=None) -> dict:
   """Compile the public API's value-and-grad (bidirectional, bf16) on ``chips`` chips of
   ``gen`` at ``b`` rows per chip and replay its schedule, each call taking the time
@@ -156,12 +168,7 @@ def run_case(gen, chips, b, dim, times, trips=None) -> dict:
   spans = permute_spans(hlo)
   bw = chips_lib.CHIPS[gen].link_bw
 
-  def call_us(line):
-    flops = int(call_flops(line))
-    if flops not in times:
-      raise KeyError(f"a call of {flops} FLOPs: the profile has calls of {sorted(times)}")
-    return times[flops]
-
+  call_us = static_call_us(times)
   model = replay(hlo, call_us, bw, chips, trips)
   flat = replay(hlo, call_us, bw, chips, trips, one_link=True)
   return dict(

@@ -542,13 +542,11 @@ def _grid_of(candidates, trips, cores):
 
 def core_steps(grid, trips, cores) -> tuple[int, bool]:
   """(grid steps one TensorCore runs, whether that is a share of a megacore split) for a
-  grid whose step loop runs ``trips`` (None: Mosaic emitted no loop, as for one step a
-  core). A grid loop runs its steps plus 2 (fill and drain); on megacore the parallel
-  dimension is split over the cores and the loop runs one core's share. (Comparing the
-  trips themselves with the steps missed a grid of 4 steps, 2 a core: 4 trips.)"""
+  grid whose step loop runs ``trips`` (None: unknown). A grid loop runs its steps plus 2
+  (fill and drain); on megacore the parallel dimension is split over the cores and the loop
+  runs one core's share. (Comparing the trips themselves with the steps missed a grid of 4
+  steps, 2 a core: 4 trips.)"""
   steps = math.prod(grid)
-  if trips is None and cores > 1 and steps == cores:
-    return 1, True
   if cores > 1 and trips is not None and trips - 2 == steps // cores < steps:
     return steps // cores, True
   return steps, False
@@ -775,18 +773,19 @@ def profile_case(gen, kernel, batch, dim, case_dir, n_dev) -> list[dict]:
           f"{base} runs its grid {grid} in one step, which the schedule holds as no loop: "
           "profile a batch of more than one tile"
         )
-      one_step_a_core = ks.loop is None and cores > 1 and math.prod(grid) == cores
-      if ks.loop is None and not one_step_a_core:
-        raise DumpFormatError(bpath, f"a loop for the grid {grid} of {base}")
-      steps, split = core_steps(grid, ks.loop.trips if ks.loop else None, cores)
-      if split:
-        op_flops = op_flops / cores if op_flops else op_flops
-      if one_step_a_core:
-        # Mosaic emits no loop; the kernel's bundles are that step with its fill and drain.
+      if ks.loop is None:
+        if not (cores > 1 and math.prod(grid) == cores):
+          raise DumpFormatError(bpath, f"a loop for the grid {grid} of {base}")
+        # Megacore, one grid step a TensorCore: Mosaic emits no loop; the kernel's bundles
+        # are that step with its fill and drain.
+        steps, split = 1, True
         step_cycles = steady_cycles = ks.bundles
         row["one_step_a_core"] = True
       else:
+        steps, split = core_steps(grid, ks.loop.trips, cores)
         step_cycles, steady_cycles = ks.body_cycles, len(ks.steady)
+      if split:
+        op_flops = op_flops / cores if op_flops else op_flops
       row.update(
         grid=list(grid),
         grid_steps=steps,

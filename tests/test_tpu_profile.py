@@ -71,10 +71,10 @@ def test_calls_of_one_kernel_name_get_the_grid_their_loop_runs():
 def test_megacore_grids_count_one_cores_steps():
   # A loop runs its steps plus fill and drain. On megacore (2 cores) a loop of half the
   # grid's steps + 2 is one core's share: 8 of (2, 8, 1); 2 of (2, 2, 1), whose 4 trips
-  # equal the grid's 4 steps (counted as 4 before 2026-12-04). One step a core: no loop.
+  # equal the grid's 4 steps (counted as 4 before 2026-12-04). Unknown trips: no split.
   assert tp.core_steps((2, 8, 1), 10, 2) == (8, True)
   assert tp.core_steps((2, 2, 1), 4, 2) == (2, True)
-  assert tp.core_steps((2, 1, 1), None, 2) == (1, True)
+  assert tp.core_steps((2, 1, 1), None, 2) == (2, False)
   assert tp.core_steps((2, 32, 8), 514, 2) == (512, False)  # one core runs the whole grid
   assert tp.core_steps((1, 16, 6), 98, 1) == (96, False)
 
