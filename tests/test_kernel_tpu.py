@@ -709,7 +709,12 @@ def test_ring_over_simulated_devices_uses_the_kernel(n_dev, schedule, block_size
     return ring_lib.ring_loss(x, y, ids, ids, lt, b, axis_name="d", schedule=schedule, ops=ops)
 
   f = jax.shard_map(local, mesh=mesh, in_specs=(P("d"), P("d"), P(), P()), out_specs=P())
-  val, grads = jax.value_and_grad(f, argnums=(0, 1, 2, 3))(x, y, lt, b)
+  # Jitted, as a training step runs. Eagerly, shard_map makes every op a program of its own,
+  # XLA:CPU runs different programs on different devices at once, and TPU interpret mode's
+  # callbacks launch programs too. With 4 devices that deadlocked (jax 0.10.2; gdb: two
+  # devices waiting in a permute's rendezvous for the other two, every other execution
+  # waiting on a device's execution semaphore or its inputs, the callbacks among them).
+  val, grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3)))(x, y, lt, b)
   mean, want = numpy_loss_and_grads(x, y, LOG10, -10.0)
   ids = np.arange(batch)
   _, scales = oracle(x, y, ids, ids, LOG10, -10.0, norm=batch)
