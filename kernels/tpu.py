@@ -962,15 +962,50 @@ def _two_kernel_calls(
   return stats, dx, dy[0] if accumulate else dy
 
 
-def _grad_calls(x, y, x_ids, y_ids, log_t, bias, block_sizes, interpret, target, *accumulate_args):
+def _grad_calls(
+  x,
+  y,
+  x_ids,
+  y_ids,
+  log_t,
+  bias,
+  block_sizes,
+  interpret,
+  target,
+  accumulate=False,
+  dx_acc=None,
+  dy_acc=None,
+):
   """Validate a block's inputs, plan its value-and-grad and run the plan's kernel calls:
   (plan, t, (stats, dx, dy)) as ``_fused_calls`` / ``_two_kernel_calls`` return them, to
-  which ``accumulate_args`` (accumulate, dx_acc, dy_acc) are passed on."""
+  which accumulate, dx_acc and dy_acc are passed on, in the plan's layouts."""
   x_ids, y_ids, log_t, bias = validate.check_block_inputs(x, y, x_ids, y_ids, log_t, bias)
   plan = _grad_plan(x, y, block_sizes, interpret, target)
   t, scal = mc.kernel_scalars(log_t, bias)
   calls = _fused_calls if plan.fuse else _two_kernel_calls
-  return plan, t, calls(plan, x, y, x_ids, y_ids, scal, interpret, *accumulate_args)
+  if accumulate:
+    dx_acc = _relayout(dx_acc, x.shape[0], plan.x_rows, plan.cores if plan.fuse else 1)
+    dy_acc = _relayout(dy_acc, y.shape[0], plan.y_rows)
+  return plan, t, calls(plan, x, y, x_ids, y_ids, scal, interpret, accumulate, dx_acc, dy_acc)
+
+
+def _relayout(acc, n: int, rows: int, cores: int | None = None):
+  """A running float32 gradient of n rows in the layout of this block's plan: ``rows``
+  padded rows, with ``cores`` TensorCore partials (dX) or none (dY). A ring driver's blocks
+  of one trip share dX but not their text rows: the own block has all b, the travelling
+  parts half, and their default plans may differ in row tile (padding) or in the split
+  over TensorCores (v5p, D = 1152, b = 1792: dX padded to 2048 rows, then to 1792). Where
+  they differ, the partials are summed and re-padded (one pass over dX in HBM); where they
+  agree (nearly every shape), this is the accumulator itself."""
+  if acc is None:
+    return None
+  have = acc.shape[:-1]
+  want = (rows,) if cores is None else (cores, rows)
+  if have == want:
+    return acc
+  total = acc if cores is None else _sum_cores(acc)
+  total = jnp.pad(total[:n], ((0, rows - n), (0, 0)))
+  return total if cores is None else jnp.pad(total[None], ((0, cores - 1), (0, 0), (0, 0)))
 
 
 def loss_sum_and_grads(

@@ -1183,7 +1183,7 @@ def _checked_trip(
 
 # Megacore chips (two TensorCores per jax device): the smallest local batch at which the
 # public API runs the block kernels under the shared driver (runs_by_default).
-_MEGACORE = {"v4": 2048, "v5p": 2048}
+_MEGACORE = {"v4": 2048, "v5p": 1792}
 
 
 def runs_by_default(target, batch: int) -> bool:
@@ -1192,16 +1192,16 @@ def runs_by_default(target, batch: int) -> bool:
   batch ``batch``, rather than the block kernels of ``siglip_fast.kernels.tpu`` under the
   shared ring driver.
 
-  Everywhere but on megacore chips (v4, v5p) from b = 2048. This kernel has no grid for
-  Mosaic to split, so there one TensorCore computes while the other idles; a block kernel
-  call splits its block over both, and XLA overlaps the driver's permutes with the calls.
-  Below some b the driver's wire and its calls' fixed costs outweigh the second core.
+  Everywhere but on megacore chips: v5p from b = 1792, v4 from 2048. This kernel has no
+  grid for Mosaic to split, so there one TensorCore computes while the other idles; a block
+  kernel call splits its block over both, and XLA overlaps the driver's permutes with the
+  calls. Below some b the driver's wire and its calls' fixed costs outweigh the second core.
   ``benchmarks/crossover.py`` compiled the public API's value-and-grad both ways on 8 chips
   (bf16, D = 768 and 1152) and modelled each step from the static profile, the ICI links
-  and HBM: the ring kernel is 1.13-1.53x faster at b = 1024 and 1.06-1.51x at 1536, the
-  driver 0.72-0.87x the ring kernel's step at 2048 and 0.57-0.74x at 4096, on both chips
-  (docs/PERFORMANCE.md section 5). Between 1536 and 2048 nothing was modelled; the ring
-  kernel keeps it."""
+  and HBM (docs/PERFORMANCE.md section 5): driver over ring kernel on v5p 1.43 at b = 1024,
+  1.06-1.08 at 1536, 0.87-0.93 at 1792, 0.86-0.88 at 2048; on v4 1.13-1.53 at 1024 and 1536,
+  0.93 (D = 1152) but 1.27 (D = 768) at 1792, 0.72-0.79 at 2048. Between the b modelled the
+  ring kernel keeps it."""
   threshold = _MEGACORE.get(tpu.tpu_generation(target))
   return threshold is None or batch < threshold
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import types
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from benchmarks import crossover, driver_schedule, ring_compare, shape_sweep
@@ -100,18 +102,43 @@ def test_megacore_ring_runs_the_block_kernels_with_the_permutes_behind_them(chip
   assert temp <= 10 * 4 * b * dim, temp
 
 
+def test_megacore_driver_blocks_of_other_plans_share_the_running_dx():
+  # v5p at D = 768, b = 5504 (bf16, the driver by default): the own block (all b text rows)
+  # and the half chunks plan different row tiles, so dX is padded to 5632 rows in one and
+  # 6144 in the other; the public API failed to compile (an aliased partial dX of the
+  # wrong shape) until the running dX was re-laid out between them.
+  b, dim = 5504, 768
+  plans = [
+    tpu._grad_plan(
+      jax.ShapeDtypeStruct((b, dim), jnp.bfloat16),
+      jax.ShapeDtypeStruct((m, dim), jnp.bfloat16),
+      tpu.grad_block_sizes("v5p", b, m, dim, jnp.bfloat16),
+      False,
+      None,
+    )
+    for m in (b, b // 2)
+  ]
+  assert plans[0].x_rows != plans[1].x_rows, plans  # the case this test is about
+  compiled = shape_sweep.lower_value_and_grad(
+    shape_sweep._devices("v5p", 4), b, dim, "bidirectional"
+  ).compile()
+  text = compiled.as_text()
+  assert "siglip_fwd_dx_dy" in text and "siglip_ring" not in text
+
+
 def test_the_ring_kernel_is_the_default_but_on_megacore_chips_at_large_b():
   from siglip_fast import target as target_lib  # pylint: disable=import-outside-toplevel
   from siglip_fast.kernels import tpu_ring  # pylint: disable=import-outside-toplevel
 
-  # Megacore chips take the block kernels under the driver from b = 2048, where
-  # benchmarks/crossover.py models the driver ahead (the ring kernel ahead at 1536).
+  # Megacore chips take the block kernels under the driver where benchmarks/crossover.py
+  # models the driver ahead: v5p from b = 1792 (the ring kernel ahead at 1536), v4 from
+  # 2048 (at 1792 the ring kernel ahead at D = 768).
   runs = lambda kind, b: tpu_ring.runs_by_default(target_lib.Target("tpu", kind), b)
   for b in (1024, 4096, 32768):
     assert runs("TPU v5 lite", b) and runs("TPU v6 lite", b)
-  for kind in ("TPU v5p", "TPU v4"):
-    assert runs(kind, 1536) and runs(kind, 2040)
-    assert not runs(kind, 2048) and not runs(kind, 4096) and not runs(kind, 32768)
+  for kind, first in (("TPU v5p", 1792), ("TPU v4", 2048)):
+    assert runs(kind, 1536) and runs(kind, first - 8)
+    assert not runs(kind, first) and not runs(kind, 4096) and not runs(kind, 32768)
   assert tpu_ring.runs_by_default(target_lib.Target("cpu", "cpu"), 32768)  # interpret mode
   assert set(tpu_ring._MEGACORE) == set(tpu.TENSORCORES)
 

@@ -328,6 +328,46 @@ def test_block_ops_accumulate_into_running_gradients(dtype, block_sizes, layout)
   check((loss, (dx, jnp.concatenate(dys), dlt, db)), want, dtype, "accumulated", scales)
 
 
+@pytest.mark.parametrize(
+  "first,second,layouts",
+  [
+    # the two kernels' one partial over 384 rows, then two TensorCores' over 512
+    (
+      tpu.BlockSizes(128, 128, fuse_dy=False),
+      tpu.BlockSizes(256, 128, fuse_dy=True, generation="v5p"),
+      ((1, 384, 64), (2, 512, 64)),
+    ),
+    # and back: two TensorCores' partials over 512 rows, then one over 384
+    (
+      tpu.BlockSizes(256, 128, fuse_dy=True, generation="v5p"),
+      tpu.BlockSizes(128, 128, fuse_dy=True),
+      ((2, 512, 64), (1, 384, 64)),
+    ),
+  ],
+)
+def test_running_dx_continues_across_plans(first, second, layouts):
+  # A ring driver's blocks share one running dX, but their text rows differ (the own block
+  # has all of them, the travelling parts half), and so may the plans that their default
+  # tiles pick: dX padded to other rows, or split over another number of TensorCores. Each
+  # call takes the running dX in its own plan's layout; here two plans forced by hand.
+  n, dim, m1, m2 = 300, 64, 300, 150
+  x, y = inputs(43, n, m1 + m2, dim, jnp.float32)
+  x_ids = jnp.arange(n, dtype=jnp.int32) * 2
+  y_ids = jnp.arange(m1 + m2, dtype=jnp.int32)
+  lt, bias = jnp.float32(LOG10), jnp.float32(-10.0)
+  loss, dys, dlt, db, dx_acc = 0.0, [], 0.0, 0.0, None
+  for bs, chunk, layout in zip((first, second), (slice(0, m1), slice(m1, None)), layouts):
+    acc = tpu.block_ops(interpret=True, block_sizes=bs).accumulator()
+    args = (x, y[chunk], x_ids, y_ids[chunk], lt, bias)
+    block_loss, (dx_acc, dy_acc, block_dlt, block_db) = acc.block(*args, dx_acc, None)
+    assert dx_acc.shape == layout
+    loss, dlt, db = loss + block_loss, dlt + block_dlt, db + block_db
+    dys.append(acc.finish_dy(dy_acc, y[chunk], lt))
+  dx = acc.finish_dx(dx_acc, x, lt)
+  want, scales = oracle(x, y, x_ids, y_ids, LOG10, -10.0)
+  check((loss, (dx, jnp.concatenate(dys), dlt, db)), want, jnp.float32, "two plans", scales)
+
+
 def _pallas_costs(fn, *args):
   jaxpr = jax.make_jaxpr(fn)(*args)
   return [e.params["cost_estimate"] for e in jaxpr.eqns if e.primitive.name == "pallas_call"]
