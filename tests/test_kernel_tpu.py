@@ -715,22 +715,25 @@ def test_larger_ragged_blocks(dtype, block_sizes):
 
 
 @pytest.mark.parametrize(
-  "n_dev,schedule,block_sizes",
+  "n_dev,schedule,block_sizes,b_local",
   [
     # the fused kernel in two calls chained through the partial dX, under shard_map
-    (2, "bidirectional", tpu.BlockSizes(128, 128, fuse_dy=True, dy_splits=2)),
+    (2, "bidirectional", tpu.BlockSizes(128, 128, fuse_dy=True, dy_splits=2), 256),
+    # an odd local batch: halves of 66 and 65 rows, every call padded
+    (3, "bidirectional", tpu.BlockSizes(128, 128, fuse_dy=True), 131),
     # a megacore chip's layout: the two TensorCores' partial dX travel round the trip
     pytest.param(
       2,
       "unidirectional",
       tpu.BlockSizes(128, 128, fuse_dy=True, generation="v5p"),
+      256,
       marks=pytest.mark.slow,
     ),
-    pytest.param(4, "bidirectional", None, marks=pytest.mark.slow),
-    pytest.param(3, "unidirectional", None, marks=pytest.mark.slow),
+    pytest.param(4, "bidirectional", None, 256, marks=pytest.mark.slow),
+    pytest.param(3, "unidirectional", None, 256, marks=pytest.mark.slow),
   ],
 )
-def test_ring_over_simulated_devices_uses_the_kernel(n_dev, schedule, block_sizes):
+def test_ring_over_simulated_devices_uses_the_kernel(n_dev, schedule, block_sizes, b_local):
   # The block kernel as the reference ring's local step under shard_map (check_vma=True):
   # outputs declare how they vary, and the replicated log_t / bias get their gradient summed
   # over devices. (The public API runs the whole-ring kernel instead; tests/test_api.py. The
@@ -739,7 +742,7 @@ def test_ring_over_simulated_devices_uses_the_kernel(n_dev, schedule, block_size
   from siglip_fast.reference import ring as ring_lib
 
   mesh = Mesh(np.array(jax.devices()[:n_dev]), ("d",))
-  batch, dim = 256 * n_dev, 64
+  batch, dim = b_local * n_dev, 64
   x, y = random_inputs(808 + n_dev, batch, dim, jnp.float32)
   lt, b = jnp.float32(LOG10), jnp.float32(-10.0)
   ops = tpu.block_ops(interpret=True, block_sizes=block_sizes)
