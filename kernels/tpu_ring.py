@@ -85,7 +85,9 @@ class BlockSizes:
   The larger of the two tiles used is the largest multiple of the sublane count, between
   half and all of the given size, that divides the local batch b (failing that, b is padded
   up to a multiple of the tile and the padding masked out); the smaller is the largest
-  multiple of the sublanes up to its given size that divides that (padded) b. A trip keeps
+  multiple of the sublanes up to its given size that divides that (padded) b. The text
+  tile (the logits' lanes) then narrows to a multiple of 128 where one from half its size up
+  divides b (``_lane_tile``). A trip keeps
   two buffers of an image tile and of a text tile, with gradients two f32 gradient tiles
   (all D wide), and a few (rows x cols) f32 temporaries in VMEM.
 
@@ -195,13 +197,28 @@ def _fit_tiles(b_valid, block_sizes, sub) -> tuple[int, int, int]:
   """(tm, tn, b): the image and text tiles for local batch b_valid and the batch padded to
   a multiple of both. The larger tile is fitted first and the smaller one to divide the
   batch it pads to, so tiles that do not nest (e.g. 336 and 1008 for 512 x 1024 at
-  b = 1000) never pad b to their least common multiple (32256 there)."""
+  b = 1000) never pad b to their least common multiple (32256 there). The text tile, the
+  logits tile's lanes, is then narrowed to whole vregs where that still divides b
+  (``_lane_tile``)."""
   rows, cols = block_sizes.block_rows, block_sizes.block_cols
   big = _fit_tile(b_valid, max(rows, cols), sub)
   b = mc.round_up(b_valid, big)
   small = min(rows, cols)
   small = next(t for t in range(min(small, b), 0, -sub) if b % t == 0)
-  return (big, small, b) if rows > cols else (small, big, b)
+  tm, tn = (big, small) if rows > cols else (small, big)
+  return tm, _lane_tile(tn, b), b
+
+
+def _lane_tile(tn, b):
+  """The text tile: ``tn``, or where that leaves a vreg of every row of the logits tile
+  partly empty, the widest multiple of 128 lanes from tn / 2 up that divides b. A tile of
+  448 at b = 1792 computes 512 lanes a row; 256 wastes none (v5p static profile, 448 x 256
+  against 448 x 448: 7% fewer cycles a trip; v5e and v5p at b = 4352, 272 -> 256: 10-16%).
+  Where none divides b, or one tile spans b, tn stays."""
+  if tn % mc.LANES == 0 or tn >= b:
+    return tn
+  fits = (t for t in range(tn - tn % mc.LANES, tn // 2 - 1, -mc.LANES) if t and b % t == 0)
+  return next(fits, tn)
 
 
 def _check_inputs(x, y, x_ids, y_ids, log_t, bias, block_sizes, with_grads):
@@ -1183,7 +1200,7 @@ def _checked_trip(
 
 # Megacore chips (two TensorCores per jax device): the smallest local batch at which the
 # public API runs the block kernels under the shared driver (runs_by_default).
-_MEGACORE = {"v4": 2048, "v5p": 1792}
+_MEGACORE = {"v4": 2048, "v5p": 2048}
 
 
 def runs_by_default(target, batch: int) -> bool:
@@ -1192,16 +1209,17 @@ def runs_by_default(target, batch: int) -> bool:
   batch ``batch``, rather than the block kernels of ``siglip_fast.kernels.tpu`` under the
   shared ring driver.
 
-  Everywhere but on megacore chips: v5p from b = 1792, v4 from 2048. This kernel has no
+  Everywhere but on megacore chips (v4, v5p) from b = 2048. This kernel has no
   grid for Mosaic to split, so there one TensorCore computes while the other idles; a block
   kernel call splits its block over both, and XLA overlaps the driver's permutes with the
   calls. Below some b the driver's wire and its calls' fixed costs outweigh the second core.
   ``benchmarks/crossover.py`` compiled the public API's value-and-grad both ways on 8 chips
   (bf16, D = 768 and 1152) and modelled each step from the static profile, the ICI links
   and HBM (docs/PERFORMANCE.md section 5): driver over ring kernel on v5p 1.43 at b = 1024,
-  1.06-1.08 at 1536, 0.87-0.93 at 1792, 0.86-0.88 at 2048; on v4 1.13-1.53 at 1024 and 1536,
-  0.93 (D = 1152) but 1.27 (D = 768) at 1792, 0.72-0.79 at 2048. Between the b modelled the
-  ring kernel keeps it."""
+  1.06-1.08 at 1536, 0.89-1.00 at 1664, 0.94-1.00 at 1792, 0.86-0.88 at 2048; on v4
+  1.13-1.53 at 1024 and 1536, 0.93 (D = 1152) but 1.26 (D = 768) at 1792, 0.72-0.79 at 2048.
+  Where the two are level, or between the b modelled, the ring kernel keeps it: it holds
+  less memory (v5p, b = 1792, D = 1152: 40 against 69 MiB of temporaries)."""
   threshold = _MEGACORE.get(tpu.tpu_generation(target))
   return threshold is None or batch < threshold
 

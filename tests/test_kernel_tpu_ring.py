@@ -375,6 +375,25 @@ def test_tiles_that_do_not_nest(capfd, fuse_dy):
   )
 
 
+@pytest.mark.parametrize("fuse_dy", [None, False])
+def test_text_tiles_fill_whole_lanes(capfd, fuse_dy):
+  # The text tile is the logits tile's lanes: 448 at b = 1792 leaves every row's last vreg
+  # half empty, 256 divides b in whole vregs; 272 at 4352 likewise. 1664 has no multiple
+  # of 128 from 208 to 416 that divides it (only 128): 416 stays. v6e's 896 is whole.
+  fit = lambda b, bs: tpu_ring._fit_tiles(b, bs, 16)
+  square, wide = tpu_ring.BlockSizes(512, 512), tpu_ring.BlockSizes(512, 1024)
+  assert fit(1792, square) == (448, 256, 1792) and fit(4352, square) == (272, 256, 4352)
+  assert fit(1664, square) == (416, 416, 1664) and fit(2048, square) == (512, 512, 2048)
+  assert fit(1792, wide) == (448, 896, 1792)
+  # In the kernel (both plans; the two trips' second transposes the tiles): b = 384 with
+  # 256-row tiles fits 192 x 128, not 192 x 192.
+  bs = tpu_ring.BlockSizes(256, 256, fuse_dy)
+  assert tpu_ring._fit_tiles(384, bs, 8) == (192, 128, 384)
+  _check_ring(
+    capfd, 2, "bidirectional", "on_wait", jnp.float32, False, bs, b_local=384, dim=24, seed=80
+  )
+
+
 def test_default_tiles_follow_the_chip_and_the_plan(monkeypatch):
   mib = 2**20
 
