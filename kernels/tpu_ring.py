@@ -135,7 +135,7 @@ class BlockSizes:
       return wide
     # With gradients only where the one-trip plan (6 b^2 D) still fits with them: giving
     # it up for two trips (8 b^2 D) would cost far more than the wide tiles save.
-    tm, tn, b = _fit_tiles(batch or size, wide, mc.sublanes(dtype))
+    tm, tn, b = _fit_tiles(batch or size, wide, mc.sublanes(dtype), _lanes(generation))
     return wide if _fuses(wide, b, tm, tn, dim, itemsize) else square
 
 
@@ -193,32 +193,40 @@ def _fit_tile(b, tile, sub):
   return tile
 
 
-def _fit_tiles(b_valid, block_sizes, sub) -> tuple[int, int, int]:
+def _fit_tiles(b_valid, block_sizes, sub, lanes=mc.LANES) -> tuple[int, int, int]:
   """(tm, tn, b): the image and text tiles for local batch b_valid and the batch padded to
   a multiple of both. The larger tile is fitted first and the smaller one to divide the
   batch it pads to, so tiles that do not nest (e.g. 336 and 1008 for 512 x 1024 at
   b = 1000) never pad b to their least common multiple (32256 there). The text tile, the
-  logits tile's lanes, is then narrowed to whole vregs where that still divides b
-  (``_lane_tile``)."""
+  logits tile's lanes, is then narrowed to whole multiples of ``lanes`` (None: not) where
+  that still divides b (``_lane_tile``)."""
   rows, cols = block_sizes.block_rows, block_sizes.block_cols
   big = _fit_tile(b_valid, max(rows, cols), sub)
   b = mc.round_up(b_valid, big)
   small = min(rows, cols)
   small = next(t for t in range(min(small, b), 0, -sub) if b % t == 0)
   tm, tn = (big, small) if rows > cols else (small, big)
-  return tm, _lane_tile(tn, b), b
+  return tm, _lane_tile(tn, b, lanes), b
 
 
-def _lane_tile(tn, b):
-  """The text tile: ``tn``, or where that leaves a vreg of every row of the logits tile
-  partly empty, the widest multiple of 128 lanes from tn / 2 up that divides b. A tile of
-  448 at b = 1792 computes 512 lanes a row; 256 wastes none (v5p static profile, 448 x 256
-  against 448 x 448: 7% fewer cycles a trip; v5e and v5p at b = 4352, 272 -> 256: 10-16%).
-  Where none divides b, or one tile spans b, tn stays."""
-  if tn % mc.LANES == 0 or tn >= b:
+def _lane_tile(tn, b, lanes):
+  """The text tile: ``tn``, or where that leaves the last vreg of every row of the logits
+  tile partly empty, the widest multiple of ``lanes`` (128) from tn / 2 up that divides b.
+  A tile of 448 at b = 1792 computes 512 lanes a row; 256 wastes none (static profile, a
+  trip of the ring kernel: v5e and v5p 0.6-13% fewer cycles at b = 1792, 10-16% at 4352
+  (272 -> 256), v4 8-9% at 1152 (192 -> 128)). Where none divides b, one tile spans b, or
+  ``lanes`` is None, tn stays."""
+  if lanes is None or tn % lanes == 0 or tn >= b:
     return tn
-  fits = (t for t in range(tn - tn % mc.LANES, tn // 2 - 1, -mc.LANES) if t and b % t == 0)
+  fits = (t for t in range(tn - tn % lanes, tn // 2 - 1, -lanes) if t and b % t == 0)
   return next(fits, tn)
+
+
+def _lanes(generation) -> int | None:
+  """The text tile's alignment: a vreg's lanes; none on v6e, whose wide text tiles gained
+  nothing narrowed (static profile, D = 768 / 1152: to 128 lanes, 576 -> 384 at b = 1152,
+  +1.9% / -1.0% a trip; to its MXU's 256, 896 -> 512 at 3584, +1.5% / 0.0%)."""
+  return None if generation == "v6e" else mc.LANES
 
 
 def _check_inputs(x, y, x_ids, y_ids, log_t, bias, block_sizes, with_grads):
@@ -1121,7 +1129,7 @@ def _trip(x, y, x_ids, y_ids, log_t, bias, axis_name, schedule, interpret, block
   n_dev = 1 if axis_name is None else lax.axis_size(axis_name)
   b_valid, dim = x.shape
   sub = mc.sublanes(x.dtype)
-  tm, tn, b = _fit_tiles(b_valid, block_sizes, sub)
+  tm, tn, b = _fit_tiles(b_valid, block_sizes, sub, _lanes(_chip()[0]))
   if b != b_valid:  # Zero rows, masked out in the kernel; their ids never matter.
     pad = lambda a: jnp.pad(a, [(0, b - b_valid)] + [(0, 0)] * (a.ndim - 1))
     x, y, x_ids, y_ids = map(pad, (x, y, x_ids, y_ids))

@@ -385,6 +385,9 @@ def test_text_tiles_fill_whole_lanes(capfd, fuse_dy):
   assert fit(1792, square) == (448, 256, 1792) and fit(4352, square) == (272, 256, 4352)
   assert fit(1664, square) == (416, 416, 1664) and fit(2048, square) == (512, 512, 2048)
   assert fit(1792, wide) == (448, 896, 1792)
+  # v6e keeps its wide text tiles whole (narrowed, they gained nothing): 576 at b = 1152.
+  assert tpu_ring._fit_tiles(1152, wide, 16, tpu_ring._lanes("v6e")) == (384, 576, 1152)
+  assert tpu_ring._lanes("v5e") == tpu_ring._lanes("v4") == tpu_ring._lanes(None) == 128
   # In the kernel (both plans; the two trips' second transposes the tiles): b = 384 with
   # 256-row tiles fits 192 x 128, not 192 x 192.
   bs = tpu_ring.BlockSizes(256, 256, fuse_dy)
