@@ -1217,10 +1217,10 @@ def runs_by_default(target, batch: int) -> bool:
   batch ``batch``, rather than the block kernels of ``siglip_fast.kernels.tpu`` under the
   shared ring driver.
 
-  Everywhere but on megacore chips (v4, v5p) from b = 2048. This kernel has no
-  grid for Mosaic to split, so there one TensorCore computes while the other idles; a block
-  kernel call splits its block over both, and XLA overlaps the driver's permutes with the
-  calls. Below some b the driver's wire and its calls' fixed costs outweigh the second core.
+  Everywhere but on megacore chips (v4, v5p) from b = 2048. This kernel has no grid for
+  Mosaic to split, so there one TensorCore computes while the other idles; a block kernel
+  call splits its block over both, and XLA overlaps the driver's permutes with the calls.
+  Below some b the driver's wire and its calls' fixed costs outweigh the second core.
   ``benchmarks/crossover.py`` compiled the public API's value-and-grad both ways on 8 chips
   (bf16, D = 768 and 1152) and modelled each step from the static profile, the ICI links
   and HBM (docs/PERFORMANCE.md section 5): driver over ring kernel on v5p 1.43 at b = 1024,
