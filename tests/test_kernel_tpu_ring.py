@@ -388,8 +388,8 @@ def test_text_tiles_fill_whole_lanes(capfd, fuse_dy):
   # v6e keeps its wide text tiles whole (narrowed, they gained nothing): 576 at b = 1152.
   assert tpu_ring._fit_tiles(1152, wide, 16, tpu_ring._lanes("v6e")) == (384, 576, 1152)
   assert tpu_ring._lanes("v5e") == tpu_ring._lanes("v4") == tpu_ring._lanes(None) == 128
-  # In the kernel (both plans; the two trips' second transposes the tiles): b = 384 with
-  # 256-row tiles fits 192 x 128, not 192 x 192.
+  # In the kernel, one trip and two: b = 384 with 256-row tiles fits 192 x 128, not
+  # 192 x 192.
   bs = tpu_ring.BlockSizes(256, 256, fuse_dy)
   assert tpu_ring._fit_tiles(384, bs, 8) == (192, 128, 384)
   _check_ring(
