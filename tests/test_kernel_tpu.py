@@ -368,6 +368,56 @@ def test_running_dx_continues_across_plans(first, second, layouts):
   check((loss, (dx, jnp.concatenate(dys), dlt, db)), want, jnp.float32, "two plans", scales)
 
 
+def _scratch_counts(fn, *args):
+  jaxpr = jax.make_jaxpr(fn)(*args)
+  return [
+    e.params["grid_mapping"].num_scratch_operands
+    for e in jaxpr.eqns
+    if e.primitive.name == "pallas_call"
+  ]
+
+
+@pytest.mark.parametrize(
+  "dtype,n,m,block_sizes,calls",
+  [
+    # the fused kernel in two calls on one TensorCore, one column tile each: the second
+    # continues from the first's partial dX and writes it in x's dtype, times t
+    (jnp.bfloat16, 300, 256, tpu.BlockSizes(128, 128, fuse_dy=True, dy_splits=2), 2),
+    (jnp.float32, 300, 256, tpu.BlockSizes(128, 128, fuse_dy=True, dy_splits=2), 2),
+    # two TensorCores, one column tile each (a driver's half chunk on v5p)
+    (jnp.bfloat16, 300, 256, tpu.BlockSizes(128, 128, fuse_dy=True, generation="v5p"), 1),
+    # the two kernels, each with one column tile (y within the dX kernel's, x within the dY's)
+    (jnp.float32, 200, 128, tpu.BlockSizes(128, 128, 128, 256, fuse_dy=False), 2),
+  ],
+)
+def test_one_column_tile_per_row_writes_dx_once(dtype, n, m, block_sizes, calls):
+  # Where a row tile meets one column tile, its dX is written straight from the tile's
+  # matmul (plus the previous call's partial, a pipelined block): no accumulator scratch.
+  dim = 64
+  x, y = inputs(47, n, 2 * m, dim, dtype)
+  x_ids = jnp.arange(n, dtype=jnp.int32) * 2  # positives in both chunks
+  y_ids = jnp.arange(2 * m, dtype=jnp.int32)
+  lt, bias = jnp.float32(LOG10), jnp.float32(-10.0)
+  one = (x, y[:m], x_ids, y_ids[:m], lt, bias)
+  kw = dict(block_sizes=block_sizes, interpret=True)
+  assert _scratch_counts(lambda *a: tpu.loss_sum_and_grads(*a, **kw), *one) == [0] * calls
+  want, scales = oracle(*one[:4], LOG10, -10.0)
+  check(tpu.loss_sum_and_grads(*one, **kw), want, dtype, "one call", scales)
+
+  # The same through the ring driver's accumulator: dX runs over both chunks, the partial
+  # in and out one HBM buffer (aliased), read and written a block a step.
+  acc = tpu.block_ops(interpret=True, block_sizes=block_sizes).accumulator()
+  loss, dys, dlt, db, dx_acc = 0.0, [], 0.0, 0.0, None
+  for chunk in (slice(0, m), slice(m, None)):
+    args = (x, y[chunk], x_ids, y_ids[chunk], lt, bias)
+    block_loss, (dx_acc, dy_acc, block_dlt, block_db) = acc.block(*args, dx_acc, None)
+    loss, dlt, db = loss + block_loss, dlt + block_dlt, db + block_db
+    dys.append(acc.finish_dy(dy_acc, y[chunk], lt))
+  dx = acc.finish_dx(dx_acc, x, lt)
+  want, scales = oracle(x, y, x_ids, y_ids, LOG10, -10.0)
+  check((loss, (dx, jnp.concatenate(dys), dlt, db)), want, dtype, "accumulated", scales)
+
+
 def _pallas_costs(fn, *args):
   jaxpr = jax.make_jaxpr(fn)(*args)
   return [e.params["cost_estimate"] for e in jaxpr.eqns if e.primitive.name == "pallas_call"]
