@@ -1217,14 +1217,14 @@ def runs_by_default(target, batch: int) -> bool:
   batch ``batch``, rather than the block kernels of ``siglip_fast.kernels.tpu`` under the
   shared ring driver.
 
-  Everywhere but on megacore chips: v5p from b = 1664, v4 from 2048. This kernel has no grid for
-  Mosaic to split, so there one TensorCore computes while the other idles; a block kernel
+  Everywhere but on megacore chips: v5p from b = 1664, v4 from 2048. This kernel has no
+  grid for Mosaic to split, so there one TensorCore computes while the other idles; a block kernel
   call splits its block over both, and XLA overlaps the driver's permutes with the calls.
   Below some b the driver's wire and its calls' fixed costs outweigh the second core.
   ``benchmarks/crossover.py`` compiled the public API's value-and-grad both ways on 8 chips
   (bf16, D = 768 and 1152) and modelled each step from the static profile, the ICI links
-  and HBM (docs/PERFORMANCE.md section 5): driver over ring kernel on v5p 1.43 at b = 1024,
-  1.02-1.04 at 1536, 0.85-0.95 at 1664, 0.89-0.95 at 1792, 0.83-0.84 at 2048 (since a row
+  and HBM (docs/PERFORMANCE.md section 5): driver over ring kernel on v5p 1.36-1.37 at b = 1024,
+  1.01-1.04 at 1536, 0.84-0.95 at 1664, 0.89-0.95 at 1792, 0.83-0.84 at 2048 (since a row
   tile that meets one column tile writes its dX once: the driver's calls there); on v4
   1.13-1.53 at 1024 and 1536, 0.93 (D = 1152) but 1.26 (D = 768) at 1792, 0.72-0.79 at 2048.
   Where the two are level, or between the b modelled, the ring kernel keeps it: it holds
