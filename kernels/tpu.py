@@ -475,15 +475,21 @@ def _tile_kernel(
       stats_ref[0, k + 1] += _fold(g, rows, cols)
     if with_grad:
       gc = g.astype(b.dtype)
+      # Loaded before the product, and added first: Mosaic scheduled the product with 10%
+      # more MXU slots a step as `product + previous` (v5p, D = 1152), and v4's steps grew
+      # 3% with the accumulator loaded after it (static profile).
+      if one_col:
+        prev = None if da_in_ref is None else da_in_ref[0]
+      else:
+        prev = acc_ref[...]
       da = lax.dot_general(
         gc, b, (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
       )
+      da = da if prev is None else prev + da
       if one_col:
-        # The previous partial first: Mosaic compiled `product + previous` with 10% more MXU
-        # slots a step (v5p, D = 1152, static profile), `previous + product` with none.
-        _write_da(da if da_in_ref is None else da_in_ref[0] + da)
+        _write_da(da)
       else:
-        acc_ref[...] += da
+        acc_ref[...] = da
       if db_ref is not None:
         # G^T @ a into this b tile's rows of the super-block's resident gradient of b.
         start = pl.multiple_of(j * cols, cols)

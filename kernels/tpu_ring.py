@@ -1226,7 +1226,8 @@ def runs_by_default(target, batch: int) -> bool:
   and HBM (docs/PERFORMANCE.md section 5): driver over ring kernel on v5p 1.36-1.37 at b = 1024,
   1.01-1.04 at 1536, 0.84-0.95 at 1664, 0.89-0.95 at 1792, 0.83-0.84 at 2048 (since a row
   tile that meets one column tile writes its dX once: the driver's calls there); on v4
-  1.13-1.53 at 1024 and 1536, 0.93 (D = 1152) but 1.26 (D = 768) at 1792, 0.72-0.79 at 2048.
+  1.05-1.44 at 1024, 1.13-1.51 at 1536, 0.93 (D = 1152) but 1.26 (D = 768) at 1792,
+  0.72-0.79 at 2048.
   Where the two are level, or between the b modelled, the ring kernel keeps it: it holds
   less memory (v5p, b = 1536, D = 1152: 34 against 43 MiB of temporaries)."""
   threshold = _MEGACORE.get(tpu.tpu_generation(target))
