@@ -568,6 +568,7 @@ def _tile_pass(
     raise ValueError(f"{col_count} column tiles do not split over {cores} TensorCores")
   per_core = col_count // cores
   one_col = (per_core if with_db else n_col_tiles) == 1
+  da_in_by_dma = da_in is not None and not one_col  # else a pipelined block, or none
   da_partial = with_grad and (
     partial_out or (with_db and not (cores == 1 and col_start + col_count == n_col_tiles))
   )
@@ -601,10 +602,10 @@ def _tile_pass(
     pl.BlockSpec((rows, dim), lambda *g: (row(*g), 0)),
     pl.BlockSpec((cols, dim), lambda *g: (col(*g), 0)),
   ]
-  if da_in is not None and one_col:  # each step reads its own: pipelined, prefetched
-    in_specs.append(pl.BlockSpec((1, rows, dim), lambda *g: (core(*g), row(*g), 0)))
-  elif da_in is not None:
+  if da_in_by_dma:
     in_specs.append(pl.BlockSpec(memory_space=pl.ANY))  # copied in once per row tile
+  elif da_in is not None:  # one column tile: each step reads its own, prefetched
+    in_specs.append(pl.BlockSpec((1, rows, dim), lambda *g: (core(*g), row(*g), 0)))
   if db_in is not None:
     in_specs.append(pl.BlockSpec(memory_space=pl.ANY))  # copied in once per core and call
   out_shape, out_specs, scratch = [], [], []
@@ -631,9 +632,9 @@ def _tile_pass(
     out_specs.append(
       pl.BlockSpec((per_core * cols, dim), lambda c, i, j: (c, 0), pipeline_mode=pl.Buffered(1))
     )
-  if da_in is not None and not one_col:
+  if da_in_by_dma:
     scratch.append(pltpu.VMEM((rows, dim), jnp.float32))
-  scratch += [pltpu.SemaphoreType.DMA] * ((da_in is not None and not one_col) + (db_in is not None))
+  scratch += [pltpu.SemaphoreType.DMA] * (da_in_by_dma + (db_in is not None))
 
   isz = a.dtype.itemsize
   nb_call = col_count * cols
