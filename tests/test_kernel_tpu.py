@@ -368,13 +368,10 @@ def test_running_dx_continues_across_plans(first, second, layouts):
   check((loss, (dx, jnp.concatenate(dys), dlt, db)), want, jnp.float32, "two plans", scales)
 
 
-def _scratch_counts(fn, *args):
+def _pallas_params(fn, *args):
+  """The params of every pallas_call ``fn`` traces to, in order."""
   jaxpr = jax.make_jaxpr(fn)(*args)
-  return [
-    e.params["grid_mapping"].num_scratch_operands
-    for e in jaxpr.eqns
-    if e.primitive.name == "pallas_call"
-  ]
+  return [e.params for e in jaxpr.eqns if e.primitive.name == "pallas_call"]
 
 
 @pytest.mark.parametrize(
@@ -400,7 +397,8 @@ def test_one_column_tile_per_row_writes_dx_once(dtype, n, m, block_sizes, calls)
   lt, bias = jnp.float32(LOG10), jnp.float32(-10.0)
   one = (x, y[:m], x_ids, y_ids[:m], lt, bias)
   kw = dict(block_sizes=block_sizes, interpret=True)
-  assert _scratch_counts(lambda *a: tpu.loss_sum_and_grads(*a, **kw), *one) == [0] * calls
+  params = _pallas_params(lambda *a: tpu.loss_sum_and_grads(*a, **kw), *one)
+  assert [p["grid_mapping"].num_scratch_operands for p in params] == [0] * calls
   want, scales = oracle(*one[:4], LOG10, -10.0)
   check(tpu.loss_sum_and_grads(*one, **kw), want, dtype, "one call", scales)
 
@@ -419,8 +417,7 @@ def test_one_column_tile_per_row_writes_dx_once(dtype, n, m, block_sizes, calls)
 
 
 def _pallas_costs(fn, *args):
-  jaxpr = jax.make_jaxpr(fn)(*args)
-  return [e.params["cost_estimate"] for e in jaxpr.eqns if e.primitive.name == "pallas_call"]
+  return [p["cost_estimate"] for p in _pallas_params(fn, *args)]
 
 
 def test_forward_pays_no_gradient_work_and_costs_are_declared():
