@@ -7,11 +7,12 @@ per-element rescaling. With e = 2^-|v|:
 
     softplus(l) / ln 2 = max(v, 0) + log2(e) ln(1 + e)   (the loss of a negative pair)
     softplus(-l)       = softplus(l) - l                 (a positive subtracts v)
-    sigmoid(l)         = [1 if v >= 0 else e] / (1 + e)
+    sigmoid(l)         = [1 if v >= 0 else e] / (1 + e)   (= 1 / (1 + 2^-v) without a loss)
     G                  = sigmoid(l) - [positive]
 
-The two parts of the softplus are summed apart and combined once per tile; the loss sums
-come out in log2 units and are scaled by ln 2 once, outside the kernel.
+The two parts of the softplus are summed apart and combined once per tile (ln(1 + e) as the
+log of a product, ``ln1p_sum``); the loss sums come out in log2 units and are scaled by ln 2
+once, outside the kernel.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ SUBLANES = 8
 MiB = 1 << 20
 LOG2_E = 1.4426950408889634
 LN_2 = 0.6931471805599453
+# Row groups (of 8 rows) whose ln(1 + e) terms ``ln1p_sum`` multiplies together before one
+# logarithm: (1 + e) <= 2 keeps the product below 2^32, far from float32's 2^128.
+LN1P_CHUNK = 32
 
 # Per-TensorCore VMEM (bytes) of the generations with tuned defaults.
 VMEM_CAPACITY = {"v4": 16 * MiB, "v5e": 128 * MiB, "v5p": 64 * MiB, "v6e": 128 * MiB}
@@ -85,40 +89,73 @@ def neg_abs(v):
 
 
 def tile_terms(v, one, *, pos=None, valid=None, with_loss: bool, with_grad: bool):
-  """(loss terms as a pair (sp, ln1p), G) of a float32 tile of base-2 logits ``v``; the pair
-  or G is None when not asked for. A pair's loss / ln 2 is sp + log2(e) * ln1p: sp, in base-2
-  units, is max(v, 0) (minus v for a positive); ln1p is ln(1 + e), in natural units.
-
-  ln(1 + e) is ln(s) of the rounded s = 1 + e plus its rounding error: 1 + e loses up to
-  2^-24 of e (all of it when e < 2^-24, where ln(1 + e) ~ e is the whole answer). That error,
-  recovered exactly as e - (s - 1), is added to first order: float32 accuracy with no log1p.
-  The two parts come back apart, for the caller to sum apart and scale once per tile: jnp.log2
-  would be ln(s) / ln 2, and Mosaic's ln is its base-2 log times ln 2, two multiplies per
-  element; ln alone is one.
+  """(loss terms as a pair (sp, e), G) of a float32 tile of base-2 logits ``v``; the pair or
+  G is None when not asked for. A pair's loss / ln 2 is sp + log2(e) ln(1 + e): sp, in
+  base-2 units, is max(v, 0) (minus v for a positive); e = 2^-|v| (0 at padding) goes to
+  ``ln1p_sum``, which sums ln(1 + e) without a logarithm per element.
 
   ``one`` is 1.0 read at run time (``kernel_scalars``), not a literal: XLA's algebraic
-  simplifier rewrites (e + 1) - 1 to e for a constant 1, which would drop the rounding error
+  simplifier rewrites (e + 1) - 1 to e for a constant 1, which would drop a rounding error
   in interpret mode (the kernel body run through XLA) while Mosaic keeps it on a TPU.
 
   pos: None (no positive in the tile) or a bool mask broadcastable to v; valid: None (no
   padding) or a bool mask of the real pairs. Tiles with neither skip those selects.
   """
-  e = jnp.exp2(neg_abs(v))
-  s = one + e
   loss = g = None
   if with_loss:
+    e = jnp.exp2(neg_abs(v))
+    s = one + e
     sp = jnp.maximum(v, 0.0)
-    ln1p = jnp.log(s) + (e - (s - one))
+    ln_arg = e
     if pos is not None:
       sp = sp - jnp.where(pos, v, 0.0)
     if valid is not None:
       sp = jnp.where(valid, sp, 0.0)
-      ln1p = jnp.where(valid, ln1p, 0.0)
-    loss = (sp, ln1p)
-  if with_grad:
+      ln_arg = jnp.where(valid, e, 0.0)
+    loss = (sp, ln_arg)
+  if with_grad and with_loss:
     g = jnp.where(v >= 0.0, 1.0, e) / s
+  elif with_grad:
+    # No loss to share e with: 1 / (1 + 2^-v) needs no select. 2^-v is inf below v = -128,
+    # where the sigmoid is under float32's normal range and the TPU flushes it to 0 anyway.
+    g = one / (one + jnp.exp2(-v))
+  if with_grad:
     if pos is not None:
       g = jnp.where(pos, g - 1.0, g)
     if valid is not None:
       g = jnp.where(valid, g, 0.0)
   return loss, g
+
+
+def ln1p_sum(e, one, chunk: int = LN1P_CHUNK):
+  """(8, cols) float32: the sums over a (rows, cols) tile's row groups of ln(1 + e), for
+  0 <= e <= 1, each of the 8 sublanes holding its rows' share.
+
+  Not a logarithm per element: ln(1 + e_1) + ... + ln(1 + e_n) = ln((1 + e_1) ... (1 + e_n)),
+  and q = (1 + e_1) ... (1 + e_k) - 1 runs as q <- q + e_k (1 + q), three vector ops per
+  element against six for ln(s) with its rounding correction and a sum (Mosaic's ln is its
+  base-2 log times ln 2, and the EUP push takes a VALU slot too). q is carried down ``chunk``
+  row groups (8 rows each), so it stays below 2^chunk, then one ln per chunk:
+  ln(1 + q) = ln(s) + ln(1 + c / s) for the rounded s = 1 + q and its exact rounding error
+  c = q - (s - 1), with ln(1 + c / s) ~ c / s. q is a float32 sum of products, accurate to
+  a few float32 roundings in the chunk's length, also where every e is below 2^-24 (there
+  1 + q rounds to 1 and q is the plain sum of the e's, which a ln per element of a rounded
+  1 + e would lose).
+  """
+  rows, cols = e.shape
+  e = e.reshape(rows // SUBLANES, SUBLANES, cols)
+  total = None
+  for start in range(0, e.shape[0], chunk):
+    q = e[start]
+    for k in range(start + 1, min(start + chunk, e.shape[0])):
+      q = q + e[k] * (one + q)
+    s = one + q
+    part = jnp.log(s) + (q - (s - one)) / s
+    total = part if total is None else total + part
+  return total
+
+
+def ln1p_transcendentals(rows: int, cols: int) -> int:
+  """The EUP ops of one ``ln1p_sum`` of a (rows, cols) tile, for cost estimates: a log and a
+  reciprocal per chunk, sublane and column."""
+  return 2 * SUBLANES * cols * -(-rows // (SUBLANES * LN1P_CHUNK))

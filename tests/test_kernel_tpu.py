@@ -27,7 +27,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import siglip_fast  # noqa: E402
-from siglip_fast.kernels import tpu, tpu_ring  # noqa: E402
+from siglip_fast.kernels import mosaic_common as mc, tpu, tpu_ring  # noqa: E402
 from siglip_fast import target as target_lib  # noqa: E402
 from siglip_fast.reference import dense  # noqa: E402
 
@@ -224,6 +224,34 @@ def test_confident_negatives_keep_float32_accuracy(kernel, bias):
   else:
     got = n * tpu_ring.ring_loss(*args, interpret=True, block_sizes=tpu_ring.BlockSizes(64, 128))
   assert rel_err(got, want[0]) < 1e-5, (kernel, bias, float(got), want[0])
+
+
+@pytest.mark.parametrize(
+  "regime, rows",
+  [
+    ("near_one", 1024),  # e ~ 1 (logits near 0): the product nears 2^chunk, never overflows
+    ("mixed", 512),  # e from 2^-40 to 1 in one column: large and tiny terms together
+    ("tiny", 256),  # every e below 2^-24, where 1 + e rounds to 1
+    ("short", 16),  # fewer row groups than a chunk
+  ],
+)
+def test_ln1p_sum_is_float32_accurate(regime, rows):
+  # The kernels' sum of ln(1 + e) over a tile, a product per chunk of row groups and one
+  # logarithm each, against float64, column by column.
+  cols = 256
+  rng = np.random.default_rng(7)
+  if regime == "near_one":
+    e = rng.uniform(0.98, 1.0, (rows, cols))
+  elif regime == "tiny":
+    e = 2.0 ** rng.uniform(-40, -25, (rows, cols))
+  else:
+    e = 2.0 ** rng.uniform(-40, 0, (rows, cols))
+  e = e.astype(np.float32)
+  got = jax.jit(mc.ln1p_sum)(jnp.asarray(e), jnp.float32(1.0))
+  assert got.shape == (8, cols)
+  got = np.asarray(got, np.float64).sum(axis=0)
+  want = np.log1p(e.astype(np.float64)).sum(axis=0)
+  assert np.max(np.abs(got - want) / want) < 1e-6, regime
 
 
 def test_public_api_jit_and_grad():
@@ -433,7 +461,8 @@ def test_forward_pays_no_gradient_work_and_costs_are_declared():
   assert [c.flops for c in fwd] == [2 * n * m * dim]
   assert sorted(c.flops for c in vg) == [4 * n * m * dim] * 2  # 8 n m D in all
   assert [c.flops for c in fused] == [6 * n * m * dim]
-  assert fwd[0].transcendentals == 2 * n * m
+  # exp2 per logit; a log and a reciprocal per column and sublane of each 128-row tile.
+  assert fwd[0].transcendentals == n * m + (n // 128) * 2 * 8 * m
   assert all(c.bytes_accessed >= (n + m) * dim * 2 for c in fwd + vg + fused)
 
 

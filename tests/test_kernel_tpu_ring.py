@@ -570,7 +570,7 @@ def test_copies_overlap_compute(monkeypatch, n, schedule, fuse_dy):
     tpu_ring, "_remote_copy", lambda kind, off, *a: Recorded(kind, off, real_copy(kind, off, *a))
   )
   monkeypatch.setattr(
-    tpu_ring, "_tile", lambda *a: (events.append(("tile", None, None)), real_tile(*a))[1]
+    tpu_ring, "_tile", lambda *a, **k: (events.append(("tile", None, None)), real_tile(*a, **k))[1]
   )
   monkeypatch.setattr(
     tpu_ring, "_ring_kernel", lambda *a: (events.append(("kernel", None, None)), real_kernel(*a))[1]
