@@ -113,13 +113,13 @@ def tile_terms(v, one, *, pos=None, valid=None, with_loss: bool, with_grad: bool
       sp = jnp.where(valid, sp, 0.0)
       ln_arg = jnp.where(valid, e, 0.0)
     loss = (sp, ln_arg)
-  if with_grad and with_loss:
-    g = jnp.where(v >= 0.0, 1.0, e) / s
-  elif with_grad:
-    # No loss to share e with: 1 / (1 + 2^-v) needs no select. 2^-v is inf below v = -128,
-    # where the sigmoid is under float32's normal range and the TPU flushes it to 0 anyway.
-    g = one / (one + jnp.exp2(-v))
   if with_grad:
+    if with_loss:
+      g = jnp.where(v >= 0.0, 1.0, e) / s
+    else:
+      # No loss to share e with: 1 / (1 + 2^-v) needs no select. 2^-v is inf below v = -128,
+      # where the sigmoid is under float32's normal range and the TPU flushes it to 0 anyway.
+      g = one / (one + jnp.exp2(-v))
     if pos is not None:
       g = jnp.where(pos, g - 1.0, g)
     if valid is not None:
