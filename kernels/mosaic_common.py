@@ -155,7 +155,9 @@ def ln1p_sum(e, one, chunk: int = LN1P_CHUNK):
   return total
 
 
-def ln1p_transcendentals(rows: int, cols: int) -> int:
-  """The EUP ops of one ``ln1p_sum`` of a (rows, cols) tile, for cost estimates: a log and a
-  reciprocal per chunk, sublane and column."""
-  return 2 * SUBLANES * cols * -(-rows // (SUBLANES * LN1P_CHUNK))
+def transcendentals(logits: int, rows: int, cols: int, *, with_loss: bool, with_g: bool) -> int:
+  """EUP ops of ``logits`` logits in (rows, cols) tiles, for cost estimates: exp2 per logit,
+  a reciprocal more for G, and with the loss ``ln1p_sum``'s log and reciprocal per chunk,
+  sublane and column of each tile."""
+  per_tile = 2 * SUBLANES * cols * -(-rows // (SUBLANES * LN1P_CHUNK))
+  return logits * (1 + int(with_g)) + int(with_loss) * logits // (rows * cols) * per_tile

@@ -648,10 +648,8 @@ def _tile_pass(
   tile_elems = na_pad * nb_call
   cost = pl.CostEstimate(
     flops=int(2 * tile_elems * dim * (1 + int(with_grad) + int(with_db))),
-    # exp2 per logit and, for the sigmoid, a reciprocal; the loss's logs once per chunk.
-    transcendentals=int(
-      tile_elems * (1 + int(with_grad or with_scalar_grads))
-      + int(with_loss) * tile_elems // (rows * cols) * mc.ln1p_transcendentals(rows, cols)
+    transcendentals=mc.transcendentals(
+      tile_elems, rows, cols, with_loss=with_loss, with_g=with_grad or with_scalar_grads
     ),
     # a read once per core, b once per row tile, ids, the partials in and the outputs.
     bytes_accessed=int(

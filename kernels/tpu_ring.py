@@ -1022,13 +1022,9 @@ def _cost(plan: _Plan):
 
 
 def _transcendentals(plan: _Plan, with_g: bool):
-  """Per device and trip: exp2 per logit and, for G, a reciprocal; with the loss, its logs
-  once per chunk of each (tm, tn) tile (``mosaic_common.ln1p_sum``)."""
+  """Per device and trip, over the (tm, tn) tiles of n_dev blocks."""
   logits = plan.b * plan.b * plan.n_dev
-  trans = logits * (1 + int(with_g))
-  if plan.stats:
-    trans += logits // (plan.tm * plan.tn) * mc.ln1p_transcendentals(plan.tm, plan.tn)
-  return trans
+  return mc.transcendentals(logits, plan.tm, plan.tn, with_loss=bool(plan.stats), with_g=with_g)
 
 
 def _fused_cost(plan: _Plan):
