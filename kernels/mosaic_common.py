@@ -127,6 +127,20 @@ def tile_terms(v, one, *, pos=None, valid=None, with_loss: bool, with_grad: bool
   return loss, g
 
 
+def in_row_strips(n: int, logits_terms, gradients):
+  """A tile body in ``n`` row strips: strip k's ``gradients(k, *logits_terms(k))`` (its
+  gradient matmuls and sums) written after strip k + 1's ``logits_terms`` (its logits
+  matmul and elementwise work). libtpu schedules a basic block's MXU work early and its
+  vector work late: a whole tile runs its elementwise phase with the MXU mostly idle, then
+  the gradient matmuls with the VPU mostly idle. Strip k's matmuls are independent of
+  strip k + 1's elementwise work, so the scheduler can issue the two side by side."""
+  pending = logits_terms(0)
+  for k in range(1, n + 1):
+    ahead = logits_terms(k) if k < n else None
+    gradients(k - 1, *pending)
+    pending = ahead
+
+
 def ln1p_sum(e, one, chunk: int = LN1P_CHUNK):
   """(8, cols) float32: the sums over a (rows, cols) tile's row groups of ln(1 + e), for
   0 <= e <= 1, each of the 8 sublanes holding its rows' share.

@@ -118,6 +118,16 @@ _FORWARD_TILES = dict(
   v5p=tuple(c[:2] for c in _CANDIDATE_TILES["v5p"]),
 )
 
+# The row strips of the kernels whose tile makes the loss and a gradient (the fused and dX
+# kernels; ``BlockSizes.strip_rows``, ``mc.in_row_strips``). v6e's vector work per pair is
+# close to its MXU work, and whole-tile bodies ran the two in separate phases: in 256-row
+# strips (its MXU's width) the fused kernel's steady step is 4.2% / 3.8% shorter and the dX
+# kernel's 3.3% / 5.3% (static profile, B = 4096, bf16, D = 768 / 1152); 128-row strips
+# lose (fused +11% / +8%), and so does v6e's dY kernel (+0.5%). v4, v5e and v5p are MXU
+# bound with room on the VPU: 256-row strips cost their fused kernels 4.5-6.5% at D = 768
+# and nothing at 1152.
+_STRIP_ROWS = {"v6e": 256}
+
 # TensorCores per jax device (megacore): they split the fused kernel's super-blocks.
 TENSORCORES = {"v4": 2, "v5p": 2}
 # Peak bf16 FLOP/s over HBM bytes/s (the ridges quoted above): the fused kernel is split into
@@ -166,6 +176,10 @@ class BlockSizes:
     call each, or a pair per call on v4/v5p, one per TensorCore; at most one per column
     tile). None: the fewest whose resident dY fits the VMEM budget, a multiple of the
     TensorCores so that both have work; 1 where no generation is known.
+  strip_rows: the value-and-grad kernels' tile body in row strips of this many rows (a
+    multiple of 128 that divides the row tile; otherwise, and for None, the whole tile), each
+    strip's gradient matmuls beside the next strip's elementwise work. The generations'
+    defaults: 256 on v6e, None elsewhere (``_STRIP_ROWS``).
   """
 
   block_rows: int = 512
@@ -176,11 +190,12 @@ class BlockSizes:
   vmem_limit_bytes: int | None = None
   fuse_dy: bool | None = None
   dy_splits: int | None = None
+  strip_rows: int | None = None
 
   def __post_init__(self):
-    for name in ("block_rows", "block_cols", "block_rows_dy", "block_cols_dy"):
+    for name in ("block_rows", "block_cols", "block_rows_dy", "block_cols_dy", "strip_rows"):
       v = getattr(self, name)
-      if v is None and name.endswith("_dy"):
+      if v is None and (name.endswith("_dy") or name == "strip_rows"):
         continue
       if not isinstance(v, int) or v <= 0 or v % _LANES:
         raise ValueError(f"BlockSizes.{name} must be a positive multiple of {_LANES}, got {v!r}")
@@ -221,7 +236,7 @@ def _first_fit(candidates, generation, dim, dtype, *, with_grad) -> BlockSizes:
   for rows, cols in _tiles(candidates, generation, dim):
     need = max(vmem_bytes(rows, cols, dim, dtype, with_grad=g, n_stats=3) for g in with_grad)
     if need <= budget:
-      return BlockSizes(rows, cols, generation=generation)
+      return BlockSizes(rows, cols, generation=generation, strip_rows=_STRIP_ROWS.get(generation))
   raise ValueError(
     f"no tiles fit a {generation} TensorCore's VMEM at dim={dim} "
     f"({jnp.dtype(dtype).name}); pass BlockSizes explicitly"
@@ -360,6 +375,7 @@ def _tile_kernel(
   one_col,
   col_start,
   precision,
+  strip,
 ):
   """One grid step: (a tile i, b tile j), or with a resident gradient of b (core c, a tile
   i, b tile j), where core c takes the c-th share of this call's b tiles, from b tile
@@ -381,6 +397,8 @@ def _tile_kernel(
   TensorCores, say). Then a's gradient is written once, straight from the tile's matmul
   (plus the previous partial, a pipelined block here): no accumulator to zero, fill and copy
   out, passes over a (rows, D) float32 tile that otherwise fall in every step.
+
+  ``strip``: the tile body's row strip (``tile_body``); ``rows`` for none.
   """
   if with_db:
     c, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -405,12 +423,12 @@ def _tile_kernel(
     src = da_in_ref.at[c if with_db else 0, pl.ds(start, rows)]
     return pltpu.make_async_copy(src, da_in_buf, da_sem)
 
-  def _write_da(acc):
+  def _write_da(acc, rs=pl.ds(0, rows)):
     if da_partial:  # the next call, or the sum over TensorCores, applies t
-      da_ref[0] = acc
+      da_ref[0, rs, :] = acc
     else:
       # d logits / d a = t * b: apply t once per row tile rather than per tile element.
-      da_ref[...] = (scal_ref[2] * acc).astype(da_ref.dtype)
+      da_ref[rs, :] = (scal_ref[2] * acc).astype(da_ref.dtype)
 
   # Interpret mode fills fresh buffers with NaN; a TPU leaves garbage: zero accumulators.
   @pl.when(j == 0)
@@ -440,69 +458,84 @@ def _tile_kernel(
 
   def tile_body(full: bool):
     """Accumulate this tile. ``full``: it may hold positives or padding, so it pays for the
-    id compare and the mask; most tiles hold neither and run the lean body."""
-    # Loaded here, not before the branch: a tile read ahead of it would be held in vector
-    # registers across the branch and spilled.
-    a = a_ref[...]
-    valid_rows = None
-    if full and na_pad != n_a:
-      valid_rows = i * rows + lax.broadcasted_iota(jnp.int32, (rows, 1), 0) < n_a
-    b = b_ref[...]
-    s = lax.dot_general(
-      a, b, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
-    )
-    v = scal_ref[0] * s + scal_ref[1]  # the logits times log2(e)
-    pos = valid = None
-    if full:
-      pos = a_ids_ref[...] == b_ids_ref[...]  # (rows, 1) == (1, cols)
-      valid = valid_rows
-      if nb_pad != n_b:
-        col_ok = col_tile * cols + lax.broadcasted_iota(jnp.int32, (1, cols), 1) < n_b
-        valid = col_ok if valid is None else valid & col_ok
-    loss, g = mc.tile_terms(
-      v,
-      scal_ref[3],
-      pos=pos,
-      valid=valid,
-      with_loss=with_loss,
-      with_grad=with_scalar_grads or with_grad,
-    )
-    if with_grad:
-      gc = g.astype(b.dtype)
-      # Loaded before the product, and added first: Mosaic scheduled the product with 10%
-      # more MXU slots a step as `product + previous` (v5p, D = 1152), and v4's steps grew
-      # 3% with the accumulator loaded after it (static profile).
-      if one_col:
-        prev = None if da_in_ref is None else da_in_ref[0]
-      else:
-        prev = acc_ref[...]
-      da = lax.dot_general(
-        gc, b, (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
+    id compare and the mask; most tiles hold neither and run the lean body. In row strips
+    of ``strip`` rows (``mc.in_row_strips``)."""
+    b = None
+
+    def logits_terms(k):
+      nonlocal b
+      # Loaded here, not before the branch: a tile read ahead of it would be held in vector
+      # registers across the branch and spilled.
+      rs = pl.ds(k * strip, strip)
+      a = a_ref[rs, :]
+      valid_rows = None
+      if full and na_pad != n_a:
+        iota = lax.broadcasted_iota(jnp.int32, (strip, 1), 0)
+        valid_rows = i * rows + k * strip + iota < n_a
+      b = b_ref[...] if b is None else b
+      s = lax.dot_general(
+        a, b, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
       )
-      da = da if prev is None else prev + da
-      if one_col:
-        _write_da(da)
-      else:
-        acc_ref[...] = da
-      if db_ref is not None:
-        # G^T @ a into this b tile's rows of the super-block's resident gradient of b.
-        start = pl.multiple_of(j * cols, cols)
-        db_ref[pl.ds(start, cols), :] += lax.dot_general(
-          gc, a, (((0,), (0,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
+      v = scal_ref[0] * s + scal_ref[1]  # the logits times log2(e)
+      pos = valid = None
+      if full:
+        pos = a_ids_ref[rs, :] == b_ids_ref[...]  # (strip, 1) == (1, cols)
+        valid = valid_rows
+        if nb_pad != n_b:
+          col_ok = col_tile * cols + lax.broadcasted_iota(jnp.int32, (1, cols), 1) < n_b
+          valid = col_ok if valid is None else valid & col_ok
+      loss, g = mc.tile_terms(
+        v,
+        scal_ref[3],
+        pos=pos,
+        valid=valid,
+        with_loss=with_loss,
+        with_grad=with_scalar_grads or with_grad,
+      )
+      return a, s, loss, g
+
+    def gradients_and_sums(k, a, s, loss, g):
+      """Strip k's gradient matmuls, then its sums."""
+      rs = pl.ds(k * strip, strip)
+      if with_grad:
+        gc = g.astype(b.dtype)
+        # Loaded before the product, and added first: Mosaic scheduled the product with 10%
+        # more MXU slots a step as `product + previous` (v5p, D = 1152), and v4's steps grew
+        # 3% with the accumulator loaded after it (static profile).
+        if one_col:
+          prev = None if da_in_ref is None else da_in_ref[0, rs, :]
+        else:
+          prev = acc_ref[rs, :]
+        da = lax.dot_general(
+          gc, b, (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
         )
-    # The sums after the gradient matmuls, in program order. Where the MXU binds (v5e, v5p)
-    # the schedule moves a few percent either way with this order: with the sums first the
-    # fused kernel, their default, was 3-6% shorter on v5e but 2-5% longer on v5p; this
-    # way neither is more than 1% over the per-element logarithm's (static profile).
-    k = 0
-    if with_loss:
-      sp, e = loss
-      ln1p = mc.ln1p_sum(e, scal_ref[3])
-      stats_ref[0, k] += _fold(sp, rows, cols) + mc.LOG2_E * _fold(ln1p, _SUBLANES, cols)
-      k += 1
-    if with_scalar_grads:
-      stats_ref[0, k] += _fold(g * s, rows, cols)
-      stats_ref[0, k + 1] += _fold(g, rows, cols)
+        da = da if prev is None else prev + da
+        if one_col:
+          _write_da(da, rs)
+        else:
+          acc_ref[rs, :] = da
+        if db_ref is not None:
+          # G^T @ a into this b tile's rows of the super-block's resident gradient of b.
+          start = pl.multiple_of(j * cols, cols)
+          db_ref[pl.ds(start, cols), :] += lax.dot_general(
+            gc, a, (((0,), (0,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
+          )
+      # The sums after the gradient matmuls, in program order. Where the MXU binds (v5e,
+      # v5p) the schedule moves a few percent either way with this order: with the sums
+      # first the fused kernel, their default, was 3-6% shorter on v5e but 2-5% longer on
+      # v5p; this way neither is more than 1% over the per-element logarithm's (static
+      # profile).
+      stat = 0
+      if with_loss:
+        sp, e = loss
+        ln1p = mc.ln1p_sum(e, scal_ref[3])
+        stats_ref[0, stat] += _fold(sp, strip, cols) + mc.LOG2_E * _fold(ln1p, _SUBLANES, cols)
+        stat += 1
+      if with_scalar_grads:
+        stats_ref[0, stat] += _fold(g * s, strip, cols)
+        stats_ref[0, stat + 1] += _fold(g, strip, cols)
+
+    mc.in_row_strips(rows // strip, logits_terms, gradients_and_sums)
 
   # Positives are possible only where the tiles' id ranges (over real rows) overlap; padding
   # in every tile that reaches past the true extent (more than the last one where the
@@ -548,6 +581,7 @@ def _tile_pass(
   da_in=None,
   db_in=None,
   partial_out=False,
+  strip_rows=None,
 ):
   """Run the kernel over all (a tile, b tile) pairs of already padded inputs.
 
@@ -559,6 +593,7 @@ def _tile_pass(
   a float32 gradient of all of b's (padded) rows to continue from (this call reads its
   columns' rows); ``partial_out``: return a's gradient as partials even from a last call
   (without with_db: one, (1, rows of a, D), which ``da_in`` may then continue from).
+  ``strip_rows``: ``BlockSizes.strip_rows``.
 
   Returns (stats, da, db): the (k,) float32 sums (or None); the padded (rows of a, D)
   gradient t * G @ b in a's dtype, or with partial_out, or with_db unless this is the one
@@ -692,6 +727,7 @@ def _tile_pass(
     one_col=one_col,
     col_start=col_start,
     precision=precision,
+    strip=_strip(rows, strip_rows) if with_grad and with_loss else rows,
   )
   # Row tiles are independent (megacore may split them) unless they share the resident
   # gradient of b; then the cores' shares are. The column axis accumulates.
@@ -749,7 +785,18 @@ def _pad_rows(a, multiple):
 
 
 def _common(bs, interpret):
-  return dict(generation=bs.generation, vmem_limit_bytes=bs.vmem_limit_bytes, interpret=interpret)
+  return dict(
+    generation=bs.generation,
+    vmem_limit_bytes=bs.vmem_limit_bytes,
+    interpret=interpret,
+    strip_rows=bs.strip_rows,
+  )
+
+
+def _strip(rows: int, strip_rows: int | None) -> int:
+  """The tile body's row strip for a row tile of ``rows``: ``strip_rows`` where it splits
+  the tile, else the whole tile."""
+  return strip_rows if strip_rows and strip_rows < rows and rows % strip_rows == 0 else rows
 
 
 def _generation(target, x) -> str | None:
@@ -868,7 +915,7 @@ def grad_block_sizes(
   for rows, cols in fused:
     if 2 * rows * cols < first_rows * first_cols:
       break
-    bs = BlockSizes(rows, cols, generation=generation)
+    bs = BlockSizes(rows, cols, generation=generation, strip_rows=_STRIP_ROWS.get(generation))
     if _fused_plan(bs, n, m, dim, dtype)[0]:
       return bs
   return base

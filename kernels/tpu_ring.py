@@ -96,11 +96,17 @@ class BlockSizes:
   with their float32 dY; False: two trips (8 b^2 D, each logit computed twice) that keep
   only tiles in VMEM. None: one trip where the resident dX fits the chip's VMEM budget
   (``fused_vmem_bytes``; the smallest chip's, v4's 16 MiB, where no chip is known).
+
+  strip_rows: the one-trip plan's tile body in row strips of this many image rows (a
+  multiple of 128 that divides the image tile; otherwise, and for None, the whole tile),
+  each strip's dX and dY matmuls beside the next strip's elementwise work, as the block
+  kernels' ``tpu.BlockSizes.strip_rows``. Default: v6e's wide tiles take v6e's 256.
   """
 
   block_rows: int = 256
   block_cols: int = 256
   fuse_dy: bool | None = None
+  strip_rows: int | None = None
 
   @classmethod
   def get_default(
@@ -130,7 +136,7 @@ class BlockSizes:
     wide = _WIDE_TILES.get(generation)
     if wide is None or itemsize != 2 or (with_grads and fuse_dy is False):
       return square
-    wide = cls(*wide, fuse_dy)
+    wide = cls(*wide, fuse_dy, tpu._STRIP_ROWS.get(generation))
     if not with_grads or fuse_dy:
       return wide
     # With gradients only where the one-trip plan (6 b^2 D) still fits with them: giving
@@ -248,6 +254,11 @@ def _check_inputs(x, y, x_ids, y_ids, log_t, bias, block_sizes, with_grads):
     )
   if block_sizes.fuse_dy not in (None, True, False):
     raise TypeError(f"block_sizes.fuse_dy must be True, False or None, got {block_sizes.fuse_dy!r}")
+  strip = block_sizes.strip_rows
+  if strip is not None and (not isinstance(strip, int) or strip <= 0 or strip % mc.LANES):
+    raise ValueError(
+      f"block_sizes.strip_rows must be a positive multiple of {mc.LANES} or None, got {strip!r}"
+    )
   sub = mc.sublanes(x.dtype)
   for arg in ("block_rows", "block_cols"):
     t = getattr(block_sizes, arg)
@@ -284,6 +295,11 @@ class _Plan:
   # [q0, q0 + nq) of every chunk, parts[s] = (q0, nq), with their dY partial sums.
   fused: bool = False
   parts: tuple = ()
+  strip: int = 0  # the one-trip plan's image-row strip (``BlockSizes.strip_rows``); 0: tm
+
+  @property
+  def strip_rows(self):
+    return self.strip or self.tm
 
   @property
   def ta(self):  # rows of an A tile
@@ -519,6 +535,13 @@ def _valid(plan: _Plan, i, j):
   return jnp.logical_and(r < plan.b_valid, c < plan.b_valid)
 
 
+def _strip_of(mask, k, strip):
+  """Rows [k strip, (k + 1) strip) of a (tm, tn) mask, or None."""
+  if mask is None or mask.shape[0] == strip:
+    return mask
+  return mask[k * strip : (k + 1) * strip]
+
+
 def _add_stats(plan: _Plan, r: _Refs, loss, g, s):
   """Column sums of a tile into the sums rows: the loss, and G * S and G for the scalars'
   gradients."""
@@ -710,21 +733,32 @@ def _fused_sweep(plan: _Plan, r: _Refs, part, b_blk, b_ids_blk, src, db_io):
     c.start()
 
   def tile_step(o, q, so, sq, full):
-    x_val, y_val = r.a_tile[so], r.b_tile[sq]
-    pos = valid = None
-    if full:
-      pos, valid = r.a_id_tile[so] == r.b_id_tile[sq], _valid(plan, o, q0 + q)
-    loss, g, s = _tile(x_val, y_val, pos, r.params, valid)
-    gt = (g * r.params[2]).astype(x_val.dtype)
-    prec = mc.precision(x_val.dtype)
-    dx = _rows(r.da_all, tm, o)
-    dx[...] += jnp.dot(gt, y_val, precision=prec, preferred_element_type=jnp.float32)
-    r.db_acc[sq] += lax.dot_general(
-      gt, x_val, _TN, precision=prec, preferred_element_type=jnp.float32
-    )
-    # After the matmuls, as in the block kernel: v5p's steps came out 6-7% shorter than with
-    # the sums first, v5e's 1-4% longer (static profile).
-    _add_stats(plan, r, loss, g, s)
+    # In row strips of the image tile (``mc.in_row_strips``).
+    strip = plan.strip_rows
+    y_val = r.b_tile[sq]
+    valid = None if not full else _valid(plan, o, q0 + q)
+    prec = mc.precision(y_val.dtype)
+
+    def logits_terms(k):
+      rs = pl.ds(k * strip, strip)
+      x_val = r.a_tile[so, rs, :]
+      pos = None
+      if full:
+        pos = r.a_id_tile[so, rs, :] == r.b_id_tile[sq]
+      return (x_val, *_tile(x_val, y_val, pos, r.params, _strip_of(valid, k, strip)))
+
+    def gradients_and_sums(k, x_val, loss, g, s):
+      gt = (g * r.params[2]).astype(x_val.dtype)
+      dx = _rows(r.da_all, tm, o).at[pl.ds(k * strip, strip)]
+      dx[...] += jnp.dot(gt, y_val, precision=prec, preferred_element_type=jnp.float32)
+      r.db_acc[sq] += lax.dot_general(
+        gt, x_val, _TN, precision=prec, preferred_element_type=jnp.float32
+      )
+      # After the matmuls, as in the block kernel: v5p's steps came out 6-7% shorter than
+      # with the sums first, v5e's 1-4% longer (static profile).
+      _add_stats(plan, r, loss, g, s)
+
+    mc.in_row_strips(tm // strip, logits_terms, gradients_and_sums)
 
   def step(c, carry):
     q, o = c // n_a, lax.rem(c, n_a)
@@ -1174,7 +1208,15 @@ def _trip(x, y, x_ids, y_ids, log_t, bias, axis_name, schedule, interpret, block
     # One trip: each block once, dY travelling with the text chunks.
     fused_hops, parts = _fused_streams(n_dev, schedule, b // tn)
     sums, dx, dy = call(
-      plan(stats=3, grad=True, transposed=False, fused=True, parts=parts, hops=fused_hops),
+      plan(
+        stats=3,
+        grad=True,
+        transposed=False,
+        fused=True,
+        parts=parts,
+        hops=fused_hops,
+        strip=tpu._strip(tm, block_sizes.strip_rows),
+      ),
       **text_travels,
       name="siglip_ring_fwd_bwd",
     )

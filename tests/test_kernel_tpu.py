@@ -16,6 +16,7 @@ therefore measured against sum |terms|, the scale float32 summation error lives 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only libtpu, any process
@@ -104,6 +105,10 @@ def check(got, want, dtype, what="", scales=None):
       tpu.BlockSizes(128, 128, fuse_dy=True, dy_splits=3),
       marks=pytest.mark.slow,
     ),
+    # row strips (v6e's default form): the fused kernel with ragged rows (the last row
+    # tile's second strip is all padding) and positives across strips; the two kernels
+    (jnp.bfloat16, 300, 200, 128, tpu.BlockSizes(256, 128, fuse_dy=True, strip_rows=128)),
+    (jnp.float32, 200, 328, 96, tpu.BlockSizes(256, 256, 128, 128, strip_rows=128)),
     # two calls chained through the partial dX, each split over two TensorCores (4 and 2
     # column tiles, the last all padding)
     (
@@ -402,6 +407,40 @@ def _pallas_params(fn, *args):
   return [e.params for e in jaxpr.eqns if e.primitive.name == "pallas_call"]
 
 
+def _count_eqns(jaxpr, name) -> int:
+  """Equations named ``name`` in a jaxpr and every jaxpr nested in its equations."""
+  n = 0
+  for e in jaxpr.eqns:
+    n += e.primitive.name == name
+    for v in e.params.values():
+      for sub in v if isinstance(v, (tuple, list)) else (v,):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          n += _count_eqns(inner, name)
+  return n
+
+
+def test_row_strips_split_the_gradient_kernels_only():
+  # strip_rows=128 on 256-row tiles: the fused and dX kernels run each tile body (lean and
+  # full) as two strips of three and two matmuls; the forward and the dY kernel (no loss in
+  # its tile) keep whole tiles. The sums come out in another order: float32 rounding apart,
+  # the same numbers.
+  x, y = inputs(5, 384, 256, 64, jnp.float32)
+  ids = (jnp.arange(384, dtype=jnp.int32), jnp.arange(256, dtype=jnp.int32))
+  args = (x, y, *ids, jnp.float32(LOG10), jnp.float32(-10.0))
+  for fuse, dots in ((True, [2 * 2 * 3]), (False, [2 * 2 * 2, 2 * 2])):
+    whole = tpu.BlockSizes(256, 128, 128, 128, fuse_dy=fuse)
+    strips = dataclasses.replace(whole, strip_rows=128)
+    run = lambda bs: functools.partial(tpu.loss_sum_and_grads, block_sizes=bs, interpret=True)
+    params = _pallas_params(run(strips), *args)
+    assert [_count_eqns(p["jaxpr"], "dot_general") for p in params] == dots
+    got, want = run(strips)(*args), run(whole)(*args)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      assert rel_err(g, w) < 1e-6
+  fwd = functools.partial(tpu.loss_sum, block_sizes=strips, interpret=True)
+  assert [_count_eqns(p["jaxpr"], "dot_general") for p in _pallas_params(fwd, *args)] == [2]
+
+
 @pytest.mark.parametrize(
   "dtype,n,m,block_sizes,calls",
   [
@@ -409,6 +448,14 @@ def _pallas_params(fn, *args):
     # continues from the first's partial dX and writes it in x's dtype, times t
     (jnp.bfloat16, 300, 256, tpu.BlockSizes(128, 128, fuse_dy=True, dy_splits=2), 2),
     (jnp.float32, 300, 256, tpu.BlockSizes(128, 128, fuse_dy=True, dy_splits=2), 2),
+    # the same in row strips: each strip's dX written on its own
+    (
+      jnp.bfloat16,
+      300,
+      256,
+      tpu.BlockSizes(256, 128, fuse_dy=True, dy_splits=2, strip_rows=128),
+      2,
+    ),
     # two TensorCores, one column tile each (a driver's half chunk on v5p)
     (jnp.bfloat16, 300, 256, tpu.BlockSizes(128, 128, fuse_dy=True, generation="v5p"), 1),
     # the two kernels, each with one column tile (y within the dX kernel's, x within the dY's)
@@ -549,6 +596,14 @@ def test_block_sizes_validation_and_generation_defaults():
   for bad in (0, 2.0, True):
     with pytest.raises(ValueError, match="dy_splits must be a positive int"):
       tpu.BlockSizes(128, 128, dy_splits=bad)
+  with pytest.raises(ValueError, match="strip_rows must be a positive multiple of 128"):
+    tpu.BlockSizes(256, 128, strip_rows=64)
+  # Row strips by default where the profile took them (v6e), for every default plan.
+  for gen in tpu.VMEM_CAPACITY:
+    want = 256 if gen == "v6e" else None
+    assert tpu.BlockSizes.for_generation(gen, 1152).strip_rows == want
+    assert tpu.forward_block_sizes(gen, dim=1152).strip_rows == want
+    assert tpu.grad_block_sizes(gen, 4096, 4096, 1152, jnp.bfloat16).strip_rows == want
   for gen, cap in tpu.VMEM_CAPACITY.items():
     for dim in (768, 1152, 1536):
       for dtype in (jnp.bfloat16, jnp.float32):
@@ -884,14 +939,19 @@ _TILE = st.sampled_from([128, 256])
   cols_dy=_TILE,
   fuse=st.booleans(),
   splits=st.sampled_from([None, 2, 3]),
+  strip=st.sampled_from([None, 128]),
   dup=st.booleans(),
   seed=st.integers(0, 2**16),
 )
-def test_any_block_sizes_match_oracle(n, m, rows, cols, rows_dy, cols_dy, fuse, splits, dup, seed):
+def test_any_block_sizes_match_oracle(
+  n, m, rows, cols, rows_dy, cols_dy, fuse, splits, strip, dup, seed
+):
   x, y = inputs(seed, n, m, 64, jnp.float32)
   x_ids = np.arange(n) // (3 if dup else 1)
   y_ids = np.arange(m) // (3 if dup else 1)
-  bs = tpu.BlockSizes(rows, cols, rows_dy, cols_dy, fuse_dy=fuse, dy_splits=splits)
+  bs = tpu.BlockSizes(
+    rows, cols, rows_dy, cols_dy, fuse_dy=fuse, dy_splits=splits, strip_rows=strip
+  )
   got = tpu.loss_sum_and_grads(
     x,
     y,

@@ -397,6 +397,29 @@ def test_text_tiles_fill_whole_lanes(capfd, fuse_dy):
   )
 
 
+def test_row_strips_match_reference(capfd):
+  # The one-trip plan in 128-row strips of 256-row image tiles (v6e's default form, 256 of
+  # 512 there): b = 300 pads to 512, so the last tile's second strip is all padding, and
+  # duplicate ids put positives in both strips of a tile.
+  n, b_local = 2, 300
+  ids = jax.random.randint(jax.random.key(81), (n * b_local,), 0, 400).astype(jnp.int32)
+  bs = tpu_ring.BlockSizes(256, 128, True, strip_rows=128)
+  assert tpu_ring._fit_tiles(b_local, bs, 8) == (256, 128, 512)
+  _check_ring(
+    capfd,
+    n,
+    "bidirectional",
+    "on_wait",
+    jnp.float32,
+    False,
+    bs,
+    b_local=b_local,
+    dim=24,
+    seed=82,
+    ids=ids,
+  )
+
+
 def test_default_tiles_follow_the_chip_and_the_plan(monkeypatch):
   mib = 2**20
 
@@ -420,6 +443,10 @@ def test_default_tiles_follow_the_chip_and_the_plan(monkeypatch):
   assert default(v5e, batch=4096, with_grads=False) == (512, 512, None)
   assert default(v4, batch=4096) == (256, 256, None)
   assert default((None, None), batch=4096, with_grads=False) == (256, 256, None)
+  # Row strips (tpu.BlockSizes.strip_rows) come with v6e's wide tiles only.
+  monkeypatch.setattr(tpu_ring, "_chip", lambda: v6e)
+  assert tpu_ring.BlockSizes.get_default(1152, jnp.bfloat16, batch=4096).strip_rows == 256
+  assert tpu_ring.BlockSizes.get_default(1152, jnp.bfloat16, batch=16384).strip_rows is None
 
 
 def test_lean_and_full_tiles_follow_the_ids(capfd):
@@ -635,6 +662,7 @@ def test_copies_overlap_compute(monkeypatch, n, schedule, fuse_dy):
     (dict(block_sizes=tpu_ring.BlockSizes(12, 16)), ValueError, "block_rows"),
     (dict(block_sizes=tpu_ring.BlockSizes(16, 0)), ValueError, "block_cols"),
     (dict(block_sizes=tpu_ring.BlockSizes(16, 16, fuse_dy="yes")), TypeError, "fuse_dy"),
+    (dict(block_sizes=tpu_ring.BlockSizes(256, 256, strip_rows=64)), ValueError, "strip_rows"),
     (dict(block_sizes=(16, 16)), TypeError, "block_sizes"),
     (dict(schedule="ring"), ValueError, "schedule"),
   ],
