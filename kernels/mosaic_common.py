@@ -133,7 +133,8 @@ def in_row_strips(n: int, logits_terms, gradients):
   matmul and elementwise work). libtpu schedules a basic block's MXU work early and its
   vector work late: a whole tile runs its elementwise phase with the MXU mostly idle, then
   the gradient matmuls with the VPU mostly idle. Strip k's matmuls are independent of
-  strip k + 1's elementwise work, so the scheduler can issue the two side by side."""
+  strip k + 1's elementwise work, so the scheduler can issue the two side by side (in a
+  forward, strip k + 1's logits matmul beside strip k's elementwise work)."""
   pending = logits_terms(0)
   for k in range(1, n + 1):
     ahead = logits_terms(k) if k < n else None

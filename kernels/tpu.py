@@ -118,14 +118,15 @@ _FORWARD_TILES = dict(
   v5p=tuple(c[:2] for c in _CANDIDATE_TILES["v5p"]),
 )
 
-# The row strips of the kernels whose tile makes the loss and a gradient (the fused and dX
+# The row strips of the kernels whose tile makes the loss (the forward, the fused and dX
 # kernels; ``BlockSizes.strip_rows``, ``mc.in_row_strips``). v6e's vector work per pair is
 # close to its MXU work, and whole-tile bodies ran the two in separate phases: in 256-row
-# strips (its MXU's width) the fused kernel's steady step is 4.2% / 3.8% shorter and the dX
-# kernel's 3.3% / 5.3% (static profile, B = 4096, bf16, D = 768 / 1152); 128-row strips
-# lose (fused +11% / +8%), and so does v6e's dY kernel (+0.5%). v4, v5e and v5p are MXU
-# bound with room on the VPU: 256-row strips cost their fused kernels 4.5-6.5% at D = 768
-# and nothing at 1152.
+# strips (its MXU's width) the steady step is shorter by 8.6% / 3.5% for the forward, 4.2% /
+# 3.8% for the fused kernel and 3.3% / 5.3% for the dX kernel (static profile, B = 4096,
+# bf16, D = 768 / 1152); 128-row strips lose (forward +57% / +54%, fused +11% / +8%), and so
+# does v6e's dY kernel (+0.5%). v4, v5e and v5p are MXU bound with room on the VPU:
+# 256-row strips cost their fused kernels 4.5-6.5% at D = 768 (nothing at 1152) and their
+# forwards up to 5.4%.
 _STRIP_ROWS = {"v6e": 256}
 
 # TensorCores per jax device (megacore): they split the fused kernel's super-blocks.
@@ -176,10 +177,11 @@ class BlockSizes:
     call each, or a pair per call on v4/v5p, one per TensorCore; at most one per column
     tile). None: the fewest whose resident dY fits the VMEM budget, a multiple of the
     TensorCores so that both have work; 1 where no generation is known.
-  strip_rows: the value-and-grad kernels' tile body in row strips of this many rows (a
-    multiple of 128 that divides the row tile; otherwise, and for None, the whole tile), each
-    strip's gradient matmuls beside the next strip's elementwise work. The generations'
-    defaults: 256 on v6e, None elsewhere (``_STRIP_ROWS``).
+  strip_rows: the tile body of the kernels that make the loss (the forward, the fused and
+    dX kernels) in row strips of this many rows (a multiple of 128 that divides the row
+    tile; otherwise, and for None, the whole tile), each strip's logits matmul and gradient
+    matmuls beside its neighbours' elementwise work. The generations' defaults: 256 on v6e,
+    None elsewhere (``_STRIP_ROWS``).
   """
 
   block_rows: int = 512
@@ -727,7 +729,7 @@ def _tile_pass(
     one_col=one_col,
     col_start=col_start,
     precision=precision,
-    strip=_strip(rows, strip_rows) if with_grad and with_loss else rows,
+    strip=_strip(rows, strip_rows) if with_loss else rows,
   )
   # Row tiles are independent (megacore may split them) unless they share the resident
   # gradient of b; then the cores' shares are. The column axis accumulates.
