@@ -526,20 +526,16 @@ def _column(row):
   return jnp.transpose(jnp.broadcast_to(row, (128, n)))[:, :1]
 
 
-def _valid(plan: _Plan, i, j):
-  """Which pairs of logits tile (i, j) are real (None when the batch needed no padding)."""
+def _valid(plan: _Plan, i, j, strip=None, k=0):
+  """Which pairs of logits tile (i, j) are real (None when the batch needed no padding);
+  with ``strip``, those of the tile's row strip k of that many rows."""
   if plan.b_valid == plan.b:
     return None
-  r = i * plan.tm + lax.broadcasted_iota(jnp.int32, (plan.tm, plan.tn), 0)
-  c = j * plan.tn + lax.broadcasted_iota(jnp.int32, (plan.tm, plan.tn), 1)
+  strip = strip or plan.tm
+  first = i * plan.tm + k * strip if k else i * plan.tm
+  r = first + lax.broadcasted_iota(jnp.int32, (strip, plan.tn), 0)
+  c = j * plan.tn + lax.broadcasted_iota(jnp.int32, (strip, plan.tn), 1)
   return jnp.logical_and(r < plan.b_valid, c < plan.b_valid)
-
-
-def _strip_of(mask, k, strip):
-  """Rows [k strip, (k + 1) strip) of a (tm, tn) mask, or None."""
-  if mask is None or mask.shape[0] == strip:
-    return mask
-  return mask[k * strip : (k + 1) * strip]
 
 
 def _add_stats(plan: _Plan, r: _Refs, loss, g, s):
@@ -736,16 +732,16 @@ def _fused_sweep(plan: _Plan, r: _Refs, part, b_blk, b_ids_blk, src, db_io):
     # In row strips of the image tile (``mc.in_row_strips``).
     strip = plan.strip_rows
     y_val = r.b_tile[sq]
-    valid = None if not full else _valid(plan, o, q0 + q)
     prec = mc.precision(y_val.dtype)
 
     def logits_terms(k):
       rs = pl.ds(k * strip, strip)
       x_val = r.a_tile[so, rs, :]
-      pos = None
+      pos = valid = None
       if full:
         pos = r.a_id_tile[so, rs, :] == r.b_id_tile[sq]
-      return (x_val, *_tile(x_val, y_val, pos, r.params, _strip_of(valid, k, strip)))
+        valid = _valid(plan, o, q0 + q, strip, k)
+      return (x_val, *_tile(x_val, y_val, pos, r.params, valid))
 
     def gradients_and_sums(k, x_val, loss, g, s):
       gt = (g * r.params[2]).astype(x_val.dtype)
