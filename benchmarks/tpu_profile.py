@@ -416,6 +416,16 @@ _OPS = {
 }
 
 
+def tile_loop(sched: Schedule) -> Loop | None:
+  """The kernel's tile loop: its longest outermost loop that holds a matmul. None where no
+  loop does: a kernel that runs all its tiles outside loops (the ring's loss alone at one
+  tile a block), whose profile is then the whole kernel, not a zero-fill loop's."""
+  tiles = [
+    l for l in sched.loops if _OPS["matmul"].search("\n".join(sched.texts[l.start : l.end + 1]))
+  ]
+  return max(tiles, key=lambda l: l.bundles) if tiles else None
+
+
 def kernel_schedule(op: str, bundles_path, util_path) -> KernelSchedule:
   sched = parse_bundles(bundles_path)
   util = parse_utilization(util_path)
@@ -423,7 +433,7 @@ def kernel_schedule(op: str, bundles_path, util_path) -> KernelSchedule:
     raise DumpFormatError(
       util_path, f"one row per bundle of {bundles_path} ({len(sched.texts)}), got {len(util.rows)}"
     )
-  loop = max(sched.loops, key=lambda l: l.bundles) if sched.loops else None
+  loop = tile_loop(sched)
   lo, hi = (loop.start, loop.end) if loop else (0, len(sched.texts) - 1)
   body = expand(loop) if loop else list(range(lo, hi + 1))
   spill_col = UNITS.index("VSTORE:SPILL")
@@ -621,6 +631,7 @@ def _ring_fn(mesh, with_grads: bool, fuse_dy=None):
     bs = tpu_ring.BlockSizes.get_default(
       x.shape[1], x.dtype, batch=x.shape[0], with_grads=with_grads, fuse_dy=fuse_dy
     )
+
     return tpu_ring.ring_loss(
       x, y, ids, ids, lt, b, axis_name="batch", schedule="bidirectional", block_sizes=bs
     )

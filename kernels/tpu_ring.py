@@ -97,10 +97,12 @@ class BlockSizes:
   only tiles in VMEM. None: one trip where the resident dX fits the chip's VMEM budget
   (``fused_vmem_bytes``; the smallest chip's, v4's 16 MiB, where no chip is known).
 
-  strip_rows: the one-trip plan's tile body in row strips of this many image rows (a
-  multiple of 128 that divides the image tile; otherwise, and for None, the whole tile),
-  each strip's dX and dY matmuls beside the next strip's elementwise work, as the block
-  kernels' ``tpu.BlockSizes.strip_rows``. Default: v6e's wide tiles take v6e's 256.
+  strip_rows: the tile body of the trips that make the loss (the loss alone, the one-trip
+  plan, the first of two trips) in row strips of this many image rows (a multiple of 128
+  that divides the image tile; otherwise, and for None, the whole tile), each strip's
+  gradient matmuls and sums beside the next strip's elementwise work, as the block
+  kernels' ``tpu.BlockSizes.strip_rows``. The transposed dY trip keeps whole tiles.
+  Default: v6e's wide tiles take v6e's 256.
   """
 
   block_rows: int = 256
@@ -134,23 +136,37 @@ class BlockSizes:
       size = 256
     square = cls(size, size, fuse_dy)
     wide = _WIDE_TILES.get(generation)
-    if wide is None or itemsize != 2 or (with_grads and fuse_dy is False):
+    if wide is None or itemsize != 2:
       return square
-    wide = cls(*wide, fuse_dy, tpu._STRIP_ROWS.get(generation))
-    if not with_grads or fuse_dy:
+    strip = tpu._STRIP_ROWS.get(generation)
+    loss_tiles, grad_tiles = wide
+    if not with_grads:
+      return cls(*loss_tiles, fuse_dy, strip)
+    wide = cls(*grad_tiles, fuse_dy, strip)
+    if fuse_dy is not None:
       return wide
-    # With gradients only where the one-trip plan (6 b^2 D) still fits with them: giving
-    # it up for two trips (8 b^2 D) would cost far more than the wide tiles save.
-    tm, tn, b = _fit_tiles(batch or size, wide, mc.sublanes(dtype), _lanes(generation))
-    return wide if _fuses(wide, b, tm, tn, dim, itemsize) else square
+    # The one-trip plan (6 b^2 D) wherever it fits, in the wide tiles or else the square
+    # ones (the smaller text tile leaves more VMEM to the resident dX), in strips either way
+    # (square: -1.3% a trip at b = 16384, D = 1152): giving it up for two trips (8 b^2 D)
+    # costs far more than the wide tiles save. Two trips: wide tiles.
+    sub, lanes, b = mc.sublanes(dtype), _lanes(generation), batch or size
+    for tiles in (wide, cls(size, size, fuse_dy, strip)):
+      tm, tn, b_pad = _fit_tiles(b, tiles, sub, lanes)
+      if _fuses(tiles, b_pad, tm, tn, dim, itemsize):
+        return tiles
+    return wide
 
 
-# Tiles wider than the square default, per generation, for bf16 inputs. v6e's MXUs leave the
-# per-element vector work to decide, and a wider text tile halves the passes per image row
-# (static profile, b = 4096, bf16, per hop against 512 x 512: loss only -14.5% at D = 768 and
-# -9.7% at D = 1152, the one-trip value-and-grad -6.0% and -4.5%; docs/PERFORMANCE.md
-# section 5). On v5e the same tiles gain 0.6-4.7% and double the compile time: not taken.
-_WIDE_TILES = {"v6e": (512, 1024)}
+# Tiles wider than the square default, per generation, for bf16 inputs: (the loss alone,
+# with gradients), image rows x text rows. v6e's MXUs leave the per-element vector work to
+# decide; a wider text tile halves the passes per image row and a taller image tile gives
+# the row strips room (static profile, bf16, a hop at b = 4096, D = 768 / 1152, against
+# 512 x 512: the one-trip value-and-grad -6.0% / -4.5%, the two trips in 256-row strips
+# -14% / -12%; the loss alone at 1024 x 1024 in strips -11% / -9% against 512 x 1024 whole;
+# docs/PERFORMANCE.md section 5). Larger tiles gain a few % more and compile several times
+# longer (two trips at 1024 x 2048: 4 min in the profiler, against 45 s). On v5e the wide
+# tiles gain 0.6-4.7% and double the compile time: not taken.
+_WIDE_TILES = {"v6e": ((1024, 1024), (512, 1024))}
 
 # The one-trip plan's VMEM budget where no chip is known: the smallest chip's.
 _SMALLEST_VMEM = min(mc.VMEM_CAPACITY.values())
@@ -295,7 +311,7 @@ class _Plan:
   # [q0, q0 + nq) of every chunk, parts[s] = (q0, nq), with their dY partial sums.
   fused: bool = False
   parts: tuple = ()
-  strip: int = 0  # the one-trip plan's image-row strip (``BlockSizes.strip_rows``); 0: tm
+  strip: int = 0  # image-row strip of a trip with the loss (``BlockSizes.strip_rows``); 0: tm
 
   @property
   def strip_rows(self):
@@ -623,29 +639,44 @@ def _sweep(plan: _Plan, r: _Refs, b_blk, b_ids_blk, src, first):
   for c in fetches(inner, 0, 0, 2):
     c.start()
 
-  def compute(o, q, a_bufs, b_bufs, full):
+  def compute(o, q, so, a_bufs, b_bufs, full):
     (a_t, a_id), (b_t, b_id) = a_bufs, b_bufs
-    a_val, b_val = a_t[...], b_t[...]
-    if tr:  # A = y (text rows o), B = x (image rows q)
-      x_val, y_val, i, j = b_val, a_val, q, o
-    else:
-      x_val, y_val, i, j = a_val, b_val, o, q
-    pos = valid = None
-    if full:
-      xid, yid = (_column(b_id[...]), a_id[...]) if tr else (a_id[...], b_id[...])
-      pos, valid = xid == yid, _valid(plan, i, j)
-    loss, g, s = _tile(x_val, y_val, pos, r.params, valid, with_loss=bool(plan.stats))
-    _add_stats(plan, r, loss, g, s)
-    if not grad:
-      return None
-    gt = (g * r.params[2]).astype(b_val.dtype)
-    if tr:  # dY tile = t * G^T @ X
-      return lax.dot_general(
-        gt, b_val, _TN, precision=mc.precision(b_val.dtype), preferred_element_type=jnp.float32
-      )
-    return jnp.dot(
-      gt, b_val, precision=mc.precision(b_val.dtype), preferred_element_type=jnp.float32
-    )
+    strip = plan.strip_rows
+    n = 1 if tr else ta // strip
+    # A whole tile loads A before B: the order the other chips' schedules were checked in.
+    a_val = a_t[...] if n == 1 else None
+    b_val = b_t[...]
+    prec = mc.precision(b_val.dtype)
+    if tr:  # A = y (text rows o), B = x (image rows q): dA tile = t * G^T @ X, whole
+      pos = valid = None
+      if full:
+        pos, valid = _column(b_id[...]) == a_id[...], _valid(plan, q, o)
+      loss, g, s = _tile(b_val, a_val, pos, r.params, valid, with_loss=bool(plan.stats))
+      _add_stats(plan, r, loss, g, s)
+      gt = (g * r.params[2]).astype(b_val.dtype)
+      dy = lax.dot_general(gt, b_val, _TN, precision=prec, preferred_element_type=jnp.float32)
+      acc_tile(so)[...] += dy
+      return
+    # A = x: in row strips of the image tile (``mc.in_row_strips``; one strip: the tile).
+    rows = lambda k: pl.ds(k * strip, strip)
+
+    def logits_terms(k):
+      a_strip = a_val if n == 1 else a_t[rows(k), :]
+      pos = valid = None
+      if full:
+        pos = (a_id[...] if n == 1 else a_id[rows(k), :]) == b_id[...]
+        valid = _valid(plan, o, q, strip, k)
+      return _tile(a_strip, b_val, pos, r.params, valid, with_loss=bool(plan.stats))
+
+    def stats_and_gradient(k, loss, g, s):
+      _add_stats(plan, r, loss, g, s)
+      if grad:  # dA strip = t * G @ Y
+        gt = (g * r.params[2]).astype(b_val.dtype)
+        dx = jnp.dot(gt, b_val, precision=prec, preferred_element_type=jnp.float32)
+        acc = acc_tile(so)
+        (acc if n == 1 else acc.at[rows(k)])[...] += dx
+
+    mc.in_row_strips(n, logits_terms, stats_and_gradient)
 
   def step(c, carry):
     o, q = c // n_inner, lax.rem(c, n_inner)
@@ -680,11 +711,7 @@ def _sweep(plan: _Plan, r: _Refs, b_blk, b_ids_blk, src, first):
         acc_tile(so)[...] = jnp.zeros((ta, plan.dim), jnp.float32)
 
     def tile_step(full):
-      contrib = compute(
-        o, q, [buf.at[so] for _, buf in outer], [buf.at[si] for _, buf in inner], full
-      )
-      if grad:
-        acc_tile(so)[...] += contrib
+      compute(o, q, so, [buf.at[so] for _, buf in outer], [buf.at[si] for _, buf in inner], full)
 
     full = _may_meet(plan, r, src, o, q)
     pl.when(full)(lambda: tile_step(True))
@@ -1190,6 +1217,8 @@ def _trip(x, y, x_ids, y_ids, log_t, bias, axis_name, schedule, interpret, block
     )
   hops = _ring_hops(n_dev, schedule)
   plan = functools.partial(_Plan, n_dev, b, b_valid, dim, tm, tn, x.dtype, hops=hops)
+  # Image-row strips for the trips that make the loss (the transposed dY trip: whole tiles).
+  strip = tpu._strip(tm, block_sizes.strip_rows)
   call = functools.partial(
     _ring_call, params=params, me=me, axis_name=axis_name, interpret=interpret
   )
@@ -1197,7 +1226,9 @@ def _trip(x, y, x_ids, y_ids, log_t, bias, axis_name, schedule, interpret, block
   text_travels = dict(a_rng=x_rng, b_rng=y_rng_all, a=x, a_ids=xid, bm=y, b_ids=yid)
   if not with_grads:
     sums, _, _ = call(
-      plan(stats=1, grad=False, transposed=False), **text_travels, name="siglip_ring_fwd"
+      plan(stats=1, grad=False, transposed=False, strip=strip),
+      **text_travels,
+      name="siglip_ring_fwd",
     )
     return jnp.sum(sums[0]) * mc.LN_2
   if _fuses(block_sizes, b, tm, tn, dim, x.dtype.itemsize):
@@ -1211,14 +1242,16 @@ def _trip(x, y, x_ids, y_ids, log_t, bias, axis_name, schedule, interpret, block
         fused=True,
         parts=parts,
         hops=fused_hops,
-        strip=tpu._strip(tm, block_sizes.strip_rows),
+        strip=strip,
       ),
       **text_travels,
       name="siglip_ring_fwd_bwd",
     )
   else:
     sums, dx, _ = call(
-      plan(stats=3, grad=True, transposed=False), **text_travels, name="siglip_ring_fwd_bwd_dx"
+      plan(stats=3, grad=True, transposed=False, strip=strip),
+      **text_travels,
+      name="siglip_ring_fwd_bwd_dx",
     )
     # The transposed block: y owned, x travelling with its ids; the same logits tiles.
     _, dy, _ = call(

@@ -397,14 +397,17 @@ def test_text_tiles_fill_whole_lanes(capfd, fuse_dy):
   )
 
 
-def test_row_strips_match_reference(capfd):
-  # The one-trip plan in 128-row strips of 256-row image tiles (v6e's default form, 256 of
-  # 512 there): b = 300 pads to 512, so the last tile's second strip is all padding, and
-  # duplicate ids put positives in both strips of a tile.
+@pytest.mark.parametrize("fuse_dy", [True, False])
+def test_row_strips_match_reference(capfd, fuse_dy):
+  # The trips that make the loss in 128-row strips of 256-row image tiles (v6e's default
+  # form, 256 of 512 or 1024 there): the one-trip plan, or the first of two trips beside a
+  # whole-tile dY trip; then the loss alone. b = 300 pads to 512, so the last tile's second
+  # strip is all padding, and duplicate ids put positives in both strips of a tile.
   n, b_local = 2, 300
   ids = jax.random.randint(jax.random.key(81), (n * b_local,), 0, 400).astype(jnp.int32)
-  bs = tpu_ring.BlockSizes(256, 128, True, strip_rows=128)
+  bs = tpu_ring.BlockSizes(256, 128, fuse_dy, strip_rows=128)
   assert tpu_ring._fit_tiles(b_local, bs, 8) == (256, 128, 512)
+  seed = 82 + int(fuse_dy)
   _check_ring(
     capfd,
     n,
@@ -415,9 +418,16 @@ def test_row_strips_match_reference(capfd):
     bs,
     b_local=b_local,
     dim=24,
-    seed=82,
+    seed=seed,
     ids=ids,
   )
+  if fuse_dy:
+    return
+  x, y = random_inputs(seed, n * b_local, 24)
+  lt, b = jnp.float32(2.3), jnp.float32(-9.0)
+  loss = _kernel_ring(n, "bidirectional", True, bs, with_grads=False)(x, y, ids, lt, b)
+  _assert_clean(capfd, False)
+  assert rel_err(loss, numpy_loss_and_grads(x, y, lt, b, ids)[0]) < TOL[jnp.float32]
 
 
 def test_default_tiles_follow_the_chip_and_the_plan(monkeypatch):
@@ -429,24 +439,30 @@ def test_default_tiles_follow_the_chip_and_the_plan(monkeypatch):
     return bs.block_rows, bs.block_cols, bs.fuse_dy
 
   v6e, v5e, v4 = ("v6e", 128 * mib), ("v5e", 128 * mib), ("v4", 16 * mib)
-  # v6e, bf16: the wide tiles for the loss alone, and with gradients where the one-trip
-  # plan still fits with them (its resident f32 dX: b = 4096 yes, 16384 no).
-  assert default(v6e, batch=16384, with_grads=False) == (512, 1024, None)
+  # v6e, bf16: 1024 x 1024 for the loss alone; with gradients 512 x 1024 for the one-trip
+  # plan where it fits with them (its resident f32 dX: b = 4096 yes), else the square tiles
+  # where the one-trip plan fits with those (16384 at D = 1152), else for the two trips.
+  assert default(v6e, batch=16384, with_grads=False) == (1024, 1024, None)
   assert default(v6e, batch=4096) == (512, 1024, None)
   need = tpu_ring.fused_vmem_bytes(16384, 512, 1024, 1152, 2)
   assert need > mc.VMEM_BUDGET * 128 * mib
+  assert tpu_ring.fused_vmem_bytes(16384, 512, 512, 1152, 2) <= mc.VMEM_BUDGET * 128 * mib
   assert default(v6e, batch=16384) == (512, 512, None)
-  # The two trips keep the square tiles; float32 inputs too (the wide ones are measured
-  # for bf16 only).
-  assert default(v6e, batch=4096, fuse_dy=False) == (512, 512, False)
+  assert tpu_ring.fused_vmem_bytes(32768, 512, 512, 1152, 2) > mc.VMEM_BUDGET * 128 * mib
+  assert default(v6e, batch=32768) == (512, 1024, None)
+  assert default(v6e, batch=4096, fuse_dy=False) == (512, 1024, False)
+  # Float32 inputs keep the square tiles (the wide ones are measured for bf16 only).
   assert default(v6e, dtype=jnp.float32, batch=4096, with_grads=False) == (512, 512, None)
   assert default(v5e, batch=4096, with_grads=False) == (512, 512, None)
   assert default(v4, batch=4096) == (256, 256, None)
   assert default((None, None), batch=4096, with_grads=False) == (256, 256, None)
-  # Row strips (tpu.BlockSizes.strip_rows) come with v6e's wide tiles only.
+  # Row strips (tpu.BlockSizes.strip_rows) on v6e, bf16, in every plan; not on v5e.
   monkeypatch.setattr(tpu_ring, "_chip", lambda: v6e)
-  assert tpu_ring.BlockSizes.get_default(1152, jnp.bfloat16, batch=4096).strip_rows == 256
-  assert tpu_ring.BlockSizes.get_default(1152, jnp.bfloat16, batch=16384).strip_rows is None
+  strip = lambda **kw: tpu_ring.BlockSizes.get_default(1152, jnp.bfloat16, **kw).strip_rows
+  assert strip(batch=4096) == strip(batch=16384) == strip(batch=32768) == 256
+  assert strip(with_grads=False) == 256
+  monkeypatch.setattr(tpu_ring, "_chip", lambda: v5e)
+  assert strip(batch=4096) is None
 
 
 def test_lean_and_full_tiles_follow_the_ids(capfd):
@@ -781,12 +797,12 @@ def _slow(*case):
     _slow("v6e:2x4", "bidirectional", 16384, True, True, (512, 512)),
     _slow("v5e:2x4", "unidirectional", 16384, True, True, (512, 512)),
     _slow("v6e:2x4", "unidirectional", 16384, True, True, (512, 512)),
-    # dX no longer fits: two trips.
+    # dX no longer fits: two trips (v6e: in the wide tiles).
     _slow("v5e:2x4", "unidirectional", 32768, True, False, (512, 512)),
-    _slow("v6e:2x4", "bidirectional", 32768, True, False, (512, 512)),
+    _slow("v6e:2x4", "bidirectional", 32768, True, False, (512, 1024)),
     # The loss alone.
     _slow("v5e:2x4", "bidirectional", 16384, False, None, (512, 512)),
-    _slow("v6e:2x4", "bidirectional", 4096, False, None, (512, 1024)),
+    _slow("v6e:2x4", "bidirectional", 4096, False, None, (1024, 1024)),
     _slow("v5e:2x2", "bidirectional", 16384, True, True, (512, 512)),
     _slow("v4:2x2x1", "bidirectional", 16384, True, False, (256, 256)),
     _slow("v4:2x2x1", "unidirectional", 4096, False, None, (256, 256)),

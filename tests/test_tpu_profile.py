@@ -124,6 +124,33 @@ def test_a_loop_counting_from_one_runs_one_trip_fewer():
   assert (loop.start, loop.end, loop.trips) == (1, 5, 3)
 
 
+def test_the_tile_loop_is_the_longest_loop_with_a_matmul():
+  # A 4-bundle zero fill loop beside a 3-bundle loop with the tile's matmul: the matmul's.
+  # With the matmul outside loops (one tile a block), no tile loop: the whole kernel.
+  b = lambda addr, marker, body, region="": (
+    f"{addr:#6x} {marker or '  '}: > {{ {body} }}"
+    + (f" /* Start region {region} */" if region else "")
+  )
+
+  def kernel(tile_in_loop):
+    lines = ["= control target key start", "LB: loop body", "= control target key end", ""]
+    lines.append(b(0, "LB", "%v1 = vst [vmem:[%s1]] 0.0", 1))
+    lines.append(b(1, "", "%v10 = vst [vmem:[%s11]] 0.0"))
+    lines.append(b(2, "", "%p2 = scmp.ge.s32.totalorder %s3, 8 /* loop exit test */"))
+    lines.append(b(3, "", "%4 = sbr.rel (!%p2) target = $region1"))
+    lines.append(b(4, "LB" if tile_in_loop else "", "%v5 = vmatmul.bf16 %v6", 2))
+    lines.append(b(5, "", "%p7 = scmp.ge.s32.totalorder %s8, 4 /* loop exit test */"))
+    back = "%9 = sbr.rel (!%p7) target = $region2" if tile_in_loop else "%9 = smov 0"
+    lines.append(b(6, "", back))
+    return _write_and_parse("\n".join(lines))
+
+  sched = kernel(True)
+  assert [(l.start, l.bundles) for l in sched.loops] == [(0, 4), (4, 3)]
+  assert tp.tile_loop(sched).start == 4
+  sched = kernel(False)
+  assert len(sched.loops) == 1 and tp.tile_loop(sched) is None
+
+
 def test_steady_path_skips_one_off_regions_and_takes_the_shorter_body():
   # A grid step: an init region without matmuls (first step only), then an if/else between
   # a long and a short tile body (both with matmuls), then the back edge.
