@@ -710,7 +710,8 @@ def test_bad_inputs(args, exc, match):
 def _compile_for_slice(monkeypatch, topology, schedule, b_local, dim=1152, grads=True):
   """AOT-compiles the kernel with its default tiles under shard_map for a compile-only TPU
   slice: the real Mosaic compiler (semaphore and VMEM budgets included) and XLA's TPU
-  schedule. Returns (devices, the compiled program, the (tm, tn) tiles its trips ran)."""
+  schedule. Returns (devices, the compiled program, the (tm, tn) tiles its trips ran, the row
+  strips of its trips that make the loss)."""
   from jax.experimental import topologies
 
   try:
@@ -724,10 +725,12 @@ def _compile_for_slice(monkeypatch, topology, schedule, b_local, dim=1152, grads
   devices = list(chips.values())
   mesh = Mesh(np.array(devices), ("batch",))
   n = len(devices)
-  tiles, ring_call = set(), tpu_ring._ring_call
+  tiles, strips, ring_call = set(), set(), tpu_ring._ring_call
 
   def recording_call(plan, *args, **kwargs):
     tiles.add((plan.tm, plan.tn))
+    if not plan.transposed:
+      strips.add(plan.strip_rows)
     return ring_call(plan, *args, **kwargs)
 
   monkeypatch.setattr(tpu_ring, "_ring_call", recording_call)
@@ -750,7 +753,7 @@ def _compile_for_slice(monkeypatch, topology, schedule, b_local, dim=1152, grads
   )
   fn = jax.value_and_grad(f, argnums=(0, 1, 3, 4)) if grads else f
   compiled = jax.jit(fn).lower(*args).compile()
-  return n, compiled, tiles
+  return n, compiled, tiles, strips
 
 
 def _flops(compiled):
@@ -810,9 +813,13 @@ def _slow(*case):
 )
 def test_compiles_for_tpu_slice(monkeypatch, topology, schedule, b_local, grads, fused, tiles):
   dim = 1152
-  n, compiled, ran = _compile_for_slice(monkeypatch, topology, schedule, b_local, dim, grads)
+  n, compiled, ran, strips = _compile_for_slice(
+    monkeypatch, topology, schedule, b_local, dim, grads
+  )
   _check_compiled(compiled, n, b_local, dim, grads, fused)
   # Tile defaults come from the target chip (128 MiB of VMEM on v5e and v6e, 16 MiB on v4;
   # v6e's wide tiles), not the host: pltpu.get_tpu_info() inside shard_map on a
   # compile-only mesh sees the target.
   assert ran == {tiles}
+  # v6e's trips that make the loss run in 256-row strips, the other chips' in whole tiles.
+  assert strips == ({256} if topology.startswith("v6e") else {tiles[0]})
