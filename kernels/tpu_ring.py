@@ -307,15 +307,13 @@ class _Plan:
   grad: bool  # accumulate dA = t * G @ B (or t * G^T @ B when transposed) in float32
   transposed: bool
   hops: tuple  # per stream (right, then left if bidirectional): number of hops H_s
+  # Image-row strip of the trips that make the loss (``BlockSizes.strip_rows``; tm: whole
+  # tiles); the transposed dY trip runs whole tiles whatever it says.
+  strip: int
   # The one-trip value-and-grad (``BlockSizes.fuse_dy``): stream s carries text tiles
   # [q0, q0 + nq) of every chunk, parts[s] = (q0, nq), with their dY partial sums.
   fused: bool = False
   parts: tuple = ()
-  strip: int = 0  # image-row strip of a trip with the loss (``BlockSizes.strip_rows``); 0: tm
-
-  @property
-  def strip_rows(self):
-    return self.strip or self.tm
 
   @property
   def ta(self):  # rows of an A tile
@@ -641,7 +639,7 @@ def _sweep(plan: _Plan, r: _Refs, b_blk, b_ids_blk, src, first):
 
   def compute(o, q, so, a_bufs, b_bufs, full):
     (a_t, a_id), (b_t, b_id) = a_bufs, b_bufs
-    strip = plan.strip_rows
+    strip = plan.strip
     n = 1 if tr else ta // strip
     # A whole tile loads A before B: the order the other chips' schedules were checked in.
     a_val = a_t[...] if n == 1 else None
@@ -757,7 +755,7 @@ def _fused_sweep(plan: _Plan, r: _Refs, part, b_blk, b_ids_blk, src, db_io):
 
   def tile_step(o, q, so, sq, full):
     # In row strips of the image tile (``mc.in_row_strips``).
-    strip = plan.strip_rows
+    strip = plan.strip
     y_val = r.b_tile[sq]
     prec = mc.precision(y_val.dtype)
 
@@ -1216,9 +1214,8 @@ def _trip(x, y, x_ids, y_ids, log_t, bias, axis_name, schedule, interpret, block
       for a in (params, me, xid, xid_t, yid, x_rng, x_rng_all, y_rng, y_rng_all)
     )
   hops = _ring_hops(n_dev, schedule)
-  plan = functools.partial(_Plan, n_dev, b, b_valid, dim, tm, tn, x.dtype, hops=hops)
-  # Image-row strips for the trips that make the loss (the transposed dY trip: whole tiles).
   strip = tpu._strip(tm, block_sizes.strip_rows)
+  plan = functools.partial(_Plan, n_dev, b, b_valid, dim, tm, tn, x.dtype, hops=hops, strip=strip)
   call = functools.partial(
     _ring_call, params=params, me=me, axis_name=axis_name, interpret=interpret
   )
@@ -1226,32 +1223,20 @@ def _trip(x, y, x_ids, y_ids, log_t, bias, axis_name, schedule, interpret, block
   text_travels = dict(a_rng=x_rng, b_rng=y_rng_all, a=x, a_ids=xid, bm=y, b_ids=yid)
   if not with_grads:
     sums, _, _ = call(
-      plan(stats=1, grad=False, transposed=False, strip=strip),
-      **text_travels,
-      name="siglip_ring_fwd",
+      plan(stats=1, grad=False, transposed=False), **text_travels, name="siglip_ring_fwd"
     )
     return jnp.sum(sums[0]) * mc.LN_2
   if _fuses(block_sizes, b, tm, tn, dim, x.dtype.itemsize):
     # One trip: each block once, dY travelling with the text chunks.
     fused_hops, parts = _fused_streams(n_dev, schedule, b // tn)
     sums, dx, dy = call(
-      plan(
-        stats=3,
-        grad=True,
-        transposed=False,
-        fused=True,
-        parts=parts,
-        hops=fused_hops,
-        strip=strip,
-      ),
+      plan(stats=3, grad=True, transposed=False, fused=True, parts=parts, hops=fused_hops),
       **text_travels,
       name="siglip_ring_fwd_bwd",
     )
   else:
     sums, dx, _ = call(
-      plan(stats=3, grad=True, transposed=False, strip=strip),
-      **text_travels,
-      name="siglip_ring_fwd_bwd_dx",
+      plan(stats=3, grad=True, transposed=False), **text_travels, name="siglip_ring_fwd_bwd_dx"
     )
     # The transposed block: y owned, x travelling with its ids; the same logits tiles.
     _, dy, _ = call(

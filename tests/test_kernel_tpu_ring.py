@@ -730,7 +730,7 @@ def _compile_for_slice(monkeypatch, topology, schedule, b_local, dim=1152, grads
   def recording_call(plan, *args, **kwargs):
     tiles.add((plan.tm, plan.tn))
     if not plan.transposed:
-      strips.add(plan.strip_rows)
+      strips.add(plan.strip)
     return ring_call(plan, *args, **kwargs)
 
   monkeypatch.setattr(tpu_ring, "_ring_call", recording_call)
