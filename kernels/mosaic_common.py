@@ -89,10 +89,11 @@ def neg_abs(v):
 
 
 def tile_terms(v, one, *, pos=None, valid=None, with_loss: bool, with_grad: bool):
-  """(loss terms as a pair (sp, e), G) of a float32 tile of base-2 logits ``v``; the pair or
-  G is None when not asked for. A pair's loss / ln 2 is sp + log2(e) ln(1 + e): sp, in
-  base-2 units, is max(v, 0) (minus v for a positive); e = 2^-|v| (0 at padding) goes to
-  ``ln1p_sum``, which sums ln(1 + e) without a logarithm per element.
+  """(loss terms (sp, e, s), G) of a float32 tile of base-2 logits ``v``; the terms or G
+  are None when not asked for. A pair's loss / ln 2 is sp + log2(e) ln(1 + e): sp, in
+  base-2 units, is max(v, 0) (minus v for a positive); e = 2^-|v| (0 at padding) and the
+  rounded s = 1 + e that G divides by (1 at padding) go to ``ln1p_sum``, which sums
+  ln(1 + e) without a logarithm per element.
 
   ``one`` is 1.0 read at run time (``kernel_scalars``), not a literal: XLA's algebraic
   simplifier rewrites (e + 1) - 1 to e for a constant 1, which would drop a rounding error
@@ -106,13 +107,13 @@ def tile_terms(v, one, *, pos=None, valid=None, with_loss: bool, with_grad: bool
     e = jnp.exp2(neg_abs(v))
     s = one + e
     sp = jnp.maximum(v, 0.0)
-    ln_arg = e
+    ln_e, ln_s = e, s
     if pos is not None:
       sp = sp - jnp.where(pos, v, 0.0)
     if valid is not None:
       sp = jnp.where(valid, sp, 0.0)
-      ln_arg = jnp.where(valid, e, 0.0)
-    loss = (sp, ln_arg)
+      ln_e, ln_s = jnp.where(valid, e, 0.0), jnp.where(valid, s, one)
+    loss = (sp, ln_e, ln_s)
   if with_grad:
     if with_loss:
       g = jnp.where(v >= 0.0, 1.0, e) / s
@@ -142,30 +143,34 @@ def in_row_strips(n: int, logits_terms, gradients):
     pending = ahead
 
 
-def ln1p_sum(e, one, chunk: int = LN1P_CHUNK):
+def ln1p_sum(e, s, one, chunk: int = LN1P_CHUNK):
   """(8, cols) float32: the sums over a (rows, cols) tile's row groups of ln(1 + e), for
   0 <= e <= 1, each of the 8 sublanes holding its rows' share.
 
   Not a logarithm per element: ln(1 + e_1) + ... + ln(1 + e_n) = ln((1 + e_1) ... (1 + e_n)),
-  and q = (1 + e_1) ... (1 + e_k) - 1 runs as q <- q + e_k (1 + q), three vector ops per
-  element against six for ln(s) with its rounding correction and a sum (Mosaic's ln is its
-  base-2 log times ln 2, and the EUP push takes a VALU slot too). q is carried down ``chunk``
+  and q = (1 + e_1) ... (1 + e_k) - 1 runs as q <- q s_k + e_k with ``s`` the tile's rounded
+  1 + e (which G divides by anyway; ``tile_terms`` returns it, 1 at padding): two vector
+  ops per element, against six for ln(s) with its rounding correction and a sum (Mosaic's
+  ln is its base-2 log times ln 2, and the EUP push takes a VALU slot too). s_k's rounding
+  is one float32 rounding more per factor, as in any product; below e = 2^-24, s_k is 1
+  and q gathers e_k exactly. q is carried down ``chunk``
   row groups (8 rows each), so it stays below 2^chunk, then one ln per chunk:
-  ln(1 + q) = ln(s) + ln(1 + c / s) for the rounded s = 1 + q and its exact rounding error
-  c = q - (s - 1), with ln(1 + c / s) ~ c / s. q is a float32 sum of products, accurate to
+  ln(1 + q) = ln(p) + ln(1 + c / p) for the rounded p = 1 + q and its exact rounding error
+  c = q - (p - 1), with ln(1 + c / p) ~ c / p. q is a float32 sum of products, accurate to
   a few float32 roundings in the chunk's length, also where every e is below 2^-24 (there
   1 + q rounds to 1 and q is the plain sum of the e's, which a ln per element of a rounded
   1 + e would lose).
   """
   rows, cols = e.shape
   e = e.reshape(rows // SUBLANES, SUBLANES, cols)
+  s = s.reshape(e.shape)
   total = None
   for start in range(0, e.shape[0], chunk):
     q = e[start]
     for k in range(start + 1, min(start + chunk, e.shape[0])):
-      q = q + e[k] * (one + q)
-    s = one + q
-    part = jnp.log(s) + (q - (s - one)) / s
+      q = q * s[k] + e[k]
+    p = one + q
+    part = jnp.log(p) + (q - (p - one)) / p
     total = part if total is None else total + part
   return total
 

@@ -531,8 +531,8 @@ def _tile_kernel(
       # profile).
       stat = 0
       if with_loss:
-        sp, e = loss
-        ln1p = mc.ln1p_sum(e, scal_ref[3])
+        sp, e, one_plus_e = loss
+        ln1p = mc.ln1p_sum(e, one_plus_e, scal_ref[3])
         stats_ref[0, stat] += _fold(sp, strip, cols) + mc.LOG2_E * _fold(ln1p, _SUBLANES, cols)
         stat += 1
       if with_scalar_grads:

@@ -434,7 +434,7 @@ def _take_credit(sem):
 
 
 def _tile(x, y, pos, params, valid=None, with_loss=True):
-  """Loss terms (the pair of ``mosaic_common.tile_terms``), G and the similarity s of one
+  """Loss terms (those of ``mosaic_common.tile_terms``), G and the similarity s of one
   (tm, tn) logits tile, all f32. ``pos``: None (no positive pair in the tile) or the (tm, tn)
   bool mask of positives; ``valid``: None, or a (tm, tn) bool mask of the pairs that are not
   batch padding; ``with_loss=False``: G alone (the loss terms None)."""
@@ -556,8 +556,8 @@ def _add_stats(plan: _Plan, r: _Refs, loss, g, s):
   """Column sums of a tile into the sums rows: the loss, and G * S and G for the scalars'
   gradients."""
   if plan.stats:
-    sp, e = loss
-    ln1p = mc.ln1p_sum(e, r.params[3])
+    sp, e, one_plus_e = loss
+    ln1p = mc.ln1p_sum(e, one_plus_e, r.params[3])
     r.sums[0:1, :] += jnp.sum(sp, axis=0, keepdims=True) + mc.LOG2_E * jnp.sum(
       ln1p, axis=0, keepdims=True
     )
