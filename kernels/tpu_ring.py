@@ -1287,13 +1287,13 @@ def runs_by_default(target, batch: int) -> bool:
   ``benchmarks/crossover.py`` compiled the public API's value-and-grad both ways on 8 chips
   (bf16, D = 768 and 1152) and modelled each step from the static profile, the ICI links
   and HBM (docs/PERFORMANCE.md section 5): driver over ring kernel on v5p 1.36-1.37 at
-  b = 1024, 1.01-1.04 at 1536 (0.95 / 1.08 at D = 768 / 1152 since ln1p_sum's product took
-  G's 1 + e), 0.84-0.95 at 1664, 0.89-0.95 at 1792, 0.83-0.84 at 2048
+  b = 1024, 1.01-1.04 at 1536, 0.84-0.95 at 1664, 0.89-0.95 at 1792, 0.83-0.84 at 2048
   (since a row tile that meets one column tile writes its dX once: the driver's calls
   there); on v4 1.05-1.44 at 1024, 1.13-1.51 at 1536, 0.93 (D = 1152) but 1.26 (D = 768)
-  at 1792, 0.72-0.79 at 2048. Where the two are level, or between the b modelled, the ring
-  kernel keeps it: it holds less memory (v5p, b = 1536, D = 1152: 34 against 43 MiB of
-  temporaries)."""
+  at 1792, 0.72-0.79 at 2048. Since ln1p_sum's product took G's 1 + e, the closest b
+  re-run: v5p at 1536 0.95 / 1.08 (D = 768 / 1152), v4 at 1792 1.32 / 0.93. Where the two
+  are level, or between the b modelled, the ring kernel keeps it: it holds less memory (v5p,
+  b = 1536, D = 1152: 34 against 43 MiB of temporaries)."""
   threshold = _MEGACORE.get(tpu.tpu_generation(target))
   return threshold is None or batch < threshold
 
