@@ -142,9 +142,10 @@ _HBM_RIDGE = {"v4": 220, "v5e": 240, "v5p": 190, "v6e": 560}
 # rate it runs, not at the peak: v4's fused calls at D = 1152 (219 FLOP per byte against a
 # ridge of 220) take 1.3x longer to compute than to move their bytes (alone; in the megacore
 # ring driver, with the driver's own traffic, about as long).
-# (v6e: 1.14 since its row strips, was 1.24; no v6e plan moved: B = 1k-64k in steps of 64,
-# D = 256-2048, bf16 and float32.)
-_FUSED_RATE = {"v4": 1 / 1.45, "v5e": 1 / 1.07, "v5p": 1 / 1.06, "v6e": 1 / 1.14}
+# (v6e: 1.14 since its row strips, was 1.24; all four since ln1p_sum's product took G's
+# 1 + e, were 1.45, 1.07, 1.06, 1.14. Neither moved a plan: B = 1k-64k in steps of 64,
+# D = 256-2048, bf16 and float32, every chip.)
+_FUSED_RATE = {"v4": 1 / 1.41, "v5e": 1 / 1.03, "v5p": 1 / 1.02, "v6e": 1 / 1.12}
 # Interpret mode (CPU) runs one Python-level step per grid point: fewer, larger tiles.
 _INTERPRET_TILES = (256, 256)
 
