@@ -153,8 +153,8 @@ def ln1p_sum(e, s, one, chunk: int = LN1P_CHUNK):
   ops per element, against six for ln(s) with its rounding correction and a sum (Mosaic's
   ln is its base-2 log times ln 2, and the EUP push takes a VALU slot too). s_k's rounding
   is one float32 rounding more per factor, as in any product; below e = 2^-24, s_k is 1
-  and q gathers e_k exactly. q is carried down ``chunk``
-  row groups (8 rows each), so it stays below 2^chunk, then one ln per chunk:
+  and q gathers e_k exactly. q is carried down ``chunk`` row groups (8 rows each), so it
+  stays below 2^chunk, then one ln per chunk:
   ln(1 + q) = ln(p) + ln(1 + c / p) for the rounded p = 1 + q and its exact rounding error
   c = q - (p - 1), with ln(1 + c / p) ~ c / p. q is a float32 sum of products, accurate to
   a few float32 roundings in the chunk's length, also where every e is below 2^-24 (there
