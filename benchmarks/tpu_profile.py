@@ -631,7 +631,6 @@ def _ring_fn(mesh, with_grads: bool, fuse_dy=None):
     bs = tpu_ring.BlockSizes.get_default(
       x.shape[1], x.dtype, batch=x.shape[0], with_grads=with_grads, fuse_dy=fuse_dy
     )
-
     return tpu_ring.ring_loss(
       x, y, ids, ids, lt, b, axis_name="batch", schedule="bidirectional", block_sizes=bs
     )
