@@ -422,24 +422,34 @@ def _count_eqns(jaxpr, name) -> int:
   return n
 
 
+def _scratch_shapes(params) -> list[tuple[int, ...]]:
+  """The shapes of a pallas_call's scratch operands (the kernel's last arguments)."""
+  n = params["grid_mapping"].num_scratch_operands
+  return [tuple(v.aval.shape) for v in params["jaxpr"].invars[len(params["jaxpr"].invars) - n :]]
+
+
 def test_row_strips_split_the_loss_kernels_only():
   # strip_rows=128 on 256-row tiles: the forward, fused and dX kernels run each tile body
   # (lean and full) as two strips of one, three and two matmuls; the dY kernel (no loss in
   # its tile) keeps whole tiles. The sums come out in another order: float32 rounding apart,
-  # the same numbers.
+  # the same numbers. The fused and dX kernels pass their strips' logits through a two-strip
+  # VMEM buffer; the forward keeps them in registers.
   x, y = inputs(5, 384, 256, 64, jnp.float32)
   ids = (jnp.arange(384, dtype=jnp.int32), jnp.arange(256, dtype=jnp.int32))
   args = (x, y, *ids, jnp.float32(LOG10), jnp.float32(-10.0))
-  for fn, fuse, dots in (
-    (tpu.loss_sum, None, [2 * 2 * 1]),
-    (tpu.loss_sum_and_grads, True, [2 * 2 * 3]),
-    (tpu.loss_sum_and_grads, False, [2 * 2 * 2, 2 * 2]),
+  buf = (2, 128, 128)
+  for fn, fuse, dots, bufs in (
+    (tpu.loss_sum, None, [2 * 2 * 1], [False]),
+    (tpu.loss_sum_and_grads, True, [2 * 2 * 3], [True]),
+    (tpu.loss_sum_and_grads, False, [2 * 2 * 2, 2 * 2], [True, False]),
   ):
     whole = tpu.BlockSizes(256, 128, 128, 128, fuse_dy=fuse)
     strips = dataclasses.replace(whole, strip_rows=128)
     run = lambda bs: functools.partial(fn, block_sizes=bs, interpret=True)
     params = _pallas_params(run(strips), *args)
     assert [_count_eqns(p["jaxpr"], "dot_general") for p in params] == dots
+    assert [buf in _scratch_shapes(p) for p in params] == bufs
+    assert not any(buf in _scratch_shapes(p) for p in _pallas_params(run(whole), *args))
     got, want = run(strips)(*args), run(whole)(*args)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
       assert rel_err(g, w) < 1e-6
@@ -477,7 +487,10 @@ def test_one_column_tile_per_row_writes_dx_once(dtype, n, m, block_sizes, calls)
   one = (x, y[:m], x_ids, y_ids[:m], lt, bias)
   kw = dict(block_sizes=block_sizes, interpret=True)
   params = _pallas_params(lambda *a: tpu.loss_sum_and_grads(*a, **kw), *one)
-  assert [p["grid_mapping"].num_scratch_operands for p in params] == [0] * calls
+  # No scratch but, in row strips, their logits buffer.
+  bs = block_sizes
+  want = [(2, bs.strip_rows, bs.block_cols)] if bs.strip_rows else []
+  assert [_scratch_shapes(p) for p in params] == [want] * calls
   want, scales = oracle(*one[:4], LOG10, -10.0)
   check(tpu.loss_sum_and_grads(*one, **kw), want, dtype, "one call", scales)
 
