@@ -80,3 +80,24 @@ def persistent_compilation_cache(cache_dir):
     for n, v in old.items():
       jax.config.update(n, v)
     cc.reset_cache()
+
+
+def pallas_calls(jaxpr):
+  """The params of every pallas_call in a jaxpr and the jaxprs nested in it (shard_map's,
+  say), in order."""
+  for e in jaxpr.eqns:
+    if e.primitive.name == "pallas_call":
+      yield e.params
+    for v in e.params.values():
+      for sub in v if isinstance(v, (tuple, list)) else (v,):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          yield from pallas_calls(inner)
+
+
+def scratch_shapes(params) -> list[tuple[int, ...]]:
+  """The shapes of a pallas_call's scratch operands (its kernel's last arguments)."""
+  invars = params["jaxpr"].invars
+  return [
+    tuple(v.aval.shape) for v in invars[len(invars) - params["grid_mapping"].num_scratch_operands :]
+  ]

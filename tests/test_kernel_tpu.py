@@ -32,7 +32,12 @@ from siglip_fast.kernels import mosaic_common as mc, tpu, tpu_ring  # noqa: E402
 from siglip_fast import target as target_lib  # noqa: E402
 from siglip_fast.reference import dense  # noqa: E402
 
-from tests.helpers import numpy_loss_and_grads, random_inputs, rel_err  # noqa: E402
+from tests.helpers import (  # noqa: E402
+  numpy_loss_and_grads,
+  random_inputs,
+  rel_err,
+  scratch_shapes,
+)
 
 LOG10 = float(np.log(10.0))
 TOL = {jnp.float32: dict(value=1e-5, grad=1e-5), jnp.bfloat16: dict(value=1e-4, grad=1e-2)}
@@ -422,12 +427,6 @@ def _count_eqns(jaxpr, name) -> int:
   return n
 
 
-def _scratch_shapes(params) -> list[tuple[int, ...]]:
-  """The shapes of a pallas_call's scratch operands (the kernel's last arguments)."""
-  n = params["grid_mapping"].num_scratch_operands
-  return [tuple(v.aval.shape) for v in params["jaxpr"].invars[len(params["jaxpr"].invars) - n :]]
-
-
 def test_row_strips_split_the_loss_kernels_only():
   # strip_rows=128 on 256-row tiles: the forward, fused and dX kernels run each tile body
   # (lean and full) as two strips of one, three and two matmuls; the dY kernel (no loss in
@@ -448,8 +447,8 @@ def test_row_strips_split_the_loss_kernels_only():
     run = lambda bs: functools.partial(fn, block_sizes=bs, interpret=True)
     params = _pallas_params(run(strips), *args)
     assert [_count_eqns(p["jaxpr"], "dot_general") for p in params] == dots
-    assert [buf in _scratch_shapes(p) for p in params] == bufs
-    assert not any(buf in _scratch_shapes(p) for p in _pallas_params(run(whole), *args))
+    assert [buf in scratch_shapes(p) for p in params] == bufs
+    assert not any(buf in scratch_shapes(p) for p in _pallas_params(run(whole), *args))
     got, want = run(strips)(*args), run(whole)(*args)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
       assert rel_err(g, w) < 1e-6
@@ -490,7 +489,7 @@ def test_one_column_tile_per_row_writes_dx_once(dtype, n, m, block_sizes, calls)
   # No scratch but, in row strips, their logits buffer.
   bs = block_sizes
   want = [(2, bs.strip_rows, bs.block_cols)] if bs.strip_rows else []
-  assert [_scratch_shapes(p) for p in params] == [want] * calls
+  assert [scratch_shapes(p) for p in params] == [want] * calls
   want, scales = oracle(*one[:4], LOG10, -10.0)
   check(tpu.loss_sum_and_grads(*one, **kw), want, dtype, "one call", scales)
 
