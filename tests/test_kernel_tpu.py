@@ -488,8 +488,8 @@ def test_one_column_tile_per_row_writes_dx_once(dtype, n, m, block_sizes, calls)
   params = _pallas_params(lambda *a: tpu.loss_sum_and_grads(*a, **kw), *one)
   # No scratch but, in row strips, their logits buffer.
   bs = block_sizes
-  want = [(2, bs.strip_rows, bs.block_cols)] if bs.strip_rows else []
-  assert [scratch_shapes(p) for p in params] == [want] * calls
+  scratch = [(2, bs.strip_rows, bs.block_cols)] if bs.strip_rows else []
+  assert [scratch_shapes(p) for p in params] == [scratch] * calls
   want, scales = oracle(*one[:4], LOG10, -10.0)
   check(tpu.loss_sum_and_grads(*one, **kw), want, dtype, "one call", scales)
 
