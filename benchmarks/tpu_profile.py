@@ -4,6 +4,7 @@
     python -m benchmarks.tpu_profile --generations v4 v5e v5p v6e --dims 768 1152 \\
         --json benchmarks/results/tpu_profile_<date>.json --plot benchmarks/results/....png
     python -m benchmarks.tpu_profile --compare BEFORE.json AFTER.json   # markdown table
+    python -m benchmarks.tpu_profile --standing A.json,B.json   # each kernel over its floor
 
 No TPU needed: every kernel is compiled for a real TPU
 generation on a compile-only topology, with libtpu told to dump its final VLIW schedule
@@ -309,10 +310,13 @@ def steady_path(sched: Schedule, loop: Loop, lean: bool = True) -> list[int]:
   writing them back), and an if/else on a per-tile flag (the lean and the full tile body).
   The steady step runs every region that holds a matmul or a transcendental (the tile's work),
   skips the regions with neither, and of an if/else (``if p goto T; A; T: if !p goto Y; B;
-  Y:``) runs the shorter side. An inner loop (e.g. over strips of a tile, or a ring kernel's
-  tile steps) runs its own steady path its trip count (once where the count is unknown).
-  ``lean=False``: the longer side of each if/else instead, the step of a tile that runs the
-  full body (one holding the diagonal or padding).
+  Y:``) runs the lean side: the one with fewer instructions (the lean tile body drops the id
+  compare and the positives' selects), of two with as many the shorter. Not simply the
+  shorter side: libtpu can schedule the lean body in more bundles than the full one (v5e's
+  ring kernel). An inner loop (e.g. over strips of a tile, or a ring kernel's tile steps)
+  runs its own steady path its trip count (once where the count is unknown). ``lean=False``:
+  the other side of each if/else, the step of a tile that runs the full body (one holding
+  the diagonal or padding).
   """
   lo, hi = loop.start, loop.end
   region_at = {}
@@ -326,10 +330,12 @@ def steady_path(sched: Schedule, loop: Loop, lean: bool = True) -> list[int]:
       if target is not None and i + 1 < target <= hi:
         branches.setdefault(i, []).append((neg, pred, target))
   work = [bool(_OPS["matmul"].search(t) or _OPS["transcendental"].search(t)) for t in sched.texts]
-  prefix = [0]
-  for i in range(len(work)):
+  prefix, op_prefix = [0], [0]
+  for i, t in enumerate(sched.texts):
     prefix.append(prefix[-1] + work[i])
+    op_prefix.append(op_prefix[-1] + len(t.split(";;")))  # a bundle's ops: ";;" apart
   has_work = lambda a, b: prefix[b] - prefix[a] > 0  # in bundles [a, b)
+  ops = lambda a, b: op_prefix[b] - op_prefix[a]
   inner = {c.start: c for c in loop.children}
   inner_path = {i: steady_path(sched, c, lean) * (c.trips or 1) for i, c in inner.items()}
 
@@ -360,7 +366,7 @@ def steady_path(sched: Schedule, loop: Loop, lean: bool = True) -> list[int]:
       elif y is not None:
         # if/else: skipping A means running bundle ``target`` (not its jump) and then B.
         via_b = 2 + best[target + 1]
-        if (via_b < best[i]) == lean:
+        if ((ops(target + 1, y), via_b) < (ops(i + 1, target), best[i])) == lean:
           best[i], nxt[i] = via_b, -target  # marks: visit target, then target + 1
       elif not has_work(i + 1, target) and 1 + best[target] < best[i]:
         best[i], nxt[i] = 1 + best[target], target
@@ -1090,6 +1096,44 @@ def compare_table(before: list[dict], after: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def standing_table(rows: list[dict]) -> str:
+  """A markdown matrix of where each kernel stands: a line per (generation, D, batch), a
+  column per kernel, each cell its steady step's distance from its binding unit's floor
+  (``floor``) and its steady us, per op where a kernel runs two (the two kernels, the two
+  trips: dX / dY), an op's successive calls summed (``merge_calls``). A ``*`` marks a step
+  whose FLOPs need more cycles at the MXUs' peak than it has bundles (``mxu_ideal_ratio`` >
+  1): at the MXU limit, its real step at least that ideal."""
+  rows = [r for r in merge_calls(rows) if "error" not in r and r.get("steady_static_us")]
+  kernels = [
+    k for k in (*KERNELS, "ring_hop_fwd", "ring_blocks") if any(r["kernel"] == k for r in rows)
+  ]
+  cells: dict[tuple, dict[str, list[tuple[str, str]]]] = {}
+  for r in rows:
+    unit, x = floor(r)
+    gradient = r.get("op", "").split(".")[0].rsplit("_", 1)[-1]  # siglip_fwd_dx: "dx"
+    case = cells.setdefault((r["generation"], r["dim"], r["batch"]), {})
+    ideal = r.get("steady_mxu_ideal_ratio")
+    if ideal is None and r.get("mxu_ideal_cycles") and r.get("steady_static_cycles"):
+      ideal = r["mxu_ideal_cycles"] / r["steady_static_cycles"]  # a ring trip: no grid
+    at_peak = "*" if (ideal or 0) > 1 else ""
+    text = f"{x:.2f}x {unit}{at_peak}, {r['steady_static_us']:.1f} us"
+    case.setdefault(r["kernel"], []).append((gradient, text))
+
+  def cell(ops):
+    if len(ops) == 1:
+      return ops[0][1]
+    return " / ".join(f"{g[0]}{g[1:].upper()} {t}" for g, t in sorted(ops))
+
+  lines = [
+    "| gen | D | B | " + " | ".join(kernels) + " |",
+    "|---|---|---|" + "---|" * len(kernels),
+  ]
+  for (gen, dim, batch), case in sorted(cells.items()):
+    row = [cell(case[k]) if k in case else "-" for k in kernels]
+    lines.append(f"| {gen} | {dim} | {batch} | " + " | ".join(row) + " |")
+  return "\n".join(lines)
+
+
 def plot(rows, path):
   """A heat map per D: one line per kernel op and generation, one column per unit."""
   import matplotlib
@@ -1192,12 +1236,22 @@ def main(argv=None):
     help="with --plot: draw the chart of committed --json files (a case in several keeps the "
     "last file's rows) and exit; nothing is compiled",
   )
+  p.add_argument(
+    "--standing",
+    metavar="JSON[,JSON...]",
+    help="print a markdown matrix of committed --json files: each kernel's steady step over its "
+    "binding unit's floor, a line per generation, D and batch (a case in several files keeps the "
+    "last file's rows) and exit; nothing is compiled",
+  )
   p.add_argument("--_child", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.compare:
     # A case profiled in several files keeps the last file's rows.
     load = lambda paths: static_profiles.load_static_profiles(paths.split(","))
     print(compare_table(load(args.compare[0]), load(args.compare[1])))
+    return 0
+  if args.standing:
+    print(standing_table(static_profiles.load_static_profiles(args.standing.split(","))))
     return 0
   if args.replot:
     if not args.plot:

@@ -177,6 +177,28 @@ def test_steady_path_skips_one_off_regions_and_takes_the_shorter_body():
   assert tp.steady_path(sched, loop, lean=False) == [0, 1, 7, *range(8, 14), 14, 18, 19]
 
 
+def test_the_lean_body_is_the_side_with_fewer_instructions_not_fewer_bundles():
+  # libtpu can pack the full body (id compare, selects) into fewer bundles than the lean
+  # one: side A, 3 bundles of 3 ops, against B, 4 bundles of 1. The lean step is B's.
+  b = lambda addr, marker, body, region="": (
+    f"{addr:#6x} {marker or '  '}: > {{ {body} }}"
+    + (f" /* Start region {region} */" if region else "")
+  )
+  full_ops = "%v = vmatmul.bf16 %v1  ;;  %vm2 = vcmp.eq.s32.totalorder %v3, %v4  ;;  %v5 = vsel %vm2, %v6, 0.0"
+  lines = ["= control target key start", "LB: loop body", "= control target key end", ""]
+  lines.append(b(0, "LB", "%s1 = sadd.s32 1, %s0", 1))
+  lines.append(b(1, "", "%3 = sbr.rel (%p4) target = $region5"))  # if p goto else
+  lines += [b(2 + k, "", full_ops) for k in range(3)]  # A: the full body, shorter
+  lines.append(b(5, "PF", "%5 = sbr.rel (!%p4) target = $region7", 5))
+  lines += [b(6 + k, "", "%v = vmatmul.bf16 %v1") for k in range(4)]  # B: the lean body
+  lines.append(b(10, "PF", "%p8 = scmp.ge.s32.totalorder %s1, 4 /* loop exit test */", 7))
+  lines.append(b(11, "", "%6 = sbr.rel (!%p8) target = $region1"))
+  sched = _write_and_parse("\n".join(lines))
+  (loop,) = sched.loops
+  assert tp.steady_path(sched, loop) == [0, 1, 5, 6, 7, 8, 9, 10, 11]
+  assert tp.steady_path(sched, loop, lean=False) == [0, 1, 2, 3, 4, 5, 10, 11]
+
+
 def test_inner_loops_run_their_trips_in_the_steady_step_and_unrolled_loops_count_steps():
   # A grid step whose tile runs an elementwise loop over strips (no matmul in it, but
   # transcendentals), unrolled by 4: its counter steps by 4 up to 128, so 32 trips.
@@ -257,6 +279,48 @@ def test_compare_table_sums_the_calls_of_one_op():
   table = tp.compare_table(before, after).splitlines()
   assert len(table) == 3
   assert "| 2 x 1x16x8 | 250.0 -> 200.0 (-20%) | 0.75 -> 0.70 |" in table[2]
+
+
+def test_standing_table_is_a_line_per_case_and_a_cell_per_kernel():
+  row = lambda **kw: {
+    "generation": "v6e",
+    "dim": 768,
+    "batch": 4096,
+    "kernel": "fwd",
+    "op": "siglip_fwd.1",
+    "steady_static_us": 50.0,
+    "steady_mxu_busy": 0.8,
+    "steady_valu_busy": 0.9,
+    **kw,
+  }
+  rows = [
+    row(),
+    # The fused kernel in two calls: one op, summed; "dy" in its name is not a second op.
+    row(
+      kernel="value_and_grad", op="siglip_fwd_dx_dy.2", steady_mxu_busy=0.5, steady_valu_busy=0.4
+    ),
+    row(
+      kernel="value_and_grad", op="siglip_fwd_dx_dy.3", steady_mxu_busy=0.5, steady_valu_busy=0.4
+    ),
+    # Two kernels: a part each, dX first.
+    row(
+      kernel="value_and_grad_2k",
+      op="siglip_dy.4",
+      steady_static_us=20.0,
+      steady_mxu_ideal_ratio=1.1,
+    ),
+    row(kernel="value_and_grad_2k", op="siglip_fwd_dx.5", steady_valu_busy=0.25),
+    row(dim=1152, steady_valu_busy=0.5, mxu_ideal_cycles=110.0, steady_static_cycles=100),
+    row(dim=1152, kernel="ring_hop", op="siglip_ring_fwd_bwd.1", error="boom"),
+  ]
+  table = tp.standing_table(rows).splitlines()
+  assert table[0] == "| gen | D | B | fwd | value_and_grad | value_and_grad_2k |"
+  assert len(table) == 2 + 2
+  assert table[2] == (
+    "| v6e | 768 | 4096 | 1.11x VALU, 50.0 us | 2.00x MXU, 100.0 us "
+    "| dX 1.25x MXU, 50.0 us / dY 1.11x VALU*, 20.0 us |"
+  )
+  assert table[3] == "| v6e | 1152 | 4096 | 1.25x MXU*, 50.0 us | - | - |"
 
 
 def test_a_kernel_dumped_once_counts_each_of_its_calls():
