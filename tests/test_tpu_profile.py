@@ -109,10 +109,7 @@ def test_nested_loops_and_trip_counts():
 def test_a_loop_counting_from_one_runs_one_trip_fewer():
   # lax.fori_loop(1, 4): the ring's rounds. The loop-head phi joins "smov 1" with the
   # incremented counter; the exit test compares with 4: three trips, not four.
-  b = lambda addr, marker, body, region="": (
-    f"{addr:#6x} {marker or '  '}: > {{ {body} }}"
-    + (f" /* Start region {region} */" if region else "")
-  )
+  b = _bundle
   lines = ["= control target key start", "LB: loop body", "= control target key end", ""]
   lines.append(b(0, "", "%s20_s30 = smov 1 /* copy for cssa */"))
   lines.append(b(1, "LB", "%s21_s30 = sphi %s20_s30, %s22_s30 /* phi copy */", 1))
@@ -127,10 +124,7 @@ def test_a_loop_counting_from_one_runs_one_trip_fewer():
 def test_the_tile_loop_is_the_longest_loop_with_a_matmul():
   # A 4-bundle zero fill loop beside a 3-bundle loop with the tile's matmul: the matmul's.
   # With the matmul outside loops (one tile a block), no tile loop: the whole kernel.
-  b = lambda addr, marker, body, region="": (
-    f"{addr:#6x} {marker or '  '}: > {{ {body} }}"
-    + (f" /* Start region {region} */" if region else "")
-  )
+  b = _bundle
 
   def kernel(tile_in_loop):
     lines = ["= control target key start", "LB: loop body", "= control target key end", ""]
@@ -151,13 +145,10 @@ def test_the_tile_loop_is_the_longest_loop_with_a_matmul():
   assert len(sched.loops) == 1 and tp.tile_loop(sched) is None
 
 
-def test_steady_path_skips_one_off_regions_and_takes_the_shorter_body():
+def test_steady_path_skips_one_off_regions_and_takes_the_lean_body():
   # A grid step: an init region without matmuls (first step only), then an if/else between
   # a long and a short tile body (both with matmuls), then the back edge.
-  b = lambda addr, marker, body, region="": (
-    f"{addr:#6x} {marker or '  '}: > {{ {body} }}"
-    + (f" /* Start region {region} */" if region else "")
-  )
+  b = _bundle
   lines = ["= control target key start", "LB: loop body", "= control target key end", ""]
   lines.append(b(0, "LB", "%s1 = sadd.s32 1, %s0", 1))
   lines.append(b(1, "", "%2 = sbr.rel (%p9) target = $region3"))  # skip init
@@ -180,10 +171,7 @@ def test_steady_path_skips_one_off_regions_and_takes_the_shorter_body():
 def test_the_lean_body_is_the_side_with_fewer_instructions_not_fewer_bundles():
   # libtpu can pack the full body (id compare, selects) into fewer bundles than the lean
   # one: side A, 3 bundles of 3 ops, against B, 4 bundles of 1. The lean step is B's.
-  b = lambda addr, marker, body, region="": (
-    f"{addr:#6x} {marker or '  '}: > {{ {body} }}"
-    + (f" /* Start region {region} */" if region else "")
-  )
+  b = _bundle
   full_ops = "%v = vmatmul.bf16 %v1  ;;  %vm2 = vcmp.eq.s32.totalorder %v3, %v4  ;;  %v5 = vsel %vm2, %v6, 0.0"
   lines = ["= control target key start", "LB: loop body", "= control target key end", ""]
   lines.append(b(0, "LB", "%s1 = sadd.s32 1, %s0", 1))
@@ -202,10 +190,7 @@ def test_the_lean_body_is_the_side_with_fewer_instructions_not_fewer_bundles():
 def test_inner_loops_run_their_trips_in_the_steady_step_and_unrolled_loops_count_steps():
   # A grid step whose tile runs an elementwise loop over strips (no matmul in it, but
   # transcendentals), unrolled by 4: its counter steps by 4 up to 128, so 32 trips.
-  b = lambda addr, marker, body, region="", depth=">": (
-    f"{addr:#6x} {marker or '  '}: {depth} {{ {body} }}"
-    + (f" /* Start region {region} */" if region else "")
-  )
+  b = _bundle
   lines = ["= control target key start", "LB: loop body", "= control target key end", ""]
   lines.append(b(0, "LB", "%s1 = sadd.s32 1, %s0", 1))
   lines += [b(1 + k, "", "%v = vmatmul.bf16 %v1") for k in range(3)]
@@ -377,6 +362,13 @@ def test_floor_is_the_busiest_issue_unit():
   assert tp.floor({"steady_spill_frac": 0.3}) == (None, None)
   table = tp.format_table([dict(row, generation="v6e", kernel="fwd", op="siglip_fwd.1", dim=768)])
   assert "x floor" in table.splitlines()[0]
+
+
+def _bundle(addr, marker, body, region="", depth=">"):
+  """One line of a final_bundles dump: address, loop marker, nesting, the bundle's ops."""
+  return f"{addr:#6x} {marker or '  '}: {depth} {{ {body} }}" + (
+    f" /* Start region {region} */" if region else ""
+  )
 
 
 def _write_and_parse(text, tmp=None):
