@@ -82,17 +82,21 @@ def persistent_compilation_cache(cache_dir):
     cc.reset_cache()
 
 
-def pallas_calls(jaxpr):
-  """The params of every pallas_call in a jaxpr and the jaxprs nested in it (shard_map's,
-  say), in order."""
+def all_eqns(jaxpr):
+  """Every equation of a jaxpr and of the jaxprs nested in its equations (shard_map's, a
+  pallas_call's kernel), in order."""
   for e in jaxpr.eqns:
-    if e.primitive.name == "pallas_call":
-      yield e.params
+    yield e
     for v in e.params.values():
       for sub in v if isinstance(v, (tuple, list)) else (v,):
         inner = getattr(sub, "jaxpr", sub)
         if hasattr(inner, "eqns"):
-          yield from pallas_calls(inner)
+          yield from all_eqns(inner)
+
+
+def pallas_calls(jaxpr):
+  """The params of every pallas_call in a jaxpr and the jaxprs nested in it, in order."""
+  return (e.params for e in all_eqns(jaxpr) if e.primitive.name == "pallas_call")
 
 
 def scratch_shapes(params) -> list[tuple[int, ...]]:

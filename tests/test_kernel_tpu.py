@@ -33,6 +33,7 @@ from siglip_fast import target as target_lib  # noqa: E402
 from siglip_fast.reference import dense  # noqa: E402
 
 from tests.helpers import (  # noqa: E402
+  all_eqns,
   numpy_loss_and_grads,
   random_inputs,
   rel_err,
@@ -416,15 +417,7 @@ def _pallas_params(fn, *args):
 
 def _count_eqns(jaxpr, name) -> int:
   """Equations named ``name`` in a jaxpr and every jaxpr nested in its equations."""
-  n = 0
-  for e in jaxpr.eqns:
-    n += e.primitive.name == name
-    for v in e.params.values():
-      for sub in v if isinstance(v, (tuple, list)) else (v,):
-        inner = getattr(sub, "jaxpr", sub)
-        if hasattr(inner, "eqns"):
-          n += _count_eqns(inner, name)
-  return n
+  return sum(e.primitive.name == name for e in all_eqns(jaxpr))
 
 
 def test_row_strips_split_the_loss_kernels_only():
