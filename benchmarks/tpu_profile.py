@@ -4,7 +4,7 @@
     python -m benchmarks.tpu_profile --generations v4 v5e v5p v6e --dims 768 1152 \\
         --json benchmarks/results/tpu_profile_<date>.json --plot benchmarks/results/....png
     python -m benchmarks.tpu_profile --compare BEFORE.json AFTER.json   # markdown table
-    python -m benchmarks.tpu_profile --standing A.json,B.json   # each kernel over its floor
+    python -m benchmarks.tpu_profile --standing A.json,B.json   # each kernel over its limit
 
 No TPU needed: every kernel is compiled for a real TPU
 generation on a compile-only topology, with libtpu told to dump its final VLIW schedule
@@ -1096,13 +1096,34 @@ def compare_table(before: list[dict], after: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def ring_limit(row) -> tuple[str, float] | None:
+  """(what binds, hop over that limit) of a ring trip's hop, or None for a row without one.
+
+  A hop lasts at least its compute and at least its wire time on the link
+  (``hop_wire_us``), whichever is longer: the permutes overlap the compute. Its limit is the
+  larger of the compute's floor (the steady step over ``floor``'s x, per hop) and the wire
+  time; where the wire is the larger, the ICI link binds ("ICI") and the hop, the longer
+  of its compute and its wire time, is that many times the wire time (1.00: the compute
+  hides behind the wire, and a faster schedule would not shorten the hop)."""
+  unit, x = floor(row)
+  compute, wire = row.get("hop_us"), row.get("hop_wire_us")
+  if unit is None or not compute or not wire:
+    return None
+  hop = max(compute, wire)
+  if wire >= compute / x:
+    return "ICI", round(hop / wire, 3)
+  return unit, x
+
+
 def standing_table(rows: list[dict]) -> str:
   """A markdown matrix of where each kernel stands: a line per (generation, D, batch), a
   column per kernel, each cell its steady step's distance from its binding unit's floor
   (``floor``) and its steady us, per op where a kernel runs two (the two kernels, the two
   trips: dX / dY), an op's successive calls summed (``merge_calls``). A ``*`` marks a step
   whose FLOPs need more cycles at the MXUs' peak than it has bundles (``mxu_ideal_ratio`` >
-  1): at the MXU limit, its real step at least that ideal."""
+  1): at the MXU limit, its real step at least that ideal. A ring trip whose wire time per
+  hop is above its compute's floor (``ring_limit``) shows its hop over the wire time first,
+  "ICI", then the compute's own distance from its floor in brackets."""
   rows = [r for r in merge_calls(rows) if "error" not in r and r.get("steady_static_us")]
   kernels = [
     k for k in (*KERNELS, "ring_hop_fwd", "ring_blocks") if any(r["kernel"] == k for r in rows)
@@ -1117,6 +1138,9 @@ def standing_table(rows: list[dict]) -> str:
       ideal = r["mxu_ideal_cycles"] / r["steady_static_cycles"]  # a ring trip: no grid
     at_peak = "*" if (ideal or 0) > 1 else ""
     text = f"{x:.2f}x {unit}{at_peak}, {r['steady_static_us']:.1f} us"
+    link = ring_limit(r)
+    if link is not None and link[0] == "ICI":
+      text = f"{link[1]:.2f}x ICI ({unit} {x:.2f}x{at_peak}), {r['steady_static_us']:.1f} us"
     case.setdefault(r["kernel"], []).append((gradient, text))
 
   def cell(ops):
@@ -1240,7 +1264,8 @@ def main(argv=None):
     "--standing",
     metavar="JSON[,JSON...]",
     help="print a markdown matrix of committed --json files: each kernel's steady step over its "
-    "binding unit's floor, a line per generation, D and batch (a case in several files keeps the "
+    "binding unit's floor (a ring trip whose wire time outlasts that floor: its hop over the "
+    "wire time, 'ICI'), a line per generation, D and batch (a case in several files keeps the "
     "last file's rows) and exit; nothing is compiled",
   )
   p.add_argument("--_child", help=argparse.SUPPRESS)

@@ -308,6 +308,34 @@ def test_standing_table_is_a_line_per_case_and_a_cell_per_kernel():
   assert table[3] == "| v6e | 1152 | 4096 | 1.25x MXU*, 50.0 us | - | - |"
 
 
+def test_a_ring_trip_whose_wire_outlasts_its_compute_floor_is_bound_by_the_link():
+  # MXU busy 0.8: the compute's floor per hop is 0.8 x hop_us.
+  trip = lambda hop_us, wire_us, **kw: {
+    "generation": "v6e",
+    "dim": 768,
+    "batch": 4096,
+    "kernel": "ring_hop",
+    "op": "siglip_ring_fwd_bwd.1",
+    "steady_static_us": 4 * hop_us,
+    "steady_mxu_busy": 0.8,
+    "hop_us": hop_us,
+    "hop_wire_us": wire_us,
+    **kw,
+  }
+  # The wire outlasts the compute: the hop is the wire's, at the link's limit.
+  assert tp.ring_limit(trip(10.0, 20.0)) == ("ICI", 1.0)
+  # The compute outlasts the wire but its floor (8 us) does not: 10 / 9 of the link's limit.
+  assert tp.ring_limit(trip(10.0, 9.0)) == ("ICI", 1.111)
+  # The compute's floor outlasts the wire: the MXU binds, as in a block kernel.
+  assert tp.ring_limit(trip(10.0, 7.0)) == ("MXU", 1.25)
+  # A row without a hop (a block kernel) has no link.
+  assert tp.ring_limit({k: v for k, v in trip(10.0, 7.0).items() if k != "hop_us"}) is None
+  table = tp.standing_table([trip(10.0, 9.0)]).splitlines()
+  assert table[2] == "| v6e | 768 | 4096 | 1.11x ICI (MXU 1.25x), 40.0 us |"
+  table = tp.standing_table([trip(10.0, 7.0)]).splitlines()
+  assert table[2] == "| v6e | 768 | 4096 | 1.25x MXU, 40.0 us |"
+
+
 def test_a_kernel_dumped_once_counts_each_of_its_calls():
   hlo = (
     "ENTRY %main {\n"
