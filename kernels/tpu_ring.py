@@ -23,7 +23,8 @@ the loss sum, the statistics sum G * S and sum G (dlog_t and dbias), and dA.
     row operand, so every logit is the same number in both trips. 4 b^2 D FLOPs per block
     per trip, 8 b^2 D in all (the logits computed twice); per hop the wire carries one
     chunk and its ids, no gradient.
-Nothing of size b x b leaves VMEM, and copies only ever go to a ring neighbour.
+Nothing of size b x b leaves VMEM, and copies only ever go to a ring neighbour. Every plan
+accumulates G @ Y and G^T @ X; t multiplies the (b, D) gradients once, after the kernel.
 
 Streams: the right copy of every chunk (+1) and, under the bidirectional schedule, also the
 left copy (-1). In the two-trip plan each copy goes half way round; in the one-trip plan a
@@ -305,7 +306,7 @@ class _Plan:
   tn: int  # text-row tile
   dtype: jnp.dtype
   stats: int  # sums rows kept: 0, 1 (loss) or 3 (loss, sum G * S, sum G)
-  grad: bool  # accumulate dA = t * G @ B (or t * G^T @ B when transposed) in float32
+  grad: bool  # accumulate dA / t = G @ B (or G^T @ B when transposed) in float32
   transposed: bool
   hops: tuple  # per stream (right, then left if bidirectional): number of hops H_s
   # Image-row strip of the trips that make the loss (``BlockSizes.strip_rows``; tm: whole
@@ -660,14 +661,14 @@ def _sweep(plan: _Plan, r: _Refs, b_blk, b_ids_blk, src, first):
     a_val = a_t[...] if n == 1 else None
     b_val = b_t[...]
     prec = mc.precision(b_val.dtype)
-    if tr:  # A = y (text rows o), B = x (image rows q): dA tile = t * G^T @ X, whole
+    if tr:  # A = y (text rows o), B = x (image rows q): dA tile / t = G^T @ X, whole
       pos = valid = None
       if full:
         pos, valid = _column(b_id[...]) == a_id[...], _valid(plan, q, o)
       loss, g, s = _tile(b_val, a_val, pos, r.params, valid, with_loss=bool(plan.stats))
       _add_stats(plan, r, loss, g, s)
-      gt = (g * r.params[2]).astype(b_val.dtype)
-      dy = lax.dot_general(gt, b_val, _TN, precision=prec, preferred_element_type=jnp.float32)
+      gc = g.astype(b_val.dtype)
+      dy = lax.dot_general(gc, b_val, _TN, precision=prec, preferred_element_type=jnp.float32)
       acc_tile(so)[...] += dy
       return
     # A = x: in row strips of the image tile (``mc.in_row_strips``; one strip: the tile).
@@ -684,9 +685,9 @@ def _sweep(plan: _Plan, r: _Refs, b_blk, b_ids_blk, src, first):
 
     def stats_and_gradient(k, loss, g, s):
       _add_stats(plan, r, loss, g, s)
-      if grad:  # dA strip = t * G @ Y
-        gt = (g * r.params[2]).astype(b_val.dtype)
-        dx = jnp.dot(gt, b_val, precision=prec, preferred_element_type=jnp.float32)
+      if grad:  # dA strip = G @ Y (t applied to the whole gradient after the trip)
+        gc = g.astype(b_val.dtype)
+        dx = jnp.dot(gc, b_val, precision=prec, preferred_element_type=jnp.float32)
         acc = acc_tile(so)
         (acc if n == 1 else acc.at[rows(k)])[...] += dx
 
@@ -786,11 +787,11 @@ def _fused_sweep(plan: _Plan, r: _Refs, part, b_blk, b_ids_blk, src, db_io):
       return (x_val, *_tile(x_val, y_val, pos, r.params, valid, via=via))
 
     def gradients_and_sums(k, x_val, loss, g, s):
-      gt = (g * r.params[2]).astype(x_val.dtype)
+      gc = g.astype(x_val.dtype)
       dx = _rows(r.da_all, tm, o).at[pl.ds(k * strip, strip)]
-      dx[...] += jnp.dot(gt, y_val, precision=prec, preferred_element_type=jnp.float32)
+      dx[...] += jnp.dot(gc, y_val, precision=prec, preferred_element_type=jnp.float32)
       r.db_acc[sq] += lax.dot_general(
-        gt, x_val, _TN, precision=prec, preferred_element_type=jnp.float32
+        gc, x_val, _TN, precision=prec, preferred_element_type=jnp.float32
       )
       # After the matmuls, as in the block kernel: v5p's steps came out 6-7% shorter than
       # with the sums first, v5e's 1-4% longer (static profile).
@@ -1268,10 +1269,13 @@ def _trip(x, y, x_ids, y_ids, log_t, bias, axis_name, schedule, interpret, block
       b_ids=xid_t,
       name="siglip_ring_fwd_bwd_dy",
     )
-  # The kernel sums softplus / ln 2 and G * s; d/dlog_t of t s is t s.
+  # The kernel sums softplus / ln 2 and G * s, and its gradients are G @ Y and G^T @ X:
+  # d logits / dx = t y, and d/dlog_t of t s is t s. t is applied here, once per element of
+  # the (b, D) gradients rather than once per logit in the tile math (the ring kernels on
+  # v6e, whose vector units bind, then take one vector op fewer per logit).
   return jnp.sum(sums[0]) * mc.LN_2, (
-    dx[:b_valid],
-    dy[:b_valid],
+    t * dx[:b_valid],
+    t * dy[:b_valid],
     t * jnp.sum(sums[1]),
     jnp.sum(sums[2]),
   )
