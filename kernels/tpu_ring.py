@@ -1316,7 +1316,9 @@ def runs_by_default(target, batch: int) -> bool:
   at 1792, 0.72-0.79 at 2048. Since ln1p_sum's product took G's 1 + e, the closest b
   re-run: v5p at 1536 0.95 / 1.08 (D = 768 / 1152), v4 at 1792 1.32 / 0.93; with the
   profiler's lean tile body (the ring kernel's trip at D = 1152 12% longer) v5p at 1536 0.95 /
-  0.97. Where the two are level (within the 5% that op order alone moves these schedules), or
+  0.97; since the ring kernel applies t after its trips, 0.90 / 1.11 (its lean bodies +5.7% /
+  -13%, the second below its MXU-ideal: at the MXUs' peak both trips are as before, about
+  0.91 / 0.97). Where the two are level (within the 5% that op order alone moves these schedules), or
   between the b modelled, the ring kernel keeps it: it holds less memory (v5p, b = 1536,
   D = 1152: 34 against 43 MiB of temporaries)."""
   threshold = _MEGACORE.get(tpu.tpu_generation(target))
