@@ -1318,9 +1318,9 @@ def runs_by_default(target, batch: int) -> bool:
   profiler's lean tile body (the ring kernel's trip at D = 1152 12% longer) v5p at 1536 0.95 /
   0.97; since the ring kernel applies t after its trips, 0.90 / 1.11 (its lean bodies +5.7% /
   -13%, the second below its MXU-ideal: at the MXUs' peak both trips are as before, about
-  0.91 / 0.97). Where the two are level (within the 5% that op order alone moves these schedules), or
-  between the b modelled, the ring kernel keeps it: it holds less memory (v5p, b = 1536,
-  D = 1152: 34 against 43 MiB of temporaries)."""
+  0.91 / 0.97). Where the two are level (within the 5% that op order alone moves these
+  schedules), or between the b modelled, the ring kernel keeps it: it holds less memory
+  (v5p, b = 1536, D = 1152: 34 against 43 MiB of temporaries)."""
   threshold = _MEGACORE.get(tpu.tpu_generation(target))
   return threshold is None or batch < threshold
 
